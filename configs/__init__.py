@@ -1,0 +1,1 @@
+"""Recipe configs: plain ml_collections `get_config()` files (big_vision style)."""

@@ -1,0 +1,155 @@
+"""Every number of SPEC.md sections 2-5, as one ConfigDict.
+
+Recipe files (mimicdet_r50_fpn_1x.py, ...) call `base_config()` and override a
+few keys in plain sight; there is no other inheritance. To find the code that
+reads a key, grep for it (e.g. `grep -rn "pos_shrink" mimicdet_jax`).
+"""
+import math
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---------------------------------------------------------------- data
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'coco_json'  # coco_json | tfds
+  c.data.train_annotations = ''  # COCO-format JSON
+  c.data.train_images = ''  # folder the JSON's file_name entries are relative to
+  c.data.val_annotations = ''
+  c.data.val_images = ''
+  c.data.tfds_name = 'coco/2017'
+  c.data.tfds_data_dir = ''  # '' = TFDS default (~/tensorflow_datasets)
+  c.data.tfds_train_split = 'train'
+  c.data.tfds_val_split = 'validation'
+  c.data.num_classes = -1  # -1: from the training annotation file's categories
+  c.data.train_min_sizes = (800,)  # shorter side; several values = multi-scale
+  c.data.min_size = 800  # shorter side at evaluation
+  c.data.max_size = 1333  # longer side bound
+  # Fixed canvases (h, w), each divisible by 128 and compiled once; a batch is
+  # padded to the smallest canvas that holds all its images.
+  c.data.canvas_buckets = ((896, 1408), (1408, 896), (1408, 1408))
+  c.data.size_divisor = 128
+  c.data.max_boxes = 100
+  c.data.hflip_prob = 0.5
+  c.data.pixel_mean = (123.675, 116.28, 103.53)  # RGB, torchvision ImageNet
+  c.data.pixel_std = (58.395, 57.12, 57.375)
+  c.data.bad_input = 'skip'  # skip (and count) | fail
+  c.data.num_workers = 0  # grain worker processes (0 = in-process)
+  c.data.prefetch = 2
+
+  # --------------------------------------------------------------- model
+  c.model = ml_collections.ConfigDict()
+  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
+  c.model.num_classes = -1  # -1: data.num_classes (resolved at start-up)
+  c.model.staggered = True  # False: T-head reads P3..P7 like the S-head
+  c.model.backbone_init = ''  # orbax checkpoint from mimicdet_jax.tools.import_weights
+  c.model.backbone = ml_collections.ConfigDict()
+  c.model.backbone.arch = 'resnet50'  # resnet50 | resnet101 | resnext101_32x8d | resnext101_64x4d | resnet_tiny
+  c.model.backbone.frozen_stages = 1  # stem + stage 1 frozen
+  c.model.backbone.remat = False  # nn.remat per stage
+  c.model.fpn_channels = 256
+  c.model.t_levels = (2, 3, 4, 5, 6)  # high-resolution set (staggered pyramid)
+  c.model.s_levels = (3, 4, 5, 6, 7)  # low-resolution set; refinement + S-head
+  c.model.anchor_scale = 4.0  # anchor side = anchor_scale * stride
+
+  # --------------------------------------------- refinement module + targets
+  c.refine = ml_collections.ConfigDict()
+  c.refine.channels = 256
+  c.refine.pos_shrink = 0.3
+  c.refine.num_samples = 256  # sampled positions per image for the BCE
+  c.refine.pos_fraction = 0.5
+  c.refine.cls_loss = 'bce'  # bce (sampled) | focal (all positions)
+  c.refine.focal_alpha = 0.25
+  c.refine.focal_gamma = 2.0
+  c.refine.stds = (1.0, 1.0, 1.0, 1.0)
+
+  # ------------------------------------------------------------ proposals
+  c.proposals = ml_collections.ConfigDict()
+  c.proposals.pre_nms_topk = 1000  # per level
+  c.proposals.nms_threshold = 0.8
+  c.proposals.num_proposals = 2000  # per image, padded, with a validity mask
+
+  # --------------------------------------------------------------- T-head
+  c.t_head = ml_collections.ConfigDict()
+  c.t_head.roi_size = 7
+  c.t_head.sampling_ratio = 2
+  c.t_head.canonical_size = 224.0  # FPN level rule k = floor(4 + log2(sqrt(wh)/224))
+  c.t_head.canonical_level = 4
+  c.t_head.fc_dim = 1024
+  c.t_head.num_convs = 4
+  c.t_head.conv_dim = 256
+  c.t_head.fg_iou = 0.5
+  c.t_head.num_samples = 128
+  c.t_head.fg_fraction = 0.25
+  c.t_head.append_gt = True
+  c.t_head.stds = (0.1, 0.1, 0.2, 0.2)
+
+  # --------------------------------------------------------------- S-head
+  c.s_head = ml_collections.ConfigDict()
+  c.s_head.num_logits = -1  # -1: same as the T-head (num_classes + 1)
+  c.s_head.deformable = True  # False: plain conv of the same kernel size
+  c.s_head.p3_kernel = 3
+  c.s_head.kernel = 5  # P4..P7, shared weights
+  c.s_head.channels = 256
+  c.s_head.offset_hidden = (64, 128)
+  c.s_head.cls_dim = 1024
+  c.s_head.reg_dim = 1024
+  c.s_head.fg_iou = 0.5
+  c.s_head.ohem_samples = 128
+  c.s_head.stds = (0.1, 0.1, 0.2, 0.2)
+
+  # ---------------------------------------------------------------- mimic
+  c.mimic = ml_collections.ConfigDict()
+  c.mimic.enabled = True
+  c.mimic.paths = 'both'  # cls | reg | both
+  c.mimic.distance = 'cosine'  # cosine | l2 | smooth_l1 | kl (cls path only)
+  c.mimic.temperature = 1.0  # kl
+  c.mimic.teacher_grad = 'stopped'  # stopped | flowing
+  c.mimic.samples = 'all'  # all | foreground
+  c.mimic.weight = 1.0
+
+  c.loss_weights = ml_collections.ConfigDict()
+  c.loss_weights.refine = 1.0
+  c.loss_weights.s_head = 1.0
+  c.loss_weights.t_head = 1.0
+
+  c.box = ml_collections.ConfigDict()
+  c.box.scale_clip = math.log(1000.0 / 16)  # dw/dh clip before exp
+
+  # ---------------------------------------------------------------- optim
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 0.02
+  c.optim.base_batch_size = 16  # lr scales linearly with train.batch_size / this
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4  # not on norm scales/biases
+  c.optim.warmup_steps = 500
+  c.optim.warmup_factor = 0.001
+  c.optim.decay_steps = (60000, 80000)
+  c.optim.decay_factor = 0.1
+  c.optim.grad_clip_norm = 0.0  # 0 = off
+
+  # ---------------------------------------------------------------- train
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16  # global
+  c.train.total_steps = 90000
+  c.train.log_every = 20
+  c.train.checkpoint_every = 5000
+  c.train.keep_checkpoints = 3
+  c.train.max_consecutive_nonfinite = 10
+  c.train.eval_every = 0  # 0 = only at the end (when eval.at_end)
+
+  # ----------------------------------------------------------------- eval
+  c.eval = ml_collections.ConfigDict()
+  c.eval.head = 's'  # s | t | both
+  c.eval.pre_nms_topk = 1000
+  c.eval.score_threshold = 0.005
+  c.eval.nms_threshold = 0.6
+  c.eval.max_detections = 100
+  c.eval.score_times_objectness = False
+  c.eval.batch_size = 8
+  c.eval.viz = 0  # draw the first N validation images
+  c.eval.at_end = False
+  return c

@@ -1,0 +1,48 @@
+"""Tiny MimicDet on the synthetic shapes data set: trains on 2 CPU cores in minutes.
+
+`make demo` generates data/synthetic (python -m mimicdet_jax.data.synthetic) and
+trains this. Widths, image size, steps and lr are tuned for CPU minutes, not
+for COCO; the structure (levels, heads, losses, targets) is the paper's.
+"""
+from configs import common
+
+
+def get_config():
+  c = common.base_config()
+  c.data.train_annotations = 'data/synthetic/annotations/train.json'
+  c.data.train_images = 'data/synthetic/train'
+  c.data.val_annotations = 'data/synthetic/annotations/val.json'
+  c.data.val_images = 'data/synthetic/val'
+  c.data.train_min_sizes = (256,)
+  c.data.min_size = 256
+  c.data.max_size = 256
+  c.data.canvas_buckets = ((256, 256),)
+  c.data.max_boxes = 20
+  c.model.backbone.arch = 'resnet_tiny'
+  c.model.backbone.frozen_stages = 0  # trained from scratch
+  c.model.fpn_channels = 64
+  c.refine.channels = 64
+  c.proposals.pre_nms_topk = 300
+  c.proposals.num_proposals = 300
+  c.t_head.fc_dim = 256
+  c.t_head.num_convs = 2
+  c.t_head.conv_dim = 64
+  c.t_head.num_samples = 64
+  c.s_head.channels = 64
+  c.s_head.offset_hidden = (16, 32)
+  c.s_head.cls_dim = 256
+  c.s_head.reg_dim = 256
+  c.s_head.ohem_samples = 64
+  c.optim.base_lr = 0.02
+  c.optim.base_batch_size = 16
+  c.optim.warmup_steps = 100
+  c.optim.decay_steps = (1200, 1400)
+  c.train.batch_size = 8
+  c.train.total_steps = 1500
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.eval.pre_nms_topk = 300
+  c.eval.batch_size = 8
+  c.eval.viz = 8
+  c.eval.at_end = True
+  return c

@@ -1,0 +1,16 @@
+"""MimicDet, ResNet-101 FPN, 2x (180k steps; lr x0.1 at 120k and 160k) on COCO 2017."""
+from configs import common
+
+
+def get_config():
+  c = common.base_config()
+  c.data.train_annotations = 'data/coco/annotations/instances_train2017.json'
+  c.data.train_images = 'data/coco/train2017'
+  c.data.val_annotations = 'data/coco/annotations/instances_val2017.json'
+  c.data.val_images = 'data/coco/val2017'
+  c.model.dtype = 'bfloat16'
+  c.model.backbone.arch = 'resnet101'
+  c.model.backbone_init = 'weights/resnet101'
+  c.train.total_steps = 180000
+  c.optim.decay_steps = (120000, 160000)
+  return c

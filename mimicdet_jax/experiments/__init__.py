@@ -1,0 +1,1 @@
+"""MimicDet in JAX/Flax."""
