@@ -1,0 +1,43 @@
+# Two commands a new user needs: `make demo` and `make test`.
+# Both (re)create .venv from requirements.txt when it is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= workdirs/demo
+DEMO_DATA ?= data/synthetic
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: venv test test-slow demo demo-data bench bench-peer clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+demo-data: $(STAMP)
+	test -f $(DEMO_DATA)/annotations/val.json || \
+	  $(PY) -m mimicdet_jax.data.synthetic $(DEMO_DATA) --num-train 2000 --num-val 200 --seed 0 --viz 4
+
+demo: demo-data
+	$(PY) -m mimicdet_jax.demo --config configs/demo.py --workdir $(DEMO_DIR) --data $(DEMO_DATA)
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_step.py --config configs/demo.py
+	$(PY) benchmarks/inference.py --config configs/demo.py
+
+bench-peer: $(STAMP)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) benchmarks/peer_torchvision.py
+
+clean:
+	rm -rf $(VENV) workdirs
