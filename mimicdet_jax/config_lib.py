@@ -50,3 +50,38 @@ def resolve(config: ml_collections.ConfigDict,
 
 def _paths(paths: str) -> tuple[str, ...]:
   return ('cls', 'reg') if paths == 'both' else (paths,)
+
+
+def check_override_keys(argv: list[str], flag_name: str = 'config') -> None:
+  """Fails early, naming the key, on `--config.<key>=...` for a key that does not exist.
+
+  ml_collections' own error is a bare KeyError with only the last component;
+  this names the whole dotted key and the config file. Call it with sys.argv
+  before absl parses the flags.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  prefix = f'--{flag_name}.'
+  overrides = [a for a in argv if a.startswith(prefix)]
+  if not overrides:
+    return
+  path = None
+  for i, a in enumerate(argv):
+    if a.startswith(f'--{flag_name}='):
+      path = a.split('=', 1)[1]
+    elif a == f'--{flag_name}' and i + 1 < len(argv):
+      path = argv[i + 1]
+  if path is None:
+    return
+  path = path.split(':', 1)[0]  # config_flags allows "file.py:arg"
+  spec = importlib.util.spec_from_file_location('_mimicdet_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for override in overrides:
+    key = override[len(prefix):].split('=', 1)[0]
+    node = config
+    for part in key.split('.'):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise SystemExit(f'Unknown config key {key!r} (from {override!r}) in '
+                         f'{path}; the keys are listed in configs/common.py')
+      node = node[part]
