@@ -89,6 +89,7 @@ def test_unknown_key_names_the_key():
 
 
 def test_bad_enum_value_names_the_key():
-  c = _parse(['--config=configs/demo.py', '--config.mimic.distance=hamming'])
+  c = _parse(['--config=configs/demo.py'])
+  c.mimic.distance = 'hamming'
   with pytest.raises(ValueError, match='mimic.distance'):
     config_lib.resolve(c, num_classes=3)
