@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.s_head.kernel = 5  # P4..P7, shared weights
   c.s_head.channels = 256
   c.s_head.offset_hidden = (64, 128)
+  # Offset micro-net input is stop-gradient (as Guided Anchoring's feature
+  # adaption): S-head losses do not move the refinement regression through it.
+  c.s_head.offset_stop_grad = True
   c.s_head.cls_dim = 1024
   c.s_head.reg_dim = 1024
   c.s_head.fg_iou = 0.5
