@@ -1,0 +1,195 @@
+"""RoIAlign (torchvision semantics) and its FPN multi-level form, NHWC.
+
+Definition (torchvision.ops.roi_align, `sampling_ratio` > 0): a box
+(x1, y1, x2, y2) in image pixels becomes, on a feature map of stride s,
+start = x1 / s - 0.5 (the -0.5 only when aligned=True), extent (x2 - x1) / s
+(forced >= 1 when aligned=False). It is cut into oh x ow bins; each bin is
+the mean of sampling_ratio^2 bilinear samples at the centres of a regular
+sub-grid. A sample with y < -1 or y > H (or x < -1 or x > W) is 0; otherwise
+its coordinates are clamped into the map (y <= 0 -> 0; y >= H - 1 -> H - 1)
+before bilinear interpolation.
+
+Implementation: bilinear weights factor into a y part and an x part, so each
+box needs 2*oh*sr row indices and 2*ow*sr column indices; one gather of the
+(2 oh sr) x (2 ow sr) grid of C-vectors, a multiply by the outer product of
+the weights and a sum over the sub-grid give the bins. No dense
+[H, W]-sized weight matrices, no Python loop over boxes. Gradients flow to
+the features (a scatter-add); boxes get none, as in torchvision.
+"""
+from typing import Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimicdet_jax.ops.boxes import box_area
+
+Array = jnp.ndarray
+
+
+def _axis_samples(start: Array, extent: Array, size: Array, num_bins: int,
+                  sampling_ratio: int) -> Tuple[Array, Array]:
+  """Rows (or columns) and weights of the samples along one axis.
+
+  Args:
+    start, extent: [...] in feature-map cells.
+    size: [...] the map's height (or width) as float.
+  Returns:
+    indices int32 [..., num_bins, 2 * sr] and weights [..., num_bins, 2 * sr];
+    the weights already hold the 1/sr of the average and the outside test.
+  """
+  sr = sampling_ratio
+  bin_size = (extent / num_bins)[..., None, None]
+  offsets = (jnp.arange(num_bins, dtype=start.dtype)[:, None] +
+             (jnp.arange(sr, dtype=start.dtype)[None, :] + 0.5) / sr)
+  coord = start[..., None, None] + offsets * bin_size  # [..., bins, sr]
+  size = size[..., None, None]
+  inside = (coord >= -1.0) & (coord <= size)
+  coord = jnp.maximum(coord, 0.0)
+  low = jnp.floor(coord)
+  at_end = low >= size - 1
+  low = jnp.where(at_end, size - 1, low)
+  high = jnp.where(at_end, size - 1, low + 1)
+  coord = jnp.where(at_end, low, coord)
+  frac = coord - low
+  weights = jnp.stack([1.0 - frac, frac], axis=-1)
+  weights = weights * (inside[..., None] / sr).astype(weights.dtype)
+  indices = jnp.stack([low, high], axis=-1).astype(jnp.int32)
+  shape = coord.shape[:-1] + (2 * sr,)
+  return indices.reshape(shape), weights.reshape(shape)
+
+
+def _roi_align_flat(flat_features: Array, boxes: Array, scale: Array,
+                    height: Array, width: Array, base: Array,
+                    output_size: Tuple[int, int], sampling_ratio: int,
+                    aligned: bool) -> Array:
+  """RoIAlign on flattened maps; every box carries its own map geometry.
+
+  Args:
+    flat_features: [B, P, C], one or several maps flattened row-major.
+    boxes: [B, N, 4] image pixels.
+    scale, height, width, base: [B, N]: spatial scale, map height and width
+      and the offset of the box's map in P.
+  Returns:
+    [B, N, oh, ow, C].
+  """
+  oh, ow = output_size
+  if sampling_ratio <= 0:
+    raise ValueError('sampling_ratio must be > 0 (static shapes); got '
+                     f'{sampling_ratio}.')
+  boxes = jax.lax.stop_gradient(boxes.astype(jnp.float32))
+  offset = 0.5 if aligned else 0.0
+  x1 = boxes[..., 0] * scale - offset
+  y1 = boxes[..., 1] * scale - offset
+  roi_w = boxes[..., 2] * scale - offset - x1
+  roi_h = boxes[..., 3] * scale - offset - y1
+  if not aligned:
+    roi_w = jnp.maximum(roi_w, 1.0)
+    roi_h = jnp.maximum(roi_h, 1.0)
+  rows, wy = _axis_samples(y1, roi_h, height.astype(jnp.float32), oh,
+                           sampling_ratio)  # [B, N, oh, 2sr]
+  cols, wx = _axis_samples(x1, roi_w, width.astype(jnp.float32), ow,
+                           sampling_ratio)  # [B, N, ow, 2sr]
+  per_box = (..., None, None, None, None)
+  index = (base[per_box] + rows[..., :, :, None, None] * width[per_box] +
+           cols[..., None, None, :, :])  # [B, N, oh, 2sr, ow, 2sr]
+  weight = wy[..., :, :, None, None] * wx[..., None, None, :, :]
+  b, n = boxes.shape[:2]
+  values = jax.vmap(lambda f, i: jnp.take(f, i, axis=0, mode='clip'))(
+      flat_features, index.reshape(b, -1))
+  values = values.reshape(index.shape + (flat_features.shape[-1],))
+  out = jnp.sum(values * weight[..., None].astype(values.dtype), axis=(3, 5))
+  return out
+
+
+def roi_align(features: Array, boxes: Array,
+              output_size: Tuple[int, int] = (7, 7),
+              spatial_scale: float = 1.0, sampling_ratio: int = 2,
+              aligned: bool = True) -> Array:
+  """torchvision.ops.roi_align on NHWC features, boxes per image.
+
+  Args:
+    features: [B, H, W, C].
+    boxes: [B, N, 4] x1y1x2y2 in image pixels (padding boxes are fine; they
+      give finite values that the caller masks).
+    output_size: (oh, ow).
+    spatial_scale: 1 / stride of `features`.
+    sampling_ratio: samples per bin side; must be > 0 (static shapes).
+    aligned: torchvision's aligned flag (True: pixel centres at +0.5).
+  Returns:
+    [B, N, oh, ow, C] in the features' dtype. Differentiable w.r.t. features.
+  """
+  b, h, w, c = features.shape
+  n = boxes.shape[1]
+  full = lambda v: jnp.full((b, n), v)
+  return _roi_align_flat(features.reshape(b, h * w, c), boxes,
+                         full(jnp.float32(spatial_scale)), full(h), full(w),
+                         full(0), tuple(output_size), sampling_ratio, aligned)
+
+
+def fpn_levels(boxes: Array, min_level: int, max_level: int,
+               canonical_size: float = 224.0,
+               canonical_level: int = 4) -> Array:
+  """FPN level of each box [..., 4] -> int32 [...].
+
+  k = clamp(floor(canonical_level + log2(sqrt(area) / canonical_size + 1e-8)),
+  min_level, max_level) (FPN paper eq. 1, detectron2's eps). Degenerate boxes
+  (area 0) go to min_level.
+  """
+  size = jnp.sqrt(box_area(boxes.astype(jnp.float32)))
+  level = jnp.floor(canonical_level +
+                    jnp.log2(size / canonical_size + 1e-8))
+  return jnp.clip(level, min_level, max_level).astype(jnp.int32)
+
+
+def multilevel_roi_align(
+    features: Union[Mapping[int, Array], Sequence[Array]],
+    boxes: Array,
+    levels: Sequence[int],
+    output_size: Tuple[int, int] = (7, 7),
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+    canonical_size: float = 224.0,
+    canonical_level: int = 4,
+    box_levels: Optional[Array] = None) -> Array:
+  """RoIAlign of each box on its FPN level (stride 2**level).
+
+  The maps of all levels are flattened and concatenated into one [B, P, C]
+  array and each box gathers from its own level's slice, so the cost is one
+  copy of the pyramid (about 4/3 of the finest level) plus one single-level
+  RoIAlign of N boxes, not one RoIAlign per level.
+
+  Args:
+    features: dict level -> [B, H_l, W_l, C], or a sequence of maps in the
+      order of `levels`.
+    boxes: [B, N, 4] x1y1x2y2 image pixels.
+    levels: consecutive levels, e.g. (2, 3, 4, 5, 6).
+    output_size, sampling_ratio, aligned: as `roi_align`.
+    canonical_size, canonical_level: the FPN level rule (see `fpn_levels`).
+    box_levels: optional int [B, N] levels to use instead of the rule.
+  Returns:
+    [B, N, oh, ow, C].
+  """
+  levels = tuple(int(l) for l in levels)
+  if levels != tuple(range(levels[0], levels[0] + len(levels))):
+    raise ValueError(f'levels must be consecutive and increasing: {levels}')
+  if isinstance(features, Mapping):
+    maps = [features[l] for l in levels]
+  else:
+    maps = list(features)
+  if len(maps) != len(levels):
+    raise ValueError(f'{len(maps)} feature maps for levels {levels}')
+  b, c = maps[0].shape[0], maps[0].shape[-1]
+  heights = np.array([m.shape[1] for m in maps], np.int32)
+  widths = np.array([m.shape[2] for m in maps], np.int32)
+  bases = np.concatenate([[0], np.cumsum(heights * widths)[:-1]]).astype(
+      np.int32)
+  flat = jnp.concatenate([m.reshape(b, -1, c) for m in maps], axis=1)
+  if box_levels is None:
+    box_levels = fpn_levels(boxes, levels[0], levels[-1], canonical_size,
+                            canonical_level)
+  idx = jnp.clip(box_levels - levels[0], 0, len(levels) - 1)
+  scale = jnp.exp2(-(idx + levels[0]).astype(jnp.float32))
+  return _roi_align_flat(flat, boxes, scale, jnp.asarray(heights)[idx],
+                         jnp.asarray(widths)[idx], jnp.asarray(bases)[idx],
+                         tuple(output_size), sampling_ratio, aligned)
