@@ -143,6 +143,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.max_consecutive_nonfinite = 10
   c.train.eval_every = 0  # 0 = only at the end (when eval.at_end)
+  # The loss runs per image (vmap, batch of one) with the step key folded with
+  # the image's global index: sampling and normalisation do not depend on how
+  # the batch is split over devices/hosts. False: per-device batch, device key.
+  c.train.loss_per_image = True
 
   # ----------------------------------------------------------------- eval
   c.eval = ml_collections.ConfigDict()
