@@ -1,0 +1,486 @@
+"""Inference (SPEC section 4), COCO result writing and COCO scoring.
+
+Three layers, each usable alone:
+
+1. `postprocess` (pure jnp, static shapes): dense model outputs -> at most
+   `eval.max_detections` boxes per image. `make_predict_fn` wraps the model
+   and `postprocess` into one jitted function.
+2. `detections_to_coco`: canvas boxes of a batch -> COCO result dicts in
+   original-image pixels, xywh, with the annotation file's category ids.
+3. `coco_evaluate`: pycocotools on a result list -> the metrics dict written
+   to `metrics.json` (schema in docs/EVAL.md).
+
+`evaluate` runs all three over a data set on every local device (batch split
+over a one-axis mesh) and gathers the results of every host on process 0.
+
+Boxes are (x1, y1, x2, y2) float32 pixels; "canvas" pixels are those of the
+network input (resized, padded), "original" pixels those of the image file:
+original = canvas / scale.
+"""
+import json
+import logging
+import os
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimicdet_jax.models import anchors as anchors_lib
+from mimicdet_jax import ops
+
+Array = jnp.ndarray
+
+# The twelve numbers of COCOeval.summarize() for bbox, in its order.
+SUMMARY_KEYS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
+                'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
+
+
+# --------------------------------------------------------------------------
+# 1. Post-processing.
+
+
+def _gather(x: Array, idx: Array) -> Array:
+  """x [B, A, ...] gathered at idx [B, N] -> [B, N, ...]."""
+  return jax.vmap(lambda a, i: a[i])(x, idx)
+
+
+def select_positions(refine_logits: Array, topk: int) -> tuple[Array, Array]:
+  """Top-`topk` dense positions per image by refinement objectness.
+
+  Args:
+    refine_logits: [B, A] objectness logits.
+    topk: static; clamped to A.
+  Returns:
+    idx int32 [B, N] (flat origin indices, descending objectness) and the
+    objectness probabilities float32 [B, N].
+  """
+  n = min(int(topk), refine_logits.shape[1])
+  logits, idx = jax.lax.top_k(refine_logits.astype(jnp.float32), n)
+  return idx.astype(jnp.int32), jax.nn.sigmoid(logits)
+
+
+def class_probs(cls_logits: Array) -> Array:
+  """Softmax over [.., L] logits with the background (index 0) dropped."""
+  return jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)[..., 1:]
+
+
+def select_detections(boxes: Array, probs: Array, *, score_threshold: float,
+                      nms_threshold: float,
+                      max_detections: int) -> dict[str, Array]:
+  """Score threshold -> per-class NMS -> top `max_detections`, per image.
+
+  Every (box, class) pair is a candidate, as in Faster R-CNN inference with
+  class-agnostic box deltas. `batched_nms` returns the kept pairs in
+  descending score order, so its first `max_detections` are the top ones.
+
+  Args:
+    boxes: [B, N, 4] class-agnostic boxes (canvas pixels, already clipped).
+    probs: [B, N, K] foreground class probabilities.
+    score_threshold: pairs with a score below it are dropped (SPEC: 0.005).
+    nms_threshold: IoU above which a same-class box is suppressed.
+    max_detections: static output length M.
+  Returns:
+    dict with boxes [B, M, 4], scores [B, M], classes int32 [B, M] in 1..K
+    (0 where invalid), valid bool [B, M]. Invalid rows are zero.
+  """
+  _, n, k = probs.shape
+
+  def one_image(img_boxes, img_probs):
+    scores = img_probs.reshape(n * k)
+    box_idx = jnp.arange(n * k, dtype=jnp.int32) // k
+    classes = jnp.arange(n * k, dtype=jnp.int32) % k + 1
+    # Empty boxes (e.g. clipped away entirely) are not detections.
+    nonempty = ops.box_area(img_boxes) > 0
+    valid = (scores >= score_threshold) & nonempty[box_idx]
+    keep, keep_valid = ops.batched_nms(
+        img_boxes[box_idx], scores, classes, nms_threshold,
+        max_output_size=max_detections, valid=valid)
+    out_boxes = jnp.where(keep_valid[:, None], img_boxes[box_idx[keep]], 0.0)
+    return dict(boxes=out_boxes,
+                scores=jnp.where(keep_valid, scores[keep], 0.0),
+                classes=jnp.where(keep_valid, classes[keep], 0),
+                valid=keep_valid)
+
+  return jax.vmap(one_image)(boxes.astype(jnp.float32),
+                             probs.astype(jnp.float32))
+
+
+def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
+                image_size: Array, config,
+                t_head_fn: Optional[Callable[[Array], tuple]] = None
+                ) -> dict[str, Array]:
+  """SPEC section 4 on the model's dense outputs.
+
+  Top `eval.pre_nms_topk` positions by objectness -> refined boxes (anchor +
+  refinement deltas, clipped to the image) -> class probabilities and boxes
+  from the S-head (deltas on the refined boxes), the T-head on the same boxes,
+  or the mean of both (`eval.head`) -> optional score x objectness ->
+  `select_detections`.
+
+  Args:
+    outputs: the model's dict (refine_logits [B, A], refine_deltas [B, A, 4],
+      s_cls_logits [B, A, L], s_deltas [B, A, 4]).
+    anchor_boxes: [A, 4] canvas pixels, same flat order as the outputs.
+    image_size: int [B, 2] (h, w) of the image inside the canvas; boxes are
+      clipped to it.
+    config: the resolved config (reads eval.*, refine.stds, s_head.stds,
+      t_head.stds, box.scale_clip).
+    t_head_fn: refined boxes [B, N, 4] -> (t_cls_logits [B, N, L], _,
+      t_deltas [B, N, 4]); needed when eval.head is 't' or 'both'.
+  Returns:
+    `select_detections`' dict, boxes in canvas pixels.
+  """
+  ev = config.eval
+  scale_clip = config.box.scale_clip
+  idx, objectness = select_positions(outputs['refine_logits'], ev.pre_nms_topk)
+  refined = ops.decode_deltas(
+      _gather(outputs['refine_deltas'], idx).astype(jnp.float32),
+      jnp.asarray(anchor_boxes, jnp.float32)[idx], config.refine.stds,
+      scale_clip=scale_clip)
+  refined = ops.clip_boxes(refined, image_size)
+  # Proposals carry no gradient in training either; the T-head sees the
+  # same boxes as the S-head's deltas refer to.
+  refined = jax.lax.stop_gradient(refined)
+
+  heads = []
+  if ev.head in ('s', 'both'):
+    heads.append((_gather(outputs['s_cls_logits'], idx),
+                  _gather(outputs['s_deltas'], idx), config.s_head.stds))
+  if ev.head in ('t', 'both'):
+    if t_head_fn is None:
+      raise ValueError(f'eval.head={ev.head!r} needs t_head_fn')
+    t_cls_logits, _, t_deltas = t_head_fn(refined)
+    heads.append((t_cls_logits, t_deltas, config.t_head.stds))
+  if not heads:
+    raise ValueError(f'eval.head={ev.head!r}; expected s, t or both')
+
+  probs, boxes = 0.0, 0.0
+  for cls_logits, deltas, stds in heads:
+    probs = probs + class_probs(cls_logits)
+    boxes = boxes + ops.clip_boxes(
+        ops.decode_deltas(deltas.astype(jnp.float32), refined, stds,
+                              scale_clip=scale_clip), image_size)
+  probs = probs / len(heads)
+  boxes = boxes / len(heads)
+  if ev.score_times_objectness:
+    probs = probs * objectness[..., None]
+  return select_detections(boxes, probs, score_threshold=ev.score_threshold,
+                           nms_threshold=ev.nms_threshold,
+                           max_detections=ev.max_detections)
+
+
+def make_predict_fn(model, config) -> Callable[..., dict[str, Array]]:
+  """One jitted function: images -> detections in canvas pixels.
+
+  Returns fn(variables, images [B, Hc, Wc, 3], image_size [B, 2] or None)
+  -> dict boxes [B, M, 4] (canvas pixels), scores [B, M], classes int32
+  [B, M] (1..K), valid bool [B, M]. image_size None clips to the canvas.
+  Shard `images` over devices (see `evaluate`) for data parallelism; the
+  computation follows the input sharding.
+  """
+
+  def predict(variables, images, image_size=None):
+    canvas_hw = images.shape[1:3]
+    if image_size is None:
+      image_size = jnp.broadcast_to(jnp.asarray(canvas_hw, jnp.int32),
+                                    (images.shape[0], 2))
+    outputs = model.apply(variables, images, train=False)
+    anchor_boxes = anchors_lib.dense_anchors(
+        canvas_hw, config.model.s_levels, config.model.anchor_scale)['boxes']
+
+    def t_head_fn(boxes):
+      return model.apply(variables, outputs['t_features'], boxes,
+                         method='t_head')
+
+    return postprocess(outputs, anchor_boxes, image_size, config, t_head_fn)
+
+  return jax.jit(predict)
+
+
+# --------------------------------------------------------------------------
+# 2. COCO result writing.
+
+
+def to_original_pixels(boxes: np.ndarray, scale, orig_size) -> np.ndarray:
+  """Canvas boxes [..., M, 4] -> original-image pixels, clipped to it.
+
+  Args:
+    boxes: [..., M, 4] canvas pixels.
+    scale: [...] resize factor (resized = original * scale).
+    orig_size: [..., 2] (h, w) of the original image.
+  """
+  boxes = np.asarray(boxes, np.float32)
+  scale = np.asarray(scale, np.float32)[..., None, None]
+  hw = np.asarray(orig_size, np.float32)[..., None, :]
+  out = boxes / scale
+  out[..., 0::2] = np.clip(out[..., 0::2], 0.0, hw[..., 1:2])
+  out[..., 1::2] = np.clip(out[..., 1::2], 0.0, hw[..., 0:1])
+  return out
+
+
+def detections_to_coco(dets: Mapping[str, np.ndarray],
+                       batch: Mapping[str, np.ndarray],
+                       label_to_category_id: Mapping[int, int]
+                       ) -> list[dict[str, Any]]:
+  """One batch of detections -> COCO results-format dicts.
+
+  Args:
+    dets: boxes [B, M, 4] (canvas pixels), scores [B, M], classes [B, M]
+      (contiguous labels 1..K), valid [B, M].
+    batch: image_id [B], scale [B], orig_size [B, 2], and optionally
+      example_valid [B] (False for padding images, which are skipped).
+    label_to_category_id: label 1..K -> the annotation file's category id.
+  Returns:
+    [{'image_id', 'category_id', 'bbox': [x, y, w, h] original pixels,
+      'score'}], only valid detections of real images.
+  """
+  boxes = to_original_pixels(dets['boxes'], batch['scale'], batch['orig_size'])
+  xywh = np.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], -1)
+  scores = np.asarray(dets['scores'])
+  classes = np.asarray(dets['classes'])
+  valid = np.asarray(dets['valid'], bool)
+  image_ids = np.asarray(batch['image_id'])
+  example_valid = np.asarray(batch.get('example_valid',
+                                       np.ones(len(image_ids), bool)), bool)
+  results = []
+  for b in np.nonzero(example_valid)[0]:
+    for m in np.nonzero(valid[b])[0]:
+      results.append({
+          'image_id': int(image_ids[b]),
+          'category_id': int(label_to_category_id[int(classes[b, m])]),
+          'bbox': [round(float(v), 2) for v in xywh[b, m]],
+          'score': round(float(scores[b, m]), 5),
+      })
+  return results
+
+
+# --------------------------------------------------------------------------
+# 3. Scoring.
+
+
+def coco_evaluate(annotations, detections: Sequence[Mapping[str, Any]],
+                  verbose: bool = True) -> dict[str, Any]:
+  """pycocotools bbox evaluation -> the metrics.json dict.
+
+  Args:
+    annotations: path of a COCO-format JSON or a pycocotools COCO object.
+    detections: COCO results-format dicts (may be empty: every AP is then 0
+      and a warning is logged).
+    verbose: print COCOeval's standard table and a per-class table.
+  Returns:
+    dict: the 12 COCO summary numbers under SUMMARY_KEYS (fractions in [0, 1]
+    exactly as COCOeval.stats, -1 where pycocotools has no ground truth),
+    'per_class' {class name: AP@[.5:.95] or -1 for a class without gt},
+    'per_class_AP50' likewise, 'num_images', 'num_detections'.
+  """
+  from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
+  from pycocotools.cocoeval import COCOeval  # pylint: disable=g-import-not-at-top
+  coco_gt = annotations if isinstance(annotations, COCO) else _load_coco(
+      annotations)
+  detections = list(detections)
+  if detections:
+    coco_dt = coco_gt.loadRes(detections)
+  else:
+    # loadRes([]) raises (it reads anns[0]); an empty result set scored by
+    # COCOeval gives AP 0 for every class with gt, which is the truth.
+    logging.warning('No detections: every AP is 0.')
+    print('WARNING: no detections; every AP is 0.')
+    coco_dt = COCO()
+    coco_dt.dataset = {'images': list(coco_gt.dataset.get('images', [])),
+                       'categories': list(coco_gt.dataset.get('categories', [])),
+                       'annotations': []}
+    coco_dt.createIndex()
+  coco_eval = COCOeval(coco_gt, coco_dt, 'bbox')
+  _quiet_or_not(coco_eval.evaluate, verbose)
+  _quiet_or_not(coco_eval.accumulate, verbose)
+  _quiet_or_not(coco_eval.summarize, verbose)
+  metrics = {k: float(v) for k, v in zip(SUMMARY_KEYS, coco_eval.stats)}
+  per_class, per_class_50 = _per_class_ap(coco_eval, coco_gt)
+  metrics['per_class'] = per_class
+  metrics['per_class_AP50'] = per_class_50
+  metrics['num_images'] = len(coco_gt.getImgIds())
+  metrics['num_detections'] = len(detections)
+  if verbose:
+    print(format_per_class_table(per_class, per_class_50))
+  return metrics
+
+
+def _load_coco(path: str):
+  from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  with contextlib.redirect_stdout(io.StringIO()):
+    return COCO(path)
+
+
+def _quiet_or_not(fn, verbose):
+  if verbose:
+    return fn()
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  with contextlib.redirect_stdout(io.StringIO()):
+    return fn()
+
+
+def _per_class_ap(coco_eval, coco_gt) -> tuple[dict, dict]:
+  """AP@[.5:.95] and AP50 per category, as COCOeval.summarize averages them.
+
+  precision is [T, R, K, A, M]; area range 'all' is A index 0 and maxDets
+  100 is the last M index; entries of -1 (no gt) are left out of the mean.
+  """
+  precision = coco_eval.eval['precision']
+  area = list(coco_eval.params.areaRngLbl).index('all')
+  max_det = len(coco_eval.params.maxDets) - 1
+  iou50 = int(np.argmin(np.abs(np.asarray(coco_eval.params.iouThrs) - 0.5)))
+  ap, ap50 = {}, {}
+  for k, cat_id in enumerate(coco_eval.params.catIds):
+    name = coco_gt.cats[cat_id]['name']
+    if name in ap:  # duplicate names: keep both, tell them apart by id
+      name = f'{name} ({cat_id})'
+    p = precision[:, :, k, area, max_det]
+    p50 = precision[iou50, :, k, area, max_det]
+    ap[name] = float(np.mean(p[p > -1])) if np.any(p > -1) else -1.0
+    ap50[name] = float(np.mean(p50[p50 > -1])) if np.any(p50 > -1) else -1.0
+  return ap, ap50
+
+
+def format_per_class_table(per_class: Mapping[str, float],
+                           per_class_50: Optional[Mapping[str, float]] = None,
+                           columns: int = 3) -> str:
+  """Per-class AP (percent) in `columns` column groups, -1 shown as 'n/a'."""
+  def pct(v):
+    return '  n/a' if v < 0 else f'{100 * v:5.1f}'
+  cells = []
+  for name, v in per_class.items():
+    cell = f'{name[:18]:<18} {pct(v)}'
+    if per_class_50 is not None:
+      cell += f' {pct(per_class_50[name])}'
+    cells.append(cell)
+  head = f'{"category":<18} {"AP":>5}' + (f' {"AP50":>5}' if per_class_50
+                                           is not None else '')
+  width = len(head)
+  lines = [' | '.join([head] * min(columns, max(1, len(cells)))),
+           '-+-'.join(['-' * width] * min(columns, max(1, len(cells))))]
+  for i in range(0, len(cells), columns):
+    lines.append(' | '.join(c.ljust(width) for c in cells[i:i + columns]))
+  return 'Per-class bbox AP (%):\n' + '\n'.join(lines)
+
+
+def write_json(path: str, obj) -> None:
+  """Writes JSON atomically (temp file + rename), creating the folder."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)
+
+
+def score_file(detections_path: str, annotations_path: str,
+               metrics_path: Optional[str] = None,
+               verbose: bool = True) -> dict[str, Any]:
+  """Scores an existing COCO results file; writes metrics.json.
+
+  metrics_path defaults to metrics.json beside the detections file.
+  """
+  with open(detections_path) as f:
+    detections = json.load(f)
+  metrics = coco_evaluate(annotations_path, detections, verbose=verbose)
+  metrics['annotations'] = os.path.abspath(annotations_path)
+  metrics['detections'] = os.path.abspath(detections_path)
+  if metrics_path is None:
+    metrics_path = os.path.join(
+        os.path.dirname(os.path.abspath(detections_path)), 'metrics.json')
+  write_json(metrics_path, metrics)
+  return metrics
+
+
+# --------------------------------------------------------------------------
+# Running over a data set.
+
+
+def local_mesh() -> jax.sharding.Mesh:
+  """A one-axis ('data') mesh over this host's devices."""
+  return jax.sharding.Mesh(np.asarray(jax.local_devices()), ('data',))
+
+
+def _pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict:
+  """Pads every array's leading axis to `size` (zeros; example_valid False)."""
+  n = len(batch['image'])
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if n < size:
+      pad = np.zeros((size - n,) + value.shape[1:], value.dtype)
+      if key in ('scale',):
+        pad += 1  # keeps the back-mapping finite for padding images
+      value = np.concatenate([value, pad])
+    out[key] = value
+  out.setdefault('example_valid', np.arange(size) < n)
+  return out
+
+
+def run_inference(predict_fn, variables, batches: Iterable[Mapping],
+                  mesh: Optional[jax.sharding.Mesh] = None,
+                  on_batch: Optional[Callable[[dict, dict], None]] = None
+                  ) -> dict[str, np.ndarray]:
+  """Runs `predict_fn` over batches, data-parallel over the mesh's devices.
+
+  Each batch is padded to a multiple of the device count and split over the
+  'data' axis; variables are replicated.
+
+  Returns this host's detections, stacked over images (padding images
+  dropped): boxes [n, M, 4] in *canvas* pixels, scores [n, M], classes [n, M],
+  valid [n, M], and the image's image_id [n], scale [n], orig_size [n, 2], so
+  `detections_to_coco(dets, dets, label_to_category_id)` writes them.
+  `on_batch(batch, dets)` (host arrays) sees every batch, e.g. to draw it.
+  """
+  mesh = mesh or local_mesh()
+  ndev = mesh.devices.size
+  data_sharding = jax.sharding.NamedSharding(mesh,
+                                             jax.sharding.PartitionSpec('data'))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  variables = jax.device_put(variables, replicated)
+  det_keys = ('boxes', 'scores', 'classes', 'valid')
+  image_keys = ('image_id', 'scale', 'orig_size')
+  parts = {k: [] for k in det_keys + image_keys}
+  for batch in batches:
+    n = len(batch['image'])
+    batch = _pad_batch(batch, -(-n // ndev) * ndev)
+    images = jax.device_put(np.asarray(batch['image'], np.float32),
+                            data_sharding)
+    sizes = jax.device_put(np.asarray(batch['image_size'], np.int32),
+                           data_sharding)
+    dets = jax.tree.map(np.asarray, predict_fn(variables, images, sizes))
+    if on_batch is not None:
+      on_batch(batch, dets)
+    keep = np.asarray(batch['example_valid'], bool)
+    for key in det_keys:
+      parts[key].append(dets[key][keep])
+    for key in image_keys:
+      parts[key].append(np.asarray(batch[key])[keep])
+  if not parts['image_id']:
+    raise ValueError('no evaluation batches')
+  return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def gather_across_hosts(dets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Concatenates every host's `run_inference` output (all hosts call this).
+
+  Hosts hold different image counts, so each pads to the largest count before
+  `process_allgather`; a `present` mask drops the padding afterwards.
+  """
+  if jax.process_count() == 1:
+    return dets
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  n = len(dets['image_id'])
+  counts = multihost_utils.process_allgather(np.asarray([n], np.int64))
+  n_max = int(np.max(counts))
+  padded = {k: np.concatenate([v, np.zeros((n_max - n,) + v.shape[1:],
+                                           v.dtype)])
+            for k, v in dets.items()}
+  padded['present'] = np.arange(n_max) < n
+  gathered = multihost_utils.process_allgather(padded)  # [P, n_max, ...]
+  present = np.asarray(gathered.pop('present')).reshape(-1)
+  return {k: np.asarray(v).reshape((-1,) + v.shape[2:])[present]
+          for k, v in gathered.items()}
