@@ -158,5 +158,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.score_times_objectness = False
   c.eval.batch_size = 8
   c.eval.viz = 0  # draw the first N validation images
+  c.eval.viz_score_threshold = 0.3  # detections drawn in pictures (eval --viz, predict)
   c.eval.at_end = False
   return c
