@@ -202,20 +202,25 @@ def make_predict_fn(model, config) -> Callable[..., dict[str, Array]]:
 # 2. COCO result writing.
 
 
-def to_original_pixels(boxes: np.ndarray, scale, orig_size) -> np.ndarray:
-  """Canvas boxes [..., M, 4] -> original-image pixels, clipped to it.
+def to_original_pixels(boxes: np.ndarray, image_size, orig_size) -> np.ndarray:
+  """Canvas boxes [..., M, 4] -> original-image pixels, clipped to the image.
+
+  Uses the per-axis factors orig / resized that data/transforms.py applied to
+  the gt boxes (the nominal `scale` differs from them by the rounding of the
+  resized size to whole pixels).
 
   Args:
     boxes: [..., M, 4] canvas pixels.
-    scale: [...] resize factor (resized = original * scale).
+    image_size: [..., 2] (h, w) of the resized image inside the canvas.
     orig_size: [..., 2] (h, w) of the original image.
   """
   boxes = np.asarray(boxes, np.float32)
-  scale = np.asarray(scale, np.float32)[..., None, None]
-  hw = np.asarray(orig_size, np.float32)[..., None, :]
-  out = boxes / scale
-  out[..., 0::2] = np.clip(out[..., 0::2], 0.0, hw[..., 1:2])
-  out[..., 1::2] = np.clip(out[..., 1::2], 0.0, hw[..., 0:1])
+  resized = np.asarray(image_size, np.float32)[..., None, :]
+  orig = np.asarray(orig_size, np.float32)[..., None, :]
+  factor = orig / np.maximum(resized, 1.0)  # [..., 1, 2] as (h, w)
+  out = boxes * np.concatenate([factor[..., ::-1]] * 2, axis=-1)
+  out[..., 0::2] = np.clip(out[..., 0::2], 0.0, orig[..., 1:2])
+  out[..., 1::2] = np.clip(out[..., 1::2], 0.0, orig[..., 0:1])
   return out
 
 
@@ -228,14 +233,15 @@ def detections_to_coco(dets: Mapping[str, np.ndarray],
   Args:
     dets: boxes [B, M, 4] (canvas pixels), scores [B, M], classes [B, M]
       (contiguous labels 1..K), valid [B, M].
-    batch: image_id [B], scale [B], orig_size [B, 2], and optionally
+    batch: image_id [B], image_size [B, 2], orig_size [B, 2], and optionally
       example_valid [B] (False for padding images, which are skipped).
     label_to_category_id: label 1..K -> the annotation file's category id.
   Returns:
     [{'image_id', 'category_id', 'bbox': [x, y, w, h] original pixels,
       'score'}], only valid detections of real images.
   """
-  boxes = to_original_pixels(dets['boxes'], batch['scale'], batch['orig_size'])
+  boxes = to_original_pixels(dets['boxes'], batch['image_size'],
+                             batch['orig_size'])
   xywh = np.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], -1)
   scores = np.asarray(dets['scores'])
   classes = np.asarray(dets['classes'])
@@ -405,18 +411,17 @@ def local_mesh() -> jax.sharding.Mesh:
 
 
 def _pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict:
-  """Pads every array's leading axis to `size` (zeros; example_valid False)."""
+  """Pads the leading axis to `size` with copies of the first image.
+
+  The copies have example_valid False and are dropped from the results.
+  """
   n = len(batch['image'])
-  out = {}
-  for key, value in batch.items():
-    value = np.asarray(value)
-    if n < size:
-      pad = np.zeros((size - n,) + value.shape[1:], value.dtype)
-      if key in ('scale',):
-        pad += 1  # keeps the back-mapping finite for padding images
-      value = np.concatenate([value, pad])
-    out[key] = value
-  out.setdefault('example_valid', np.arange(size) < n)
+  out = {k: np.asarray(v) for k, v in batch.items()}
+  out.setdefault('example_valid', np.ones(n, bool))
+  if n < size:
+    fill = np.zeros(size - n, np.int64)
+    out = {k: np.concatenate([v, v[fill]]) for k, v in out.items()}
+    out['example_valid'][n:] = False
   return out
 
 
@@ -431,7 +436,8 @@ def run_inference(predict_fn, variables, batches: Iterable[Mapping],
 
   Returns this host's detections, stacked over images (padding images
   dropped): boxes [n, M, 4] in *canvas* pixels, scores [n, M], classes [n, M],
-  valid [n, M], and the image's image_id [n], scale [n], orig_size [n, 2], so
+  valid [n, M], and the image's image_id [n], image_size [n, 2], orig_size
+  [n, 2], so
   `detections_to_coco(dets, dets, label_to_category_id)` writes them.
   `on_batch(batch, dets)` (host arrays) sees every batch, e.g. to draw it.
   """
@@ -442,7 +448,7 @@ def run_inference(predict_fn, variables, batches: Iterable[Mapping],
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = jax.device_put(variables, replicated)
   det_keys = ('boxes', 'scores', 'classes', 'valid')
-  image_keys = ('image_id', 'scale', 'orig_size')
+  image_keys = ('image_id', 'image_size', 'orig_size')
   parts = {k: [] for k in det_keys + image_keys}
   for batch in batches:
     n = len(batch['image'])
@@ -484,3 +490,236 @@ def gather_across_hosts(dets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   present = np.asarray(gathered.pop('present')).reshape(-1)
   return {k: np.asarray(v).reshape((-1,) + v.shape[2:])[present]
           for k, v in gathered.items()}
+
+
+# --------------------------------------------------------------------------
+# Checkpoints, config, pictures, and the whole evaluation.
+
+GT_COLOR = (0, 200, 0)  # green: ground truth in --viz pictures
+DET_COLOR = (255, 40, 40)  # red: detections
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Committed steps under WORKDIR/checkpoints, ascending.
+
+  Orbax writes a step into a temporary directory and renames it to the bare
+  step number when complete, so only all-digit names are finished steps.
+  Read-only: unlike a CheckpointManager, this never cleans up temporary
+  directories of a training run that is still saving.
+  """
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(name) for name in os.listdir(ckpt_dir)
+                if name.isdigit() and
+                os.path.isdir(os.path.join(ckpt_dir, name, 'state')))
+
+
+def restore_variables(workdir: str, checkpoint: str = 'latest'
+                      ) -> tuple[dict, Optional[int]]:
+  """Model variables {'params', 'frozen'} of a training checkpoint.
+
+  Args:
+    workdir: the training WORKDIR (checkpoints under WORKDIR/checkpoints,
+      written by mimicdet_jax.checkpoint.Checkpointer).
+    checkpoint: 'latest', a step number, a step directory
+      (WORKDIR/checkpoints/1500) or its 'state' item directory.
+  Returns:
+    (variables as host arrays, step or None when a path was given).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  step = None
+  if checkpoint in (None, '', 'latest'):
+    steps = checkpoint_steps(workdir)
+    if not steps:
+      raise FileNotFoundError(
+          f'no checkpoint under {os.path.join(workdir, "checkpoints")}')
+    step = steps[-1]
+  elif str(checkpoint).isdigit():
+    step = int(checkpoint)
+  if step is not None:
+    path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  else:
+    path = str(checkpoint)
+    if os.path.isdir(os.path.join(path, 'state')):
+      path = os.path.join(path, 'state')
+    base = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    step = int(base) if base.isdigit() else None
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'checkpoint {path} does not exist')
+  # No template: the saved tree comes back as nested dicts; only the model
+  # variables are kept (the optimiser state is not needed).
+  state = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+  variables = {'params': state['params'], 'frozen': state.get('frozen', {})}
+  variables = jax.tree.map(np.asarray, variables)
+  logging.info('restored variables of step %s from %s', step, path)
+  return variables, step
+
+
+def resolve_config(config, workdir: Optional[str] = None):
+  """Resolves a recipe config for inference (number of classes).
+
+  The number of classes is, in order: data.num_classes when set; the one the
+  training run recorded in WORKDIR/config.json; the training annotation
+  file's categories; the validation file's.
+  """
+  from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  if isinstance(config, dict):
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    config = ml_collections.ConfigDict(config)
+  num_classes = int(config.data.num_classes)
+  if num_classes == -1 and workdir:
+    saved = os.path.join(workdir, 'config.json')
+    if os.path.exists(saved):
+      with open(saved) as f:
+        num_classes = int(json.load(f)['model']['num_classes'])
+  if num_classes == -1:
+    for split in ('train', 'val'):
+      names = class_names_from_annotations(config.data, split)
+      if names is not None:
+        num_classes = len(names)
+        break
+  if num_classes == -1:
+    raise ValueError('cannot tell the number of classes: set '
+                     '--config.data.num_classes or data.*_annotations')
+  return config_lib.resolve(config, num_classes)
+
+
+def load_config(workdir: str, config=None):
+  """The resolved config: `config` (a recipe) or WORKDIR/config.json."""
+  if config is None:
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path} not found; pass --config')
+    with open(path) as f:
+      config = _tuples(json.load(f))
+  return resolve_config(config, workdir)
+
+
+def _tuples(obj):
+  """JSON lists back to the tuples the configs use."""
+  if isinstance(obj, dict):
+    return {k: _tuples(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return tuple(_tuples(v) for v in obj)
+  return obj
+
+
+def class_names_from_annotations(data, split: str) -> Optional[list[str]]:
+  """Class names of labels 1..K from a COCO JSON's categories, or None.
+
+  Labels follow increasing category id, as data/coco.py maps them.
+  """
+  if data.source != 'coco_json':
+    return None
+  path = data.train_annotations if split == 'train' else data.val_annotations
+  if not path or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    categories = json.load(f).get('categories', [])
+  return [c['name'] for c in sorted(categories, key=lambda c: c['id'])]
+
+
+def draw_detections(image: np.ndarray, boxes: np.ndarray, scores, classes,
+                    class_names: Sequence[str], score_threshold: float,
+                    gt_boxes: Optional[np.ndarray] = None,
+                    gt_classes: Optional[Sequence[int]] = None):
+  """PIL picture: gt (green, 'gt:' captions) then detections (red) above
+  `score_threshold`. Boxes in pixels of `image`; classes are labels 1..K."""
+  from mimicdet_jax import viz  # pylint: disable=g-import-not-at-top
+  image = np.asarray(image, np.uint8)
+  if gt_boxes is not None and len(gt_boxes):
+    image = np.asarray(viz.draw_boxes(
+        image, gt_boxes, [f'gt:{_name(class_names, c)}' for c in gt_classes],
+        color=GT_COLOR))
+  keep = np.asarray(scores) >= score_threshold
+  return viz.draw_boxes(
+      image, np.asarray(boxes)[keep],
+      [_name(class_names, c) for c in np.asarray(classes)[keep]],
+      scores=np.asarray(scores)[keep], color=None if gt_boxes is None
+      else DET_COLOR)
+
+
+def _name(class_names, label) -> str:
+  label = int(label)
+  if 1 <= label <= len(class_names):
+    return str(class_names[label - 1])
+  return f'class {label}'
+
+
+def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
+             viz: Optional[int] = None, model=None,
+             out_dir: Optional[str] = None) -> Optional[dict[str, Any]]:
+  """Detects on the validation split, writes and scores the results.
+
+  Every process calls this (each runs its shard of the images on its local
+  devices); process 0 gathers, writes OUT/detections.json and
+  OUT/metrics.json (OUT = WORKDIR/eval unless `out_dir`), appends the metrics
+  with `step` to OUT/history.jsonl, prints the COCO and per-class tables and
+  draws the first `viz` images (default eval.viz) to OUT/viz/.
+
+  Returns:
+    The metrics dict on process 0, None on the others.
+  """
+  from mimicdet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if model is None:
+    from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
+    model = mimicdet.MimicDet(config)
+  out_dir = out_dir or os.path.join(workdir, 'eval')
+  viz = int(config.eval.viz if viz is None else viz)
+  source = pipeline.build_source(config.data, 'val')
+  if source.num_classes != config.model.num_classes:
+    raise ValueError(
+        f'the validation set has {source.num_classes} categories but the model '
+        f'{config.model.num_classes} classes: labels would map to the wrong '
+        'category ids')
+  pid, pcount = jax.process_index(), jax.process_count()
+  batch_size = max(1, -(-int(config.eval.batch_size) // pcount))
+  batches = pipeline.make_eval_batches(config, source, batch_size, pid, pcount)
+  predict_fn = make_predict_fn(model, config)
+
+  drawn = []
+
+  def draw(batch, dets):
+    if pid != 0 or len(drawn) >= viz:
+      return
+    os.makedirs(os.path.join(out_dir, 'viz'), exist_ok=True)
+    boxes = to_original_pixels(dets['boxes'], batch['image_size'],
+                               batch['orig_size'])
+    for b in np.nonzero(batch['example_valid'])[0]:
+      if len(drawn) >= viz:
+        break
+      index = source.index_of_image_id(int(batch['image_id'][b]))
+      example = source[index]
+      gt = source.annotations(index)
+      valid = dets['valid'][b]
+      picture = draw_detections(
+          example['image'], boxes[b][valid], dets['scores'][b][valid],
+          dets['classes'][b][valid], source.class_names,
+          config.eval.viz_score_threshold, gt['boxes'], gt['classes'])
+      path = os.path.join(out_dir, 'viz',
+                          f'{int(batch["image_id"][b]):012d}.png')
+      picture.save(path)
+      drawn.append(path)
+
+  dets = run_inference(predict_fn, variables, batches, on_batch=draw)
+  dets = gather_across_hosts(dets)
+  if pid != 0:
+    return None
+  results = detections_to_coco(dets, dets, source.label_to_category_id)
+  det_path = os.path.join(out_dir, 'detections.json')
+  write_json(det_path, results)
+  if step is not None:
+    print(f'Evaluation at step {step} on {len(dets["image_id"])} images:')
+  metrics = coco_evaluate(source.coco_api(), results)
+  metrics.update(step=step, annotations=os.path.abspath(source.annotation_file)
+                 if hasattr(source, 'annotation_file') else None,
+                 detections=os.path.abspath(det_path))
+  write_json(os.path.join(out_dir, 'metrics.json'), metrics)
+  with open(os.path.join(out_dir, 'history.jsonl'), 'a') as f:
+    f.write(json.dumps({k: v for k, v in metrics.items()
+                        if k in SUMMARY_KEYS or k == 'step'}) + '\n')
+  if drawn:
+    print(f'{len(drawn)} pictures (gt green, detections red, score >= '
+          f'{config.eval.viz_score_threshold}) in {os.path.dirname(drawn[0])}')
+  return metrics

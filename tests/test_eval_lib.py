@@ -201,15 +201,20 @@ def test_predict_output_boxes_stay_inside_image():
   assert boxes.min() >= 0
 
 
-def test_to_original_pixels_divides_by_scale_and_clips():
+def test_to_original_pixels_rescales_per_axis_and_clips():
   boxes = np.array([[[10., 20., 50., 400.], [-4., 0., 8., 8.]],
                     [[0., 0., 30., 30.], [0., 0., 0., 0.]]], np.float32)
-  scale = np.array([2.0, 0.5], np.float32)
-  orig = np.array([[150, 100], [40, 50]])  # (h, w)
-  out = eval_lib.to_original_pixels(boxes, scale, orig)
+  image_size = np.array([[300, 200], [20, 25]])  # resized (h, w)
+  orig = np.array([[150, 100], [40, 50]])  # (h, w): factor 1/2, then 2
+  out = eval_lib.to_original_pixels(boxes, image_size, orig)
   np.testing.assert_allclose(out[0, 0], [5, 10, 25, 150])  # y2 200 -> 150
   np.testing.assert_allclose(out[0, 1], [0, 0, 4, 4])
   np.testing.assert_allclose(out[1, 0], [0, 0, 50, 40])  # x 60->50, y 60->40
+  # Rounded resize: 333 x 500 -> 800 x 1201 (scale 2.4024 nominal).
+  out = eval_lib.to_original_pixels(np.array([[[0, 0, 1201, 800]]]),
+                                    np.array([[800, 1201]]),
+                                    np.array([[333, 500]]))
+  np.testing.assert_allclose(out[0, 0], [0, 0, 500, 333], rtol=1e-6)
 
 
 def _gt_dataset():
@@ -254,8 +259,10 @@ def test_perfect_detections_through_result_writing_give_ap_1(tmp_path):
   # A spurious low-score box in a padding slot that is marked invalid.
   boxes[0, 3] = [1, 1, 9, 9]
   dets = dict(boxes=boxes, scores=scores, classes=classes, valid=valid)
-  batch = dict(image_id=np.array([i['id'] for i in imgs]), scale=scale,
-               orig_size=np.array([[i['height'], i['width']] for i in imgs]),
+  image_size = np.array([[round(i['height'] * s), round(i['width'] * s)]
+                         for i, s in zip(imgs, scale)])
+  batch = dict(image_id=np.array([i['id'] for i in imgs]),
+               image_size=image_size, orig_size=np.array([[i['height'], i['width']] for i in imgs]),
                example_valid=np.array([True, True, True]))
   results = eval_lib.detections_to_coco(dets, batch, label_to_cat)
   assert len(results) == 6

@@ -1,0 +1,65 @@
+r"""Evaluates a MimicDet checkpoint with pycocotools, or scores a result file.
+
+  # detect on the validation split and score (DIR/eval/detections.json,
+  # DIR/eval/metrics.json, DIR/eval/viz/*.png with --viz N)
+  python eval.py --config configs/mimicdet_r50_fpn_1x.py --workdir DIR \
+      [--checkpoint latest|STEP|PATH] [--viz N] [--config.eval.head=t]
+  # only score an existing COCO results file
+  python eval.py --detections dets.json --annotations instances_val2017.json \
+      [--metrics-out metrics.json]
+
+Without --config, the config the training run wrote (DIR/config.json) is
+used. The metrics.json schema is in docs/EVAL.md.
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from mimicdet_jax import config_lib
+from mimicdet_jax import eval_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Recipe config file (configs/*.py).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training WORKDIR.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', 'latest', "'latest', a step number or a checkpoint path.")
+_VIZ = flags.DEFINE_integer(
+    'viz', None, 'Draw the first N validation images (default eval.viz).')
+_DETECTIONS = flags.DEFINE_string(
+    'detections', None, 'Scoring only: a COCO results JSON file.')
+_ANNOTATIONS = flags.DEFINE_string(
+    'annotations', None, 'Scoring only: the COCO-format ground-truth JSON.')
+_METRICS_OUT = flags.DEFINE_string(
+    'metrics-out', None,
+    'Scoring only: where metrics.json goes (default: beside --detections).')
+flags.DEFINE_alias('metrics_out', 'metrics-out')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _DETECTIONS.value or _ANNOTATIONS.value:
+    if not (_DETECTIONS.value and _ANNOTATIONS.value):
+      raise app.UsageError('--detections and --annotations go together')
+    eval_lib.score_file(_DETECTIONS.value, _ANNOTATIONS.value,
+                        _METRICS_OUT.value)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required (or --detections/--annotations)')
+  from mimicdet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  train_lib.initialize_distributed()  # no-op for one process
+  config = eval_lib.load_config(_WORKDIR.value, _CONFIG.value)
+  variables, step = eval_lib.restore_variables(_WORKDIR.value,
+                                               _CHECKPOINT.value)
+  logging.info('evaluating step %s on %d devices (%d processes)', step,
+               jax.device_count(), jax.process_count())
+  eval_lib.evaluate(config, variables, _WORKDIR.value, step, viz=_VIZ.value)
+
+
+if __name__ == '__main__':
+  config_lib.check_override_keys(sys.argv)
+  app.run(main)

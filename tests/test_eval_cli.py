@@ -1,0 +1,95 @@
+"""eval.py's scoring-only mode against pycocotools run directly."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _gt_and_dets(rng):
+  """Four images, categories 5 and 12 (non-contiguous), noisy detections."""
+  images = [dict(id=i, width=200, height=160, file_name=f'{i}.png')
+            for i in (1, 2, 3, 9)]
+  categories = [dict(id=5, name='square'), dict(id=12, name='disc')]
+  anns, dets = [], []
+  for img in images:
+    for k in range(3):
+      cat = (5, 12)[k % 2]
+      x, y = rng.uniform(0, 120, 2)
+      w, h = rng.uniform(8, 70, 2)
+      anns.append(dict(id=len(anns) + 1, image_id=img['id'], category_id=cat,
+                       bbox=[x, y, w, h], area=w * h, iscrowd=0))
+      if rng.uniform() < 0.8:  # some misses
+        dets.append(dict(image_id=img['id'], category_id=cat,
+                         bbox=[x + rng.normal(0, 4), y + rng.normal(0, 4),
+                               w * rng.uniform(0.8, 1.2), h],
+                         score=float(rng.uniform(0.1, 1))))
+    # a false positive per image
+    dets.append(dict(image_id=img['id'], category_id=12,
+                     bbox=[150, 100, 30, 30], score=float(rng.uniform(0, 1))))
+  return dict(images=images, categories=categories, annotations=anns), dets
+
+
+def _pycocotools_stats(gt_path, dets):
+  from pycocotools.coco import COCO
+  from pycocotools.cocoeval import COCOeval
+  coco = COCO(gt_path)
+  e = COCOeval(coco, coco.loadRes(dets), 'bbox')
+  e.evaluate()
+  e.accumulate()
+  e.summarize()
+  return e.stats
+
+
+def _run_eval(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_scoring_mode_gives_pycocotools_numbers(tmp_path):
+  gt, dets = _gt_and_dets(np.random.default_rng(0))
+  gt_path, det_path = tmp_path / 'gt.json', tmp_path / 'dets.json'
+  gt_path.write_text(json.dumps(gt))
+  det_path.write_text(json.dumps(dets))
+  out_path = tmp_path / 'out' / 'm.json'
+  proc = _run_eval('--detections', str(det_path), '--annotations',
+                   str(gt_path), '--metrics-out', str(out_path))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = json.loads(out_path.read_text())
+  stats = _pycocotools_stats(str(gt_path), dets)
+  keys = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100',
+          'ARs', 'ARm', 'ARl')
+  for key, value in zip(keys, stats):
+    assert metrics[key] == value, key  # exactly, not approximately
+  assert 0 < metrics['AP'] < 1
+  assert set(metrics['per_class']) == {'square', 'disc'}
+  assert metrics['num_detections'] == len(dets)
+  # The standard table and the per-class table are printed.
+  assert 'Average Precision  (AP) @[ IoU=0.50:0.95' in proc.stdout
+  assert 'Per-class bbox AP' in proc.stdout and 'square' in proc.stdout
+
+
+def test_scoring_mode_default_path_and_empty_detections(tmp_path):
+  gt, _ = _gt_and_dets(np.random.default_rng(1))
+  gt_path, det_path = tmp_path / 'gt.json', tmp_path / 'run' / 'dets.json'
+  det_path.parent.mkdir()
+  gt_path.write_text(json.dumps(gt))
+  det_path.write_text('[]')
+  proc = _run_eval('--detections', str(det_path), '--annotations',
+                   str(gt_path))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+  assert metrics['AP'] == 0.0 and metrics['AP50'] == 0.0
+  assert 'no detections' in (proc.stdout + proc.stderr).lower()
+
+
+def test_detections_without_annotations_is_a_usage_error(tmp_path):
+  proc = _run_eval('--detections', str(tmp_path / 'x.json'))
+  assert proc.returncode != 0
+  assert '--annotations' in proc.stderr
