@@ -1,0 +1,345 @@
+"""Synthetic shapes detection data set, written as a real COCO JSON + images.
+
+    python -m mimicdet_jax.data.synthetic OUT --num-train 2000 --num-val 200 \
+        --seed 0 [--min-size 160 --max-size 320] [--format jpg|png] [--viz 8]
+
+writes OUT/annotations/{train,val}.json, OUT/train/*.jpg, OUT/val/*.jpg and,
+with --viz K, OUT/viz/*.png (the first K training images with their boxes).
+
+Each image has a cluttered background (colour gradient, stripes, noise, faint
+random shapes that are *not* objects) and 1..8 objects of 6 shape classes
+(circle, square, triangle, star, cross, ring) in random colours, sizes from
+~8 px to most of the image, rotations, partial overlaps and cut-offs at the
+border. The class is decided by shape alone (colour is random) so a small
+detector can learn it. A box is the exact extent of the drawn shape's pixels
+(x1, y1, x2, y2 end exclusive; in the JSON as integer [x, y, w, h]), clipped
+to the image; occluded parts still count (drawn later objects may cover up to
+`MAX_COVER` of an earlier object's box).
+
+Category ids are deliberately non-contiguous (1, 3, 5, ...) to exercise the
+id <-> label mapping. Everything is a pure function of (seed, split, index):
+`render_example` re-creates any image in memory, which the tests compare with
+what `CocoSource` reads back from disk.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CATEGORIES = (
+    {'id': 1, 'name': 'circle'},
+    {'id': 3, 'name': 'square'},
+    {'id': 5, 'name': 'triangle'},
+    {'id': 7, 'name': 'star'},
+    {'id': 9, 'name': 'cross'},
+    {'id': 11, 'name': 'ring'},
+)
+_SHAPES = tuple(c['name'] for c in CATEGORIES)
+_SPLIT_CODES = {'train': 0, 'val': 1}
+# Shapes whose features vanish at a few pixels get a larger minimum size.
+_MIN_SHAPE_SIZE = {'star': 12.0, 'cross': 12.0, 'ring': 14.0}
+MIN_OBJECT_SIZE = 8.0  # px, smallest nominal object side
+SMALL_FRACTION = 0.15  # share of objects drawn 8..20 px; the rest 20 px..most of the image
+MAX_OBJECT_FRACTION = 0.85  # of the shorter image side
+MAX_OBJECTS = 8
+MAX_COVER = 0.45  # max intersection / smaller box area between two objects
+MIN_CONTRAST = 150.0  # L1 RGB distance from the background under the shape
+
+
+def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
+  c, s = math.cos(angle), math.sin(angle)
+  return points @ np.array([[c, s], [-s, c]])
+
+
+def _shape_mask(shape: str, h: int, w: int, cx: float, cy: float, size: float,
+                aspect: float, angle: float, hole: float) -> np.ndarray:
+  """Rasterises one shape; returns bool [h, w] (True = the shape's pixels)."""
+  mask = Image.new('L', (w, h), 0)
+  draw = ImageDraw.Draw(mask)
+  r = size / 2
+  rx, ry = r * math.sqrt(aspect), r / math.sqrt(aspect)
+  if shape in ('circle', 'ring'):
+    draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=255)
+    if shape == 'ring':
+      draw.ellipse((cx - rx * hole, cy - ry * hole, cx + rx * hole,
+                    cy + ry * hole), fill=0)
+  else:
+    if shape == 'square':
+      pts = np.array([[-rx, -ry], [rx, -ry], [rx, ry], [-rx, ry]])
+    elif shape == 'triangle':
+      t = np.deg2rad([-90.0, 30.0, 150.0])
+      pts = r * np.stack([np.cos(t), np.sin(t)], 1)
+    elif shape == 'star':
+      t = np.deg2rad(-90.0 + 36.0 * np.arange(10))
+      rad = np.where(np.arange(10) % 2 == 0, r, 0.42 * r)
+      pts = np.stack([rad * np.cos(t), rad * np.sin(t)], 1)
+    elif shape == 'cross':
+      a, b = r, 0.3 * r
+      pts = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b],
+                      [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]])
+    else:
+      raise ValueError(f'unknown shape {shape!r}')
+    pts = _rotate(pts, angle) + np.array([cx, cy])
+    draw.polygon([tuple(p) for p in pts.tolist()], fill=255)
+  return np.asarray(mask) > 0
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+  """Cluttered float32 [h, w, 3] background in 0..255."""
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+  img = np.broadcast_to(rng.uniform(40, 215, 3).astype(np.float32),
+                        (h, w, 3)).copy()
+  # Smooth colour gradient.
+  g = rng.uniform(-40, 40, (2, 3)).astype(np.float32)
+  img += (xx / w - 0.5)[..., None] * g[0] + (yy / h - 0.5)[..., None] * g[1]
+  # Stripes at a random angle and period.
+  if rng.random() < 0.6:
+    theta, period = rng.uniform(0, np.pi), rng.uniform(5, 40)
+    phase = (xx * math.cos(theta) + yy * math.sin(theta)) * (2 * np.pi / period)
+    img += np.sin(phase)[..., None] * rng.uniform(5, 30, 3).astype(np.float32)
+  # Blotchy low-frequency noise.
+  gh, gw = int(rng.integers(3, 9)), int(rng.integers(3, 9))
+  blot = rng.uniform(-25, 25, (gh, gw, 3)).astype(np.float32)
+  blot_img = Image.fromarray(((blot + 25) * 5.1).astype(np.uint8)).resize(
+      (w, h), Image.BILINEAR)
+  img += np.asarray(blot_img, np.float32) / 5.1 - 25
+  # Faint random shapes that are not objects: lines, blobs, polygons.
+  overlay = Image.new('RGBA', (w, h), (0, 0, 0, 0))
+  draw = ImageDraw.Draw(overlay)
+  for _ in range(int(rng.integers(3, 13))):
+    colour = tuple(int(v) for v in rng.integers(0, 256, 3)) + (
+        int(rng.integers(20, 60)),)
+    kind = rng.integers(3)
+    x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+    extent = rng.uniform(10, max(h, w))
+    if kind == 0:
+      draw.line((x0, y0, x0 + rng.normal() * extent, y0 + rng.normal() * extent),
+                fill=colour, width=int(rng.integers(1, 6)))
+    elif kind == 1:
+      draw.ellipse((x0, y0, x0 + extent, y0 + extent * rng.uniform(0.3, 1.0)),
+                   fill=colour)
+    else:
+      pts = rng.uniform(-extent / 2, extent / 2, (int(rng.integers(4, 8)), 2))
+      draw.polygon([(x0 + p[0], y0 + p[1]) for p in pts.tolist()], fill=colour)
+  overlay = np.asarray(overlay, np.float32)
+  alpha = overlay[..., 3:] / 255.0
+  img = img * (1 - alpha) + overlay[..., :3] * alpha
+  return img
+
+
+def _object_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
+  """A random colour far (L1 RGB) from the mean background under the shape."""
+  best, best_dist = None, -1.0
+  for _ in range(8):
+    colour = rng.integers(0, 256, 3).astype(np.float32)
+    dist = float(np.abs(colour - under).sum())
+    if dist > best_dist:
+      best, best_dist = colour, dist
+    if dist >= MIN_CONTRAST:
+      break
+  if best_dist < MIN_CONTRAST:  # e.g. mid-grey background: push to an extreme
+    best = np.where(under > 127, 0.0, 255.0).astype(np.float32)
+  return best
+
+
+def _sample_size(rng: np.random.Generator, shape: str, short_side: int) -> float:
+  hi = MAX_OBJECT_FRACTION * short_side
+  lo = max(MIN_OBJECT_SIZE, _MIN_SHAPE_SIZE.get(shape, 0.0))
+  if rng.random() < SMALL_FRACTION:
+    lo_s, hi_s = lo, max(lo, 20.0)
+  else:
+    lo_s, hi_s = max(lo, 20.0), max(hi, 20.0)
+  return float(math.exp(rng.uniform(math.log(lo_s), math.log(hi_s))))
+
+
+def render_example(seed: int, split: str, index: int, min_size: int = 160,
+                   max_size: int = 320, return_masks: bool = False
+                   ) -> dict[str, np.ndarray]:
+  """Draws image `index` of `split`; a pure function of its arguments.
+
+  Returns:
+    {'image': uint8 [h, w, 3], 'boxes': float32 [n, 4] (x1, y1, x2, y2, end
+    exclusive, integer-valued pixels), 'category_ids': int64 [n],
+    'areas': int64 [n] (shape pixels before occlusion)}, and with
+    return_masks 'masks': bool [n, h, w] (each shape's pixels before
+    occlusion). h and w are drawn independently from [min_size, max_size].
+  """
+  rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
+  h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
+  img = _background(rng, h, w)
+  boxes, cats, areas, masks = [], [], [], []
+  for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
+    label = int(rng.integers(len(_SHAPES)))
+    shape = _SHAPES[label]
+    for _ in range(15):  # placement attempts
+      size = _sample_size(rng, shape, min(h, w))
+      margin = 0.25 * size  # up to ~a quarter of the shape may leave the image
+      cx = rng.uniform(margin, max(margin, w - margin))
+      cy = rng.uniform(margin, max(margin, h - margin))
+      mask = _shape_mask(shape, h, w, cx, cy, size,
+                         aspect=float(rng.uniform(0.75, 1.33)),
+                         angle=float(rng.uniform(0, 2 * np.pi)),
+                         hole=float(rng.uniform(0.45, 0.65)))
+      rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+      if rows.size == 0:
+        continue
+      box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
+      if all(_cover(box, other) <= MAX_COVER for other in boxes):
+        break
+    else:
+      continue
+    colour = _object_colour(rng, img[mask].mean(0))
+    img[mask] = colour
+    boxes.append(box)
+    cats.append(CATEGORIES[label]['id'])
+    areas.append(int(mask.sum()))
+    if return_masks:
+      masks.append(mask)
+  # Noise over everything, so objects are not perfectly flat either.
+  img += rng.standard_normal(img.shape, np.float32) * np.float32(
+      rng.uniform(3, 10))
+  out = {
+      'image': np.clip(np.rint(img), 0, 255).astype(np.uint8),
+      'boxes': np.array(boxes, np.float32).reshape(-1, 4),
+      'category_ids': np.array(cats, np.int64),
+      'areas': np.array(areas, np.int64),
+  }
+  if return_masks:
+    out['masks'] = np.array(masks, bool).reshape(-1, h, w)
+  return out
+
+
+def _cover(a: np.ndarray, b: np.ndarray) -> float:
+  """Intersection over the smaller of the two box areas."""
+  iw = min(a[2], b[2]) - max(a[0], b[0])
+  ih = min(a[3], b[3]) - max(a[1], b[1])
+  if iw <= 0 or ih <= 0:
+    return 0.0
+  small = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+  return float(iw * ih / small)
+
+
+def _write_image(args: tuple[str, str, int, int, int, int, str]) -> dict[str, Any]:
+  """Renders and saves one image; returns its size and annotations (worker fn)."""
+  image_dir, split, index, seed, min_size, max_size, image_format = args
+  ex = render_example(seed, split, index, min_size, max_size)
+  file_name = f'{index:06d}.{image_format}'
+  pil = Image.fromarray(ex['image'])
+  if image_format == 'jpg':
+    # 4:4:4 chroma keeps colour edges (and so the boxes) sharp.
+    pil.save(os.path.join(image_dir, file_name), quality=92, subsampling=0)
+  else:
+    pil.save(os.path.join(image_dir, file_name))
+  h, w = ex['image'].shape[:2]
+  return {'file_name': file_name, 'height': h, 'width': w,
+          'boxes': ex['boxes'].tolist(), 'category_ids': ex['category_ids'].tolist(),
+          'areas': ex['areas'].tolist()}
+
+
+def write_split(out_dir: str, split: str, num_images: int, seed: int,
+                min_size: int = 160, max_size: int = 320,
+                image_format: str = 'jpg', workers: int = 1) -> str:
+  """Writes OUT/<split>/ images and OUT/annotations/<split>.json; returns the JSON path.
+
+  Image ids are 1..num_images, annotation ids 1..; file names 000000.jpg, ...
+  The output does not depend on `workers` (each image has its own rng).
+  """
+  if image_format not in ('jpg', 'png'):
+    raise ValueError(f'image_format must be jpg or png, got {image_format!r}')
+  image_dir = os.path.join(out_dir, split)
+  ann_dir = os.path.join(out_dir, 'annotations')
+  os.makedirs(image_dir, exist_ok=True)
+  os.makedirs(ann_dir, exist_ok=True)
+  jobs = [(image_dir, split, i, seed, min_size, max_size, image_format)
+          for i in range(num_images)]
+  if workers > 1 and num_images > 1:
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+      results = list(pool.map(_write_image, jobs, chunksize=16))
+  else:
+    results = [_write_image(job) for job in jobs]
+  images, annotations = [], []
+  for index, res in enumerate(results):
+    image_id = index + 1
+    images.append({'id': image_id, 'file_name': res['file_name'],
+                   'height': res['height'], 'width': res['width']})
+    for box, cat, area in zip(res['boxes'], res['category_ids'], res['areas']):
+      x1, y1, x2, y2 = (int(v) for v in box)
+      annotations.append({
+          'id': len(annotations) + 1, 'image_id': image_id, 'category_id': cat,
+          'bbox': [x1, y1, x2 - x1, y2 - y1], 'area': area, 'iscrowd': 0})
+  dataset = {
+      'info': {'description': 'mimicdet_jax synthetic shapes', 'seed': seed,
+               'split': split, 'min_size': min_size, 'max_size': max_size},
+      'licenses': [],
+      'images': images,
+      'annotations': annotations,
+      'categories': [dict(c) for c in CATEGORIES],
+  }
+  path = os.path.join(ann_dir, f'{split}.json')
+  with open(path, 'w') as f:
+    json.dump(dataset, f)
+  return path
+
+
+def write_viz(out_dir: str, split: str, count: int) -> list[str]:
+  """Draws the first `count` images of a written split with their gt boxes."""
+  from mimicdet_jax import viz  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.data import coco  # pylint: disable=g-import-not-at-top
+  source = coco.CocoSource(os.path.join(out_dir, 'annotations', f'{split}.json'),
+                           os.path.join(out_dir, split))
+  viz_dir = os.path.join(out_dir, 'viz')
+  os.makedirs(viz_dir, exist_ok=True)
+  paths = []
+  for i in range(min(count, len(source))):
+    ex = source[i]
+    names = [source.class_names[c - 1] for c in ex['classes'].tolist()]
+    path = os.path.join(viz_dir, f'{split}_{i:03d}.png')
+    viz.draw_boxes(ex['image'], ex['boxes'], names).save(path)
+    paths.append(path)
+  return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(
+      prog='python -m mimicdet_jax.data.synthetic', description=__doc__.split(
+          '\n')[0])
+  parser.add_argument('out', help='output folder')
+  parser.add_argument('--num-train', type=int, default=2000)
+  parser.add_argument('--num-val', type=int, default=200)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--min-size', type=int, default=160,
+                      help='smallest image side (px)')
+  parser.add_argument('--max-size', type=int, default=320,
+                      help='largest image side (px)')
+  parser.add_argument('--format', choices=('jpg', 'png'), default='jpg')
+  parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
+                      help='processes drawing images (output does not depend on it)')
+  parser.add_argument('--viz', type=int, default=0, metavar='K',
+                      help='draw the first K training images with boxes to OUT/viz')
+  args = parser.parse_args(argv)
+  if not 16 <= args.min_size <= args.max_size:
+    parser.error('need 16 <= --min-size <= --max-size')
+  start = time.time()
+  for split, num in (('train', args.num_train), ('val', args.num_val)):
+    if num > 0:
+      path = write_split(args.out, split, num, args.seed, args.min_size,
+                         args.max_size, args.format, args.workers)
+      print(f'wrote {num} images and {path}')
+  if args.viz > 0:
+    paths = write_viz(args.out, 'train' if args.num_train else 'val', args.viz)
+    print(f'wrote {len(paths)} pictures with boxes to '
+          f'{os.path.join(args.out, "viz")}')
+  print(f'done in {time.time() - start:.1f} s')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -1,0 +1,226 @@
+"""Raw example -> fixed-shape model example, and batching onto canvases.
+
+Steps (NumPy, run in grain workers):
+1. Resize so the shorter side is S (train: one of `data.train_min_sizes`,
+   drawn with the example's rng; eval: `data.min_size`) unless the longer side
+   would exceed `data.max_size`; then the longer side is `data.max_size`.
+2. Train only: horizontal flip with probability `data.hflip_prob`.
+3. Normalise with `data.pixel_mean` / `data.pixel_std` (RGB, 0..255 scale).
+4. Zero-pad to a canvas from `data.canvas_buckets` (see `choose_canvas`).
+5. Boxes to canvas pixels, padded to `data.max_boxes` with `box_mask`.
+   With more boxes than that, the largest (by area) are kept.
+
+Canvas choice: an example alone is padded to the smallest bucket (by area)
+that holds it; a batch is padded to the smallest bucket that holds all its
+images (`collate`). Each bucket is one compiled shape. With several hosts
+every batch uses the largest bucket (`fixed_canvas`), as all hosts must feed
+the same shape to one jitted step.
+
+Mapping boxes back to original pixels: x_orig = x * orig_w / image_size_w
+(and y likewise); `scale` is the nominal factor (resized = original * scale,
+up to rounding of the resized size to whole pixels).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+Example = dict[str, Any]
+
+# Counted per process; logged on the first truncation.
+_truncation_count = 0
+
+
+def truncation_count() -> int:
+  """How many examples of this process had more than data.max_boxes boxes."""
+  return _truncation_count
+
+
+def resized_size(h: int, w: int, short_side: int, max_size: int
+                 ) -> tuple[int, int, float]:
+  """(new_h, new_w, scale): shorter side -> short_side, longer <= max_size."""
+  scale = min(short_side / min(h, w), max_size / max(h, w))
+  new_h = max(1, min(int(round(h * scale)), max_size))
+  new_w = max(1, min(int(round(w * scale)), max_size))
+  return new_h, new_w, float(scale)
+
+
+def _bucket_list(buckets: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+  out = [(int(b[0]), int(b[1])) for b in buckets]
+  if not out:
+    raise ValueError('data.canvas_buckets is empty')
+  return out
+
+
+def choose_canvas(image_sizes: Sequence[Sequence[int]] | np.ndarray,
+                  buckets: Sequence[Sequence[int]]) -> tuple[int, int]:
+  """Smallest bucket (by area, then listed order) holding every (h, w) given.
+
+  Raises:
+    ValueError: naming data.canvas_buckets when no bucket holds them all.
+  """
+  sizes = np.asarray(image_sizes, np.int64).reshape(-1, 2)
+  need_h, need_w = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+  fits = [b for b in _bucket_list(buckets) if b[0] >= need_h and b[1] >= need_w]
+  if not fits:
+    raise ValueError(
+        f'no canvas in data.canvas_buckets={tuple(buckets)} holds an image of '
+        f'(h, w)=({need_h}, {need_w}); add a bucket or lower data.max_size')
+  return min(fits, key=lambda b: b[0] * b[1])
+
+
+def largest_canvas(buckets: Sequence[Sequence[int]]) -> tuple[int, int]:
+  """The bucket that holds every other bucket (used when shapes must agree)."""
+  bl = _bucket_list(buckets)
+  big = (max(b[0] for b in bl), max(b[1] for b in bl))
+  if big not in bl:
+    raise ValueError(
+        f'data.canvas_buckets={tuple(buckets)} has no bucket holding all the '
+        f'others; add {big} (needed when several hosts must agree on a shape)')
+  return big
+
+
+def check_data_config(data) -> None:
+  """Static checks of the data.* keys the transforms read."""
+  for b in _bucket_list(data.canvas_buckets):
+    if b[0] % data.size_divisor or b[1] % data.size_divisor:
+      raise ValueError(f'data.canvas_buckets entry {b} is not divisible by '
+                       f'data.size_divisor={data.size_divisor}')
+  if data.max_boxes < 1:
+    raise ValueError(f'data.max_boxes must be >= 1, got {data.max_boxes}')
+  sizes = list(data.train_min_sizes) + [data.min_size]
+  for s in sizes:
+    # The largest resized image: shorter side s, longer side max_size.
+    side = min(int(s), int(data.max_size))
+    choose_canvas([(side, data.max_size)], data.canvas_buckets)
+    choose_canvas([(data.max_size, side)], data.canvas_buckets)
+
+
+def _truncate(boxes: np.ndarray, max_boxes: int, image_id: int) -> np.ndarray:
+  """Indices of the boxes kept: all, or the `max_boxes` largest in file order."""
+  global _truncation_count
+  n = boxes.shape[0]
+  if n <= max_boxes:
+    return np.arange(n)
+  if not _truncation_count:
+    logger.warning(
+        'image %d has %d boxes > data.max_boxes=%d; keeping the largest '
+        '(further cases are only counted, see transforms.truncation_count())',
+        image_id, n, max_boxes)
+  _truncation_count += 1
+  area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+  return np.sort(np.argsort(-area, kind='stable')[:max_boxes])
+
+
+def transform_example(example: Example, data, *, train: bool,
+                      rng: np.random.Generator | None = None,
+                      canvas: tuple[int, int] | None = None) -> Example:
+  """Raw example dict -> model example dict (docs/ARCHITECTURE.md).
+
+  Args:
+    example: raw dict from a source: image uint8 [H, W, 3], boxes float32
+      [n, 4] x1y1x2y2 original pixels, classes int32 [n], is_crowd bool [n],
+      image_id, orig_size int32 [2].
+    data: the `config.data` ConfigDict.
+    train: random scale choice and flip (needs `rng`) when True.
+    rng: per-example generator (grain's RandomMapTransform supplies it).
+    canvas: (Hc, Wc) to pad to; None = smallest bucket that holds the image.
+
+  Returns:
+    image float32 [Hc, Wc, 3] normalised and zero-padded, image_size int32
+    [2], boxes float32 [max_boxes, 4] canvas pixels, classes int32
+    [max_boxes], box_mask bool, is_crowd bool, image_id int32 [], orig_size
+    int32 [2], scale float32 [].
+  """
+  image = np.asarray(example['image'])
+  h, w = image.shape[:2]
+  if train:
+    if rng is None:
+      raise ValueError('train transforms need an rng')
+    sizes = tuple(data.train_min_sizes)
+    short = int(sizes[int(rng.integers(len(sizes)))])
+    flip = bool(rng.random() < data.hflip_prob)
+  else:
+    short, flip = int(data.min_size), False
+  new_h, new_w, scale = resized_size(h, w, short, int(data.max_size))
+  if (new_h, new_w) != (h, w):
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h),
+                                                     Image.BILINEAR))
+  boxes = np.asarray(example['boxes'], np.float32).reshape(-1, 4)
+  # Per-axis factors keep boxes on the same pixels as the resized image.
+  boxes = boxes * np.array([new_w / w, new_h / h] * 2, np.float32)
+  boxes = np.clip(boxes, 0, np.array([new_w, new_h] * 2, np.float32))
+  if flip:
+    image = image[:, ::-1]
+    boxes = np.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0],
+                      boxes[:, 3]], axis=1)
+
+  if canvas is None:
+    canvas = choose_canvas([(new_h, new_w)], data.canvas_buckets)
+  hc, wc = canvas
+  if new_h > hc or new_w > wc:
+    raise ValueError(f'image of (h, w)=({new_h}, {new_w}) does not fit the '
+                     f'canvas {canvas} (data.canvas_buckets)')
+  mean = np.asarray(data.pixel_mean, np.float32)
+  std = np.asarray(data.pixel_std, np.float32)
+  padded = np.zeros((hc, wc, 3), np.float32)
+  inside = padded[:new_h, :new_w]  # a view: normalise in place, pad stays 0
+  inside[...] = image
+  inside -= mean
+  inside *= 1.0 / std
+
+  max_boxes = int(data.max_boxes)
+  image_id = int(example['image_id'])
+  keep = _truncate(boxes, max_boxes, image_id)
+  n = keep.size
+  out_boxes = np.zeros((max_boxes, 4), np.float32)
+  out_boxes[:n] = boxes[keep]
+  classes = np.zeros((max_boxes,), np.int32)
+  classes[:n] = np.asarray(example['classes'], np.int32)[keep]
+  is_crowd = np.zeros((max_boxes,), bool)
+  is_crowd[:n] = np.asarray(example['is_crowd'], bool)[keep]
+  box_mask = np.zeros((max_boxes,), bool)
+  box_mask[:n] = True
+  return {
+      'image': padded,
+      'image_size': np.array([new_h, new_w], np.int32),
+      'boxes': out_boxes,
+      'classes': classes,
+      'box_mask': box_mask,
+      'is_crowd': is_crowd,
+      'image_id': np.int32(image_id),
+      'orig_size': np.asarray(example['orig_size'], np.int32).reshape(2),
+      'scale': np.float32(scale),
+  }
+
+
+def pad_to_canvas(example: Example, canvas: tuple[int, int]) -> Example:
+  """Zero-pads a model example's image to a larger canvas (boxes unchanged)."""
+  hc, wc = canvas
+  image = example['image']
+  if image.shape[:2] == (hc, wc):
+    return example
+  h, w = (int(v) for v in example['image_size'])
+  if h > hc or w > wc:
+    raise ValueError(f'image of (h, w)=({h}, {w}) does not fit canvas {canvas}')
+  padded = np.zeros((hc, wc, image.shape[2]), image.dtype)
+  ch, cw = min(image.shape[0], hc), min(image.shape[1], wc)
+  padded[:ch, :cw] = image[:ch, :cw]
+  return dict(example, image=padded)
+
+
+def collate(examples: Sequence[Example], buckets: Sequence[Sequence[int]],
+            fixed_canvas: tuple[int, int] | None = None) -> Example:
+  """Stacks model examples into a batch [B, ...] on one canvas.
+
+  The canvas is `fixed_canvas`, else the smallest bucket holding every image.
+  """
+  canvas = fixed_canvas or choose_canvas(
+      [e['image_size'] for e in examples], buckets)
+  examples = [pad_to_canvas(e, canvas) for e in examples]
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
