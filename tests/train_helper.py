@@ -1,0 +1,186 @@
+"""A small Flax model and grain data for the training-machinery tests.
+
+Imported by tests/test_train_lib.py and tests/test_checkpoint.py, and run as
+a script (a separate process) by the SIGKILL/SIGTERM and two-process tests:
+
+  python tests/train_helper.py --workdir DIR --total_steps 6 \
+      [--kill_at 4 --kill_signal KILL] [--coordinator localhost:PORT
+      --num_processes 2 --process_id 0] [--demo DATA_DIR]
+
+The toy model has the pieces the loop must handle: a 'backbone' subtree with
+a frozen part, a 'frozen' variable collection, dropout driven by the loss's
+PRNG key (so the key policy matters), and 1-D biases (no weight decay).
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mimicdet_jax import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+IMAGE = 8  # toy images are [IMAGE, IMAGE, 3]
+
+
+class ToyBackbone(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.variable('frozen', 'scale', lambda: jnp.full((3,), 0.5))
+    x = x * scale.value
+    x = nn.relu(nn.Conv(4, (3, 3), name='stem')(x))
+    return nn.relu(nn.Conv(4, (3, 3), strides=2, name='layer2')(x))
+
+
+class ToyNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = ToyBackbone(name='backbone')(images)
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.Dense(2, name='head')(x)
+
+
+def toy_config(**train_overrides) -> ml_collections.ConfigDict:
+  c = common.base_config()
+  c.optim.base_lr = 0.05
+  c.optim.base_batch_size = 8
+  c.optim.warmup_steps = 2
+  c.optim.decay_steps = (4,)
+  c.train.batch_size = 8
+  c.train.total_steps = 6
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.train.keep_checkpoints = 3
+  c.train.max_consecutive_nonfinite = 3
+  c.eval.at_end = False
+  for k, v in train_overrides.items():
+    setattr(c.train, k, v)
+  return c
+
+
+def toy_variables(seed: int = 0) -> dict:
+  variables = ToyNet().init(jax.random.PRNGKey(seed),
+                            jnp.zeros((1, IMAGE, IMAGE, 3)))
+  return jax.device_get(dict(variables))
+
+
+def toy_frozen_mask(params) -> dict:
+  """The backbone stem is frozen, like MimicDet's stem + stage 1."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: [p.key for p in path][:2] == ['backbone', 'stem'],
+      params)
+
+
+def toy_loss(params, frozen, batch, rng):
+  """Mean squared error of the toy net with dropout; aux has two terms."""
+  out = ToyNet().apply({'params': params, 'frozen': frozen}, batch['image'],
+                       train=True, rngs={'dropout': rng})
+  err = jnp.square(out - batch['target'])
+  return jnp.mean(err), {'err_x': jnp.mean(err[:, 0]),
+                         'err_y': jnp.mean(err[:, 1])}
+
+
+def _example(index: int, nan_from: int) -> dict:
+  rng = np.random.default_rng(index)
+  image = rng.normal(size=(IMAGE, IMAGE, 3)).astype(np.float32)
+  if nan_from >= 0 and index >= nan_from:
+    image[0, 0, 0] = np.nan
+  return {'image': image,
+          'target': rng.normal(size=(2,)).astype(np.float32),
+          'index': np.int32(index)}
+
+
+def toy_iterator(global_batch: int, *, num_local_devices: int,
+                 process_index: int = 0, process_count: int = 1,
+                 nan_from: int = -1):
+  """A grain iterator of [num_local_devices, per_device, ...] batches.
+
+  Example i (of an endless stream) is fixed by i alone; process p reads
+  examples p, p + P, p + 2P, ... Examples with index >= nan_from carry a NaN
+  pixel.
+  """
+  local_batch = global_batch // process_count
+  per_device = local_batch // num_local_devices
+  ds = (grain.MapDataset.range(10**6)[process_index::process_count]
+        .map(lambda i: _example(int(i), nan_from))
+        .batch(local_batch, drop_remainder=True)
+        .map(lambda b: jax.tree.map(
+            lambda x: x.reshape((num_local_devices, per_device) + x.shape[1:]),
+            b)))
+  return iter(ds.to_iter_dataset())
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--total_steps', type=int, default=6)
+  parser.add_argument('--kill_at', type=int, default=-1)
+  parser.add_argument('--kill_signal', default='KILL')
+  parser.add_argument('--coordinator', default='')
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  parser.add_argument('--demo', default='',
+                      help='synthetic data dir: train MimicDet (demo config)')
+  args = parser.parse_args()
+
+  train_lib.initialize_distributed(args.coordinator, args.num_processes,
+                                   args.process_id)
+
+  def on_step_end(step):
+    print(f'STEP {step}', flush=True)
+    if step == args.kill_at:
+      os.kill(os.getpid(), getattr(signal, 'SIG' + args.kill_signal))
+
+  if args.demo:
+    raise SystemExit('--demo is wired in by tests/test_multihost.py')
+
+  config = toy_config(total_steps=args.total_steps)
+  variables = toy_variables()
+  it = toy_iterator(config.train.batch_size,
+                    num_local_devices=jax.local_device_count(),
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count())
+  seen = []
+
+  class Recording:
+    """Records which example indices this process consumed."""
+
+    def __next__(self):
+      batch = next(it)
+      seen.extend(np.asarray(batch['index']).ravel().tolist())
+      return batch
+
+    def get_state(self):
+      return it.get_state()
+
+    def set_state(self, state):
+      it.set_state(state)
+
+  final = train_lib.run_training(
+      config, args.workdir, variables=variables,
+      frozen_mask=toy_frozen_mask(variables['params']), loss_fn=toy_loss,
+      train_iter=Recording(), on_step_end=on_step_end)
+  out = os.path.join(args.workdir, f'final_{jax.process_index()}.npz')
+  flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(final.params)[0]}
+  np.savez(out, **flat)
+  with open(os.path.join(args.workdir, f'seen_{jax.process_index()}.json'),
+            'w') as f:
+    json.dump(seen, f)
+  print('DONE', int(final.step), flush=True)
+
+
+if __name__ == '__main__':
+  main()
