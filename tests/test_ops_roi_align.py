@@ -1,0 +1,163 @@
+"""RoIAlign against a NumPy loop of torchvision's definition and its outputs."""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from mimicdet_jax import ops
+
+_REFS = os.path.join(os.path.dirname(__file__), 'data', 'torchvision_ops.npz')
+
+
+def _bilinear_ref(fmap, y, x):
+  """torchvision roi_align's bilinear_interpolate, one sample, all channels."""
+  h, w = fmap.shape[:2]
+  if y < -1.0 or y > h or x < -1.0 or x > w:
+    return np.zeros(fmap.shape[2])
+  y, x = max(y, 0.0), max(x, 0.0)
+  y_low, x_low = int(y), int(x)
+  if y_low >= h - 1:
+    y_high = y_low = h - 1
+    y = float(y_low)
+  else:
+    y_high = y_low + 1
+  if x_low >= w - 1:
+    x_high = x_low = w - 1
+    x = float(x_low)
+  else:
+    x_high = x_low + 1
+  ly, lx = y - y_low, x - x_low
+  hy, hx = 1 - ly, 1 - lx
+  return (hy * hx * fmap[y_low, x_low] + hy * lx * fmap[y_low, x_high] +
+          ly * hx * fmap[y_high, x_low] + ly * lx * fmap[y_high, x_high])
+
+
+def _roi_align_ref(fmap, box, out_hw, scale, sr, aligned):
+  """One box on one [H, W, C] map, float64 loops."""
+  oh, ow = out_hw
+  off = 0.5 if aligned else 0.0
+  x1, y1, x2, y2 = [float(v) * scale - off for v in box]
+  roi_w, roi_h = x2 - x1, y2 - y1
+  if not aligned:
+    roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+  bin_h, bin_w = roi_h / oh, roi_w / ow
+  out = np.zeros((oh, ow, fmap.shape[2]))
+  for ph in range(oh):
+    for pw in range(ow):
+      acc = np.zeros(fmap.shape[2])
+      for iy in range(sr):
+        y = y1 + ph * bin_h + (iy + 0.5) * bin_h / sr
+        for ix in range(sr):
+          x = x1 + pw * bin_w + (ix + 0.5) * bin_w / sr
+          acc += _bilinear_ref(fmap, y, x)
+      out[ph, pw] = acc / (sr * sr)
+  return out
+
+
+def _test_boxes():
+  # Image 36 x 44 pixels, feature map stride 4 (9 x 11).
+  return np.array([
+      [[4.0, 6.0, 30.0, 20.0],        # inside
+       [-12.0, -8.0, 10.0, 12.0],     # partly outside (top-left)
+       [30.0, 25.0, 60.0, 50.0],      # partly outside (bottom-right)
+       [17.2, 11.1, 17.5, 11.3],      # tiny
+       [-100.0, -80.0, 150.0, 140.0],  # huge, covers everything
+       [0.0, 0.0, 0.0, 0.0]],         # padding (degenerate)
+      [[0.0, 0.0, 44.0, 36.0],        # whole image
+       [50.0, 40.0, 70.0, 60.0],      # fully outside
+       [2.3, 33.9, 41.7, 35.5],       # thin strip on the bottom edge
+       [9.0, 9.0, 13.0, 13.0],
+       [40.1, -3.0, 43.9, 37.0],      # right edge column
+       [5.5, 5.5, 5.5, 20.0]],        # zero width
+  ], np.float32)
+
+
+@pytest.mark.parametrize('sr,aligned,out_hw', [(2, True, (3, 4)),
+                                               (1, True, (2, 2)),
+                                               (3, False, (3, 2))])
+def test_roi_align_matches_loop(sr, aligned, out_hw):
+  rng = np.random.default_rng(0)
+  feat = rng.normal(size=(2, 9, 11, 3)).astype(np.float32)
+  boxes = _test_boxes()
+  got = np.asarray(ops.roi_align(feat, boxes, out_hw, 0.25, sr, aligned))
+  assert got.shape == (2, 6) + out_hw + (3,)
+  ref = np.array([[_roi_align_ref(feat[b].astype(np.float64), boxes[b, n],
+                                  out_hw, 0.25, sr, aligned)
+                   for n in range(6)] for b in range(2)])
+  np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+  assert np.all(got[1, 1] == 0)  # fully outside
+
+
+def test_roi_align_matches_torchvision_values_and_gradients():
+  refs = np.load(_REFS)
+  feat = jnp.asarray(refs['roi_feat'], jnp.float32)
+  boxes = jnp.asarray(refs['roi_boxes'], jnp.float32)
+  scale = float(refs['roi_scale'])
+  for sr in (1, 2):
+    out, vjp = jax.vjp(
+        lambda f: ops.roi_align(f, boxes, (7, 7), scale, sr, True), feat)
+    np.testing.assert_allclose(out, refs[f'roi_out_sr{sr}'], atol=1e-4, rtol=0)
+    (grad,) = vjp(jnp.asarray(refs[f'roi_cot_sr{sr}'], jnp.float32))
+    np.testing.assert_allclose(grad, refs[f'roi_gradfeat_sr{sr}'], atol=1e-4,
+                               rtol=0)
+
+
+def test_roi_align_gradient_finite_differences():
+  rng = np.random.default_rng(1)
+  boxes = jnp.asarray(_test_boxes()[:, :5])
+  with jax.enable_x64(True):
+    feat = jnp.asarray(rng.normal(size=(2, 9, 11, 2)))
+    fn = lambda f: ops.roi_align(f, boxes, (2, 3), 0.25, 2, True)
+    check_grads(fn, (feat,), order=1, modes=('rev',), atol=1e-6, rtol=1e-6)
+
+
+def test_fpn_levels_rule():
+  sides = np.array([0.0, 10.0, 111.9, 112.0, 223.9, 224.0, 447.9, 448.0,
+                    2000.0])
+  boxes = np.stack([np.zeros_like(sides), np.zeros_like(sides), sides, sides],
+                   axis=-1).astype(np.float32)
+  expected = [min(max(math.floor(4 + math.log2(s / 224 + 1e-8)), 2), 6)
+              for s in sides]
+  got = np.asarray(ops.fpn_levels(boxes, 2, 6))
+  assert got.dtype == np.int32
+  assert list(got) == expected
+  assert list(got) == [2, 2, 2, 3, 3, 4, 4, 5, 6]
+
+
+def test_multilevel_roi_align_picks_each_box_level():
+  rng = np.random.default_rng(2)
+  levels = (2, 3, 4)
+  canvas = (64, 96)
+  maps = {l: rng.normal(size=(2, canvas[0] >> l, canvas[1] >> l, 3)).astype(
+      np.float32) for l in levels}
+  # canonical size 16 at level 3: sides < 16 -> P2, 16..32 -> P3, >= 32 -> P4.
+  boxes = np.array([
+      [[3.0, 4.0, 11.0, 12.0], [10.0, 20.0, 30.0, 38.0], [0.0, 0.0, 80.0, 64.0],
+       [50.0, 30.0, 52.0, 31.0], [0.0, 0.0, 0.0, 0.0]],
+      [[-10.0, -6.0, 40.0, 30.0], [60.0, 40.0, 100.0, 70.0],
+       [5.0, 5.0, 25.0, 21.0], [90.0, 60.0, 95.0, 63.0], [1.0, 2.0, 3.0, 4.0]],
+  ], np.float32)
+  got = np.asarray(ops.multilevel_roi_align(
+      maps, boxes, levels, (2, 3), 2, True, canonical_size=16.0,
+      canonical_level=3))
+  assert got.shape == (2, 5, 2, 3, 3)
+  seen = set()
+  for b in range(2):
+    for n in range(5):
+      x1, y1, x2, y2 = boxes[b, n].astype(np.float64)
+      side = math.sqrt(max(x2 - x1, 0) * max(y2 - y1, 0))
+      level = min(max(math.floor(3 + math.log2(side / 16 + 1e-8)), 2), 4)
+      seen.add(level)
+      ref = _roi_align_ref(maps[level][b].astype(np.float64), boxes[b, n],
+                           (2, 3), 2.0 ** -level, 2, True)
+      np.testing.assert_allclose(got[b, n], ref, atol=1e-4, rtol=0)
+  assert seen == set(levels)
+  # The list form with explicit levels gives the same result.
+  as_list = ops.multilevel_roi_align([maps[l] for l in levels], boxes, levels,
+                                     (2, 3), 2, True, canonical_size=16.0,
+                                     canonical_level=3)
+  np.testing.assert_array_equal(as_list, got)
