@@ -23,6 +23,7 @@ flip) comes from grain's per-record rng, so it is reproducible too.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterator
 
 import grain.python as grain
@@ -101,6 +102,14 @@ class _CollateToDevices:
             for k, v in batch.items()}
 
 
+def _allow_grain_workers(num_workers: int) -> None:
+  """grain's worker processes read absl flags; outside an absl app (tests,
+  notebooks) mark them parsed so grain uses its defaults instead of failing."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if num_workers > 0 and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def _host(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -144,13 +153,21 @@ def make_train_loader(config, source, *, num_local_devices: int,
   fixed = (transforms.largest_canvas(data.canvas_buckets)
            if process_count > 1 else None)
   batch_fn = _CollateToDevices(data.canvas_buckets, fixed, num_local_devices)
+  host_batch = per_device * num_local_devices
+  _allow_grain_workers(int(data.num_workers))
+  # grain's default read-ahead (16 threads, 500 records) would decode far
+  # ahead of a small CPU job; read `data.prefetch` batches ahead instead.
+  read_options = grain.ReadOptions(
+      num_threads=max(1, min(host_batch, os.cpu_count() or 1)),
+      prefetch_buffer_size=max(1, int(data.prefetch)) * host_batch)
   return grain.DataLoader(
       data_source=source, sampler=sampler, shard_options=shard,
       operations=[TrainTransform(data),
-                  grain.Batch(per_device * num_local_devices,
-                              drop_remainder=True, batch_fn=batch_fn)],
+                  grain.Batch(host_batch, drop_remainder=True,
+                              batch_fn=batch_fn)],
       worker_count=int(data.num_workers),
-      worker_buffer_size=max(1, int(data.prefetch)))
+      worker_buffer_size=max(1, int(data.prefetch)),
+      read_options=read_options)
 
 
 def _eval_indices(num_records: int, process_index: int, process_count: int,
@@ -180,6 +197,7 @@ def make_eval_batches(config, source, batch_size: int, process_index: int = 0,
   transform = EvalTransform(data)
 
   if data.num_workers > 0 and indices.size:
+    _allow_grain_workers(int(data.num_workers))
     ds = (grain.MapDataset.source(source)[int(indices[0]):int(indices[-1]) + 1]
           .map(transform).to_iter_dataset()
           .mp_prefetch(grain.MultiprocessingOptions(
