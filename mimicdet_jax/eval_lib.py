@@ -630,17 +630,18 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, scores, classes,
   image = np.asarray(image, np.uint8)
   if gt_boxes is not None and len(gt_boxes):
     image = np.asarray(viz.draw_boxes(
-        image, gt_boxes, [f'gt:{_name(class_names, c)}' for c in gt_classes],
+        image, gt_boxes, [f'gt:{class_name(class_names, c)}' for c in gt_classes],
         color=GT_COLOR))
   keep = np.asarray(scores) >= score_threshold
   return viz.draw_boxes(
       image, np.asarray(boxes)[keep],
-      [_name(class_names, c) for c in np.asarray(classes)[keep]],
+      [class_name(class_names, c) for c in np.asarray(classes)[keep]],
       scores=np.asarray(scores)[keep], color=None if gt_boxes is None
       else DET_COLOR)
 
 
-def _name(class_names, label) -> str:
+def class_name(class_names: Sequence[str], label) -> str:
+  """Name of label 1..K, or "class k" when unknown."""
   label = int(label)
   if 1 <= label <= len(class_names):
     return str(class_names[label - 1])

@@ -1,0 +1,65 @@
+"""A random-init MimicDet checkpoint and a tiny synthetic set, for the slow
+end-to-end tests of eval.py and predict (tests/test_eval_cli.py,
+tests/test_predict.py). Saved with the project's own checkpoint code, so
+`eval_lib.restore_variables` reads what training writes."""
+import os
+
+import jax
+
+from configs import demo
+from mimicdet_jax import checkpoint as checkpoint_lib
+from mimicdet_jax import config_lib
+from mimicdet_jax import train_lib
+
+STEP = 3
+
+
+def tiny_config(data_dir: str):
+  """configs/demo.py shrunk further: 128 px canvas, narrow heads."""
+  c = demo.get_config()
+  for split in ('train', 'val'):
+    c.data[f'{split}_annotations'] = f'{data_dir}/annotations/{split}.json'
+    c.data[f'{split}_images'] = f'{data_dir}/{split}'
+  c.data.min_size = c.data.max_size = 128
+  c.data.train_min_sizes = (128,)
+  c.data.canvas_buckets = ((128, 128),)
+  c.model.fpn_channels = c.refine.channels = c.s_head.channels = 16
+  c.s_head.offset_hidden = (8, 8)
+  c.s_head.cls_dim = c.s_head.reg_dim = c.t_head.fc_dim = 32
+  c.t_head.conv_dim = 16
+  c.t_head.num_convs = 1
+  c.eval.batch_size = 4
+  c.eval.pre_nms_topk = 40
+  c.eval.max_detections = 10
+  c.eval.viz = 2
+  c.eval.viz_score_threshold = 0.0  # random weights: draw whatever comes out
+  return c
+
+
+def make_workdir(root: str):
+  """root/data (5 val images) + root/work (config.json, checkpoint STEP).
+
+  Returns (recipe config, resolved config, data dir, workdir).
+  """
+  from mimicdet_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.models import backbones  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
+  data_dir = os.path.join(root, 'data')
+  synthetic.main([data_dir, '--num-train', '2', '--num-val', '5', '--seed',
+                  '0', '--min-size', '96', '--max-size', '160', '--workers',
+                  '1'])
+  recipe = tiny_config(data_dir)
+  config = config_lib.resolve(recipe, len(synthetic.CATEGORIES))
+  workdir = os.path.join(root, 'work')
+  train_lib.write_config(config, workdir)
+  model = mimicdet.MimicDet(config)
+  variables = train_lib.init_variables(config, model, jax.random.PRNGKey(0))
+  mask = backbones.frozen_param_mask(variables['params'],
+                                     config.model.backbone.frozen_stages)
+  state, _ = train_lib.create_train_state(config, variables, mask,
+                                          jax.random.PRNGKey(0))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                     save_every=1, keep=1)
+  ckpt.save(STEP, state, force=True)
+  ckpt.close()
+  return recipe, config, data_dir, workdir
