@@ -83,7 +83,8 @@ def test_roi_align_matches_loop(sr, aligned, out_hw):
   rng = np.random.default_rng(0)
   feat = rng.normal(size=(2, 9, 11, 3)).astype(np.float32)
   boxes = _test_boxes()
-  got = np.asarray(ops.roi_align(feat, boxes, out_hw, 0.25, sr, aligned))
+  got = np.asarray(jax.jit(ops.roi_align, static_argnums=(2, 3, 4, 5))(
+      feat, boxes, out_hw, 0.25, sr, aligned))
   assert got.shape == (2, 6) + out_hw + (3,)
   ref = np.array([[_roi_align_ref(feat[b].astype(np.float64), boxes[b, n],
                                   out_hw, 0.25, sr, aligned)
@@ -98,10 +99,16 @@ def test_roi_align_matches_torchvision_values_and_gradients():
   boxes = jnp.asarray(refs['roi_boxes'], jnp.float32)
   scale = float(refs['roi_scale'])
   for sr in (1, 2):
-    out, vjp = jax.vjp(
-        lambda f: ops.roi_align(f, boxes, (7, 7), scale, sr, True), feat)
+
+    @jax.jit
+    def value_and_vjp(f, cot, sr=sr):
+      out, vjp = jax.vjp(
+          lambda f: ops.roi_align(f, boxes, (7, 7), scale, sr, True), f)
+      return out, vjp(cot)[0]
+
+    out, grad = value_and_vjp(feat, jnp.asarray(refs[f'roi_cot_sr{sr}'],
+                                                jnp.float32))
     np.testing.assert_allclose(out, refs[f'roi_out_sr{sr}'], atol=1e-4, rtol=0)
-    (grad,) = vjp(jnp.asarray(refs[f'roi_cot_sr{sr}'], jnp.float32))
     np.testing.assert_allclose(grad, refs[f'roi_gradfeat_sr{sr}'], atol=1e-4,
                                rtol=0)
 
@@ -111,7 +118,7 @@ def test_roi_align_gradient_finite_differences():
   boxes = jnp.asarray(_test_boxes()[:, :5])
   with jax.enable_x64(True):
     feat = jnp.asarray(rng.normal(size=(2, 9, 11, 2)))
-    fn = lambda f: ops.roi_align(f, boxes, (2, 3), 0.25, 2, True)
+    fn = jax.jit(lambda f: ops.roi_align(f, boxes, (2, 3), 0.25, 2, True))
     check_grads(fn, (feat,), order=1, modes=('rev',), atol=1e-6, rtol=1e-6)
 
 
@@ -141,9 +148,9 @@ def test_multilevel_roi_align_picks_each_box_level():
       [[-10.0, -6.0, 40.0, 30.0], [60.0, 40.0, 100.0, 70.0],
        [5.0, 5.0, 25.0, 21.0], [90.0, 60.0, 95.0, 63.0], [1.0, 2.0, 3.0, 4.0]],
   ], np.float32)
-  got = np.asarray(ops.multilevel_roi_align(
-      maps, boxes, levels, (2, 3), 2, True, canonical_size=16.0,
-      canonical_level=3))
+  fn = jax.jit(lambda m, b: ops.multilevel_roi_align(
+      m, b, levels, (2, 3), 2, True, canonical_size=16.0, canonical_level=3))
+  got = np.asarray(fn(maps, boxes))
   assert got.shape == (2, 5, 2, 3, 3)
   seen = set()
   for b in range(2):
@@ -157,7 +164,5 @@ def test_multilevel_roi_align_picks_each_box_level():
       np.testing.assert_allclose(got[b, n], ref, atol=1e-4, rtol=0)
   assert seen == set(levels)
   # The list form with explicit levels gives the same result.
-  as_list = ops.multilevel_roi_align([maps[l] for l in levels], boxes, levels,
-                                     (2, 3), 2, True, canonical_size=16.0,
-                                     canonical_level=3)
+  as_list = fn([maps[l] for l in levels], boxes)
   np.testing.assert_array_equal(as_list, got)

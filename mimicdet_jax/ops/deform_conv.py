@@ -63,11 +63,13 @@ def _sample_rows(x_flat: Array, offset: Array, mask: Optional[Array],
   k = kh * kw
   g = offset_groups
   b, r, wo = offset.shape[:3]
-  off = offset.reshape(b, r, wo, g, k, 2).astype(jnp.float32)
-  tap_y = (jnp.arange(kh) * dilation[0]).repeat(kw).astype(jnp.float32)
-  tap_x = jnp.tile(jnp.arange(kw) * dilation[1], kh).astype(jnp.float32)
-  base_y = (row_ids * stride[0] - padding[0]).astype(jnp.float32)
-  base_x = (jnp.arange(wo) * stride[1] - padding[1]).astype(jnp.float32)
+  # Sample positions in at least float32 even for bfloat16 offsets.
+  ftype = jnp.promote_types(offset.dtype, jnp.float32)
+  off = offset.reshape(b, r, wo, g, k, 2).astype(ftype)
+  tap_y = (jnp.arange(kh) * dilation[0]).repeat(kw).astype(ftype)
+  tap_x = jnp.tile(jnp.arange(kw) * dilation[1], kh).astype(ftype)
+  base_y = (row_ids * stride[0] - padding[0]).astype(ftype)
+  base_x = (jnp.arange(wo) * stride[1] - padding[1]).astype(ftype)
   py = base_y[None, :, None, None, None] + tap_y + off[..., 0]  # [B,R,Wo,G,K]
   px = base_x[None, None, :, None, None] + tap_x + off[..., 1]
   y0 = jnp.floor(py)
@@ -82,7 +84,7 @@ def _sample_rows(x_flat: Array, offset: Array, mask: Optional[Array],
       inside = (cy >= 0) & (cy <= h - 1) & (cx >= 0) & (cx <= w - 1)
       weight = jnp.where(inside, wy * wx, 0.0)
       if mask is not None:
-        weight = weight * mask.reshape(b, r, wo, g, k).astype(jnp.float32)
+        weight = weight * mask.reshape(b, r, wo, g, k).astype(ftype)
       yi = jnp.clip(cy, 0, h - 1).astype(jnp.int32)
       xi = jnp.clip(cx, 0, w - 1).astype(jnp.int32)
       index = group_base + yi * w + xi  # [B, R, Wo, G, K]
