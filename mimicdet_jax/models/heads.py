@@ -1,0 +1,244 @@
+"""MimicDet heads: refinement module, T-head (two-stage) and S-head (one-stage).
+
+All modules compute in `dtype` (float32 or bfloat16) with float32 parameters.
+Feature maps are dicts {level: [B, H_l, W_l, C]}, boxes (x1, y1, x2, y2) in
+canvas pixels. Initialisations follow the literature (docs/MODEL.md):
+RetinaNet/RPN for the dense convs, detectron2's FastRCNNConvFCHead for the
+T-head, zero for the last offset layer of the S-head's micro-network.
+"""
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mimicdet_jax.ops.deform_conv import deform_conv2d
+from mimicdet_jax.ops.roi_align import multilevel_roi_align
+
+# Dense prediction convs (RPN, RetinaNet): N(0, 0.01^2) weights, zero bias.
+DENSE_INIT_STD = 0.01
+# RetinaNet's prior-probability bias: sigmoid(objectness) = PRIOR_PROB at
+# initialisation, so the many negatives do not swamp the first steps.
+PRIOR_PROB = 0.01
+# detectron2 FastRCNNOutputLayers: cls_score N(0, 0.01^2), bbox_pred N(0, 0.001^2).
+T_CLS_INIT_STD = 0.01
+T_BOX_INIT_STD = 0.001
+
+normal = nn.initializers.normal
+zeros = nn.initializers.zeros
+# detectron2's c2_xavier_fill (kaiming_uniform, a=1) for fc layers.
+c2_xavier_fill = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
+# detectron2's c2_msra_fill (kaiming_normal, fan_out, ReLU) for the T-head convs
+# (jax's 'normal' is untruncated, as torch's kaiming_normal_).
+c2_msra_fill = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# He initialisation for the ReLU layers of the offset micro-network.
+he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+
+def _conv(features: int, kernel: int, dtype: Any, kernel_init, name: str,
+          bias_init=zeros) -> nn.Conv:
+  """A stride-1 conv with torch-style symmetric padding k // 2."""
+  return nn.Conv(features, (kernel, kernel), padding=((kernel // 2,) * 2,) * 2,
+                 dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                 bias_init=bias_init, name=name)
+
+
+class RefinementModule(nn.Module):
+  """3x3 conv + ReLU, then sibling 1x1 convs: objectness (1) and deltas (4).
+
+  One anchor per position; weights shared across the levels it is applied to.
+  Deltas are Faster R-CNN (dx, dy, dw, dh) on the anchor, in units of
+  refine.stds.
+  """
+  channels: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Mapping[int, jax.Array]
+               ) -> dict[int, tuple[jax.Array, jax.Array]]:
+    """Returns {level: (objectness_logits [B, H, W], deltas [B, H, W, 4])}."""
+    hidden = _conv(self.channels, 3, self.dtype, normal(DENSE_INIT_STD), 'conv')
+    objectness = _conv(
+        1, 1, self.dtype, normal(DENSE_INIT_STD), 'objectness',
+        bias_init=nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)))
+    box_deltas = _conv(4, 1, self.dtype, normal(DENSE_INIT_STD), 'deltas')
+    out = {}
+    for level, x in features.items():
+      h = nn.relu(hidden(x.astype(self.dtype)))
+      out[level] = (objectness(h)[..., 0], box_deltas(h))
+    return out
+
+
+class THead(nn.Module):
+  """Two-stage head on RoIAlign features of given boxes (the mimic teacher).
+
+  cls: flatten -> fc fc_dim -> ReLU -> fc fc_dim -> ReLU -> fc num_logits.
+  reg: num_convs x (3x3 conv conv_dim + ReLU) -> flatten -> fc fc_dim -> ReLU
+       (the reg mimic feature) -> fc 4 (class-agnostic deltas, t_head.stds).
+  Each box is pooled from one level of `levels`, chosen by the FPN rule
+  floor(canonical_level + log2(sqrt(wh) / canonical_size)) clamped to levels.
+  """
+  levels: Sequence[int]
+  num_logits: int
+  roi_size: int = 7
+  sampling_ratio: int = 2
+  canonical_size: float = 224.0
+  canonical_level: int = 4
+  fc_dim: int = 1024
+  num_convs: int = 4
+  conv_dim: int = 256
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Mapping[int, jax.Array], boxes: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Args:
+      features: {level: [B, H_l, W_l, C]} containing at least `levels`.
+      boxes: float32 [B, N, 4], x1y1x2y2 canvas pixels (no gradient needed).
+
+    Returns:
+      t_cls_logits [B, N, num_logits], t_reg_feature [B, N, fc_dim],
+      t_deltas [B, N, 4], all float32.
+    """
+    batch, num_boxes = boxes.shape[:2]
+    levels = tuple(self.levels)
+    boxes = boxes.astype(jnp.float32)
+    rois = multilevel_roi_align(
+        features, boxes, levels, output_size=(self.roi_size, self.roi_size),
+        sampling_ratio=self.sampling_ratio, aligned=True,
+        canonical_size=self.canonical_size,
+        canonical_level=self.canonical_level)  # [B, N, r, r, C]
+    rois = rois.reshape((batch * num_boxes,) + rois.shape[2:]).astype(self.dtype)
+
+    dense = lambda n, init, name: nn.Dense(  # pylint: disable=g-long-lambda
+        n, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
+        bias_init=zeros, name=name)
+    x = rois.reshape(batch * num_boxes, -1)
+    x = nn.relu(dense(self.fc_dim, c2_xavier_fill, 'cls_fc1')(x))
+    x = nn.relu(dense(self.fc_dim, c2_xavier_fill, 'cls_fc2')(x))
+    t_cls_logits = dense(self.num_logits, normal(T_CLS_INIT_STD), 'cls_score')(x)
+
+    y = rois
+    for i in range(self.num_convs):
+      y = nn.relu(_conv(self.conv_dim, 3, self.dtype, c2_msra_fill, f'reg_conv{i + 1}')(y))
+    y = y.reshape(batch * num_boxes, -1)
+    t_reg_feature = nn.relu(dense(self.fc_dim, c2_xavier_fill, 'reg_fc')(y))
+    t_deltas = dense(4, normal(T_BOX_INIT_STD), 'bbox_pred')(t_reg_feature)
+
+    unflatten = lambda a: a.reshape(batch, num_boxes, -1).astype(jnp.float32)
+    return unflatten(t_cls_logits), unflatten(t_reg_feature), unflatten(t_deltas)
+
+
+class OffsetNet(nn.Module):
+  """The S-head's offset micro-network: 1x1 convs on the refinement deltas.
+
+  hidden widths with ReLU, then 2*k*k offsets in torchvision's channel order
+  (per kernel tap: dy, dx). The last layer is zero so that training starts
+  from an ordinary convolution.
+  """
+  hidden: Sequence[int]
+  num_offsets: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, refine_deltas: jax.Array) -> jax.Array:
+    """[B, H, W, 4] -> float32 [B, H, W, num_offsets] (pixels of the level)."""
+    x = refine_deltas.astype(self.dtype)
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(_conv(width, 1, self.dtype, he_normal, f'hidden{i + 1}')(x))
+    offsets = _conv(self.num_offsets, 1, self.dtype, zeros, 'offsets')(x)
+    # Sampling positions are offset + grid; keep them in float32 so bfloat16
+    # does not round them to whole cells on large maps.
+    return offsets.astype(jnp.float32)
+
+
+class GuidedConv(nn.Module):
+  """k x k conv (+ ReLU) whose sampling grid is deformed by the refinement.
+
+  deformable=True: offsets from `OffsetNet` on the refinement deltas, then
+  deform_conv2d; deformable=False: the same kernel as an ordinary conv. Both
+  modes have the same 'kernel' [k, k, Cin, features] and 'bias' parameters.
+  """
+  features: int
+  kernel_size: int
+  deformable: bool = True
+  offset_hidden: Sequence[int] = (64, 128)
+  detach_guide: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, refine_deltas: jax.Array) -> jax.Array:
+    """x [B, H, W, Cin], refine_deltas [B, H, W, 4] -> [B, H, W, features]."""
+    k = self.kernel_size
+    kernel = self.param('kernel', normal(DENSE_INIT_STD),
+                        (k, k, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', zeros, (self.features,), jnp.float32)
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    if self.deformable:
+      if self.detach_guide:
+        refine_deltas = jax.lax.stop_gradient(refine_deltas)
+      offsets = OffsetNet(self.offset_hidden, 2 * k * k, dtype=self.dtype,
+                          name='offset_net')(refine_deltas)
+      y = deform_conv2d(x, offsets, kernel, stride=1, padding=k // 2)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(1, 1), padding=((k // 2, k // 2),) * 2,
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return nn.relu(y.astype(self.dtype) + bias.astype(self.dtype))
+
+
+class SHead(nn.Module):
+  """Dense one-stage head (the mimic student) on the low-resolution levels.
+
+  Guided (deformable) conv with kernel p3_kernel on the finest level and
+  `kernel` on the others (one shared weight for those), then, shared across
+  all levels: cls 1x1 cls_dim -> ReLU -> 1x1 num_logits; reg 1x1 reg_dim ->
+  ReLU (the reg mimic feature) -> 1x1 4 (deltas on the refined box,
+  s_head.stds).
+  """
+  levels: Sequence[int]
+  num_logits: int
+  channels: int = 256
+  p3_kernel: int = 3
+  kernel: int = 5
+  offset_hidden: Sequence[int] = (64, 128)
+  cls_dim: int = 1024
+  reg_dim: int = 1024
+  deformable: bool = True
+  detach_guide: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Mapping[int, jax.Array],
+               refine_deltas: Mapping[int, jax.Array]
+               ) -> dict[int, tuple[jax.Array, jax.Array, jax.Array]]:
+    """Args:
+      features: {level: [B, H_l, W_l, C]} for `levels`.
+      refine_deltas: {level: [B, H_l, W_l, 4]}, the refinement module's deltas.
+
+    Returns:
+      {level: (s_cls_logits [B, H, W, num_logits], s_reg_feature
+      [B, H, W, reg_dim], s_deltas [B, H, W, 4])} in the compute dtype.
+    """
+    guided = lambda k, name: GuidedConv(  # pylint: disable=g-long-lambda
+        self.channels, k, deformable=self.deformable,
+        offset_hidden=self.offset_hidden, detach_guide=self.detach_guide,
+        dtype=self.dtype, name=name)
+    finest = min(self.levels)
+    fine_conv = guided(self.p3_kernel, f'p{finest}_conv')
+    coarse_conv = guided(self.kernel, 'coarse_conv')  # shared by P4..P7
+    init = normal(DENSE_INIT_STD)
+    cls_hidden = _conv(self.cls_dim, 1, self.dtype, init, 'cls_hidden')
+    cls_logits = _conv(self.num_logits, 1, self.dtype, init, 'cls_logits')
+    reg_hidden = _conv(self.reg_dim, 1, self.dtype, init, 'reg_hidden')
+    reg_deltas = _conv(4, 1, self.dtype, init, 'deltas')
+    out = {}
+    for level in self.levels:
+      conv = fine_conv if level == finest else coarse_conv
+      x = conv(features[level], refine_deltas[level])
+      s_reg_feature = nn.relu(reg_hidden(x))
+      out[level] = (cls_logits(nn.relu(cls_hidden(x))), s_reg_feature,
+                    reg_deltas(s_reg_feature))
+    return out

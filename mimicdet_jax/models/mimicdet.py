@@ -1,0 +1,126 @@
+"""The MimicDet network: backbone, staggered pyramid, refinement, S-head, T-head.
+
+`model.apply(variables, images, train=...)` runs everything but the T-head and
+returns the dict of docs/ARCHITECTURE.md ("Model outputs");
+`model.apply(variables, t_features, boxes, method=MimicDet.t_head)` runs the
+T-head on given boxes. Inference only uses the first call, so the T-head costs
+nothing at test time.
+"""
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import ml_collections
+
+from mimicdet_jax.models.backbones import ResNet
+from mimicdet_jax.models.fpn import FPN
+from mimicdet_jax.models.heads import RefinementModule
+from mimicdet_jax.models.heads import SHead
+from mimicdet_jax.models.heads import THead
+
+
+def t_head_levels(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Levels the T-head reads: model.t_levels, or model.s_levels if not staggered."""
+  model = config.model
+  return tuple(model.t_levels if model.staggered else model.s_levels)
+
+
+def flatten_levels(per_level: list[jax.Array]) -> jax.Array:
+  """[B, H_l, W_l, ...] per level -> [B, A, ...], row-major within each level.
+
+  The order is the proposal origin of `anchors.dense_anchors`.
+  """
+  return jnp.concatenate(
+      [x.reshape((x.shape[0], -1) + x.shape[3:]) for x in per_level], axis=1)
+
+
+class MimicDet(nn.Module):
+  """Attributes: config, the whole resolved config (FrozenConfigDict) with
+  model.num_classes and s_head.num_logits positive."""
+  config: ml_collections.FrozenConfigDict
+
+  def setup(self):
+    c = self.config
+    dtype = jnp.dtype(c.model.dtype)
+    self.s_levels = tuple(c.model.s_levels)
+    self.t_levels = t_head_levels(c)
+    self.backbone = ResNet(c.model.backbone.arch,
+                           frozen_stages=c.model.backbone.frozen_stages,
+                           remat=c.model.backbone.remat, dtype=dtype)
+    self.fpn = FPN(c.model.fpn_channels,
+                   levels=tuple(sorted(set(self.t_levels) | set(self.s_levels))),
+                   dtype=dtype)
+    self.refinement = RefinementModule(c.refine.channels, dtype=dtype)
+    self.s_head_net = SHead(
+        levels=self.s_levels,
+        num_logits=c.s_head.num_logits,
+        channels=c.s_head.channels,
+        p3_kernel=c.s_head.p3_kernel,
+        kernel=c.s_head.kernel,
+        offset_hidden=tuple(c.s_head.offset_hidden),
+        cls_dim=c.s_head.cls_dim,
+        reg_dim=c.s_head.reg_dim,
+        deformable=c.s_head.deformable,
+        detach_guide=c.s_head.offset_stop_grad,
+        dtype=dtype)
+    self.t_head_net = THead(
+        levels=self.t_levels,
+        num_logits=c.model.num_classes + 1,
+        roi_size=c.t_head.roi_size,
+        sampling_ratio=c.t_head.sampling_ratio,
+        canonical_size=c.t_head.canonical_size,
+        canonical_level=c.t_head.canonical_level,
+        fc_dim=c.t_head.fc_dim,
+        num_convs=c.t_head.num_convs,
+        conv_dim=c.t_head.conv_dim,
+        dtype=dtype)
+
+  def __call__(self, images: jax.Array, train: bool = False) -> dict:
+    """Backbone, pyramid, refinement module and S-head on a batch of images.
+
+    Args:
+      images: float32 [B, H, W, 3], normalised and padded to the canvas.
+      train: passed to the backbone; no layer behaves differently today
+        (frozen BatchNorm, no dropout).
+
+    Returns:
+      dict (docs/ARCHITECTURE.md, "Model outputs"); A = sum over
+      model.s_levels of H_l * W_l, flattened as `anchors.dense_anchors`:
+        t_features: {level: [B, H_l, W_l, fpn_channels]} for the T-head's
+          levels, in the compute dtype (it only feeds `t_head`).
+        refine_logits [B, A], refine_deltas [B, A, 4] (on the anchors),
+        s_cls_logits [B, A, num_logits], s_reg_feature [B, A, reg_dim],
+        s_deltas [B, A, 4] (on the refined boxes): float32.
+    """
+    pyramid = self.fpn(self.backbone(images, train=train))
+    t_features = {level: pyramid[level] for level in self.t_levels}
+    s_features = {level: pyramid[level] for level in self.s_levels}
+
+    refine = self.refinement(s_features)
+    refine_deltas = {level: refine[level][1] for level in self.s_levels}
+    s_out = self.s_head_net(s_features, refine_deltas)
+
+    if self.is_initializing():
+      # The T-head only runs through `t_head`; call it once here so that
+      # `model.init` creates its parameters too.
+      batch = images.shape[0]
+      dummy_boxes = jnp.tile(jnp.array([[[0.0, 0.0, 64.0, 64.0]]]), (batch, 1, 1))
+      self.t_head_net(t_features, dummy_boxes)
+
+    def gather(outputs, i):
+      return flatten_levels([outputs[l][i] for l in self.s_levels]).astype(jnp.float32)
+
+    return dict(
+        t_features=t_features,
+        refine_logits=gather(refine, 0),
+        refine_deltas=gather(refine, 1),
+        s_cls_logits=gather(s_out, 0),
+        s_reg_feature=gather(s_out, 1),
+        s_deltas=gather(s_out, 2))
+
+  def t_head(self, t_features: dict, boxes: jax.Array):
+    """T-head on boxes [B, N, 4] (x1y1x2y2 canvas pixels).
+
+    Returns (t_cls_logits [B, N, num_classes + 1], t_reg_feature
+    [B, N, t_head.fc_dim], t_deltas [B, N, 4]), float32.
+    """
+    return self.t_head_net(t_features, boxes)
