@@ -1,0 +1,207 @@
+"""The MimicDet training loss: L = L_R + L_S + L_T + L_mimic (SPEC 3).
+
+`make_loss_fn(model, config)` returns `total_loss(params, frozen, batch, rng)`
+-> `(loss, aux)`, a pure function of one device's batch (docs/ARCHITECTURE.md)
+that train_lib differentiates. The steps, in order:
+
+  1. dense forward pass (backbone, pyramid, refinement module, S-head);
+  2. refinement targets and loss (targets/refine.py);
+  3. proposals from the refined boxes, no gradient (targets/proposals.py);
+  4. T-head: sample boxes among proposals + gts, run the T-head on them,
+     softmax CE + L1 (targets/roi_sampling.py);
+  5. S-head: label every proposal, read the S-head at its origin, CE + L1 with
+     online hard-example mining;
+  6. mimic: S-head vs T-head on the T-head's samples (losses/mimic.py).
+
+Every count, threshold and weight comes from the config; the per-image target
+functions are vmapped over the batch.
+"""
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mimicdet_jax.losses import detection
+from mimicdet_jax.losses import mimic as mimic_lib
+from mimicdet_jax.models import anchors as anchors_lib
+from mimicdet_jax.ops import boxes as box_ops
+from mimicdet_jax.targets import proposals as proposals_lib
+from mimicdet_jax.targets import refine as refine_lib
+from mimicdet_jax.targets import roi_sampling
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def gather_at(dense: jax.Array, index: jax.Array) -> jax.Array:
+  """Reads dense outputs [B, A, ...] at flat positions index [B, N] -> [B, N, ...]."""
+  index = index.reshape(index.shape + (1,) * (dense.ndim - 2))
+  return jnp.take_along_axis(dense, index, axis=1)
+
+
+def gt_mask_of(batch: dict) -> jax.Array:
+  """Gts the targets use, [B, G] bool: real, non-crowd, positive area."""
+  boxes = batch['boxes']
+  area_ok = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+  return batch['box_mask'] & ~batch['is_crowd'] & area_ok
+
+
+def proposal_recall(proposal_boxes: jax.Array, proposal_valid: jax.Array,
+                    gt_boxes: jax.Array, gt_mask: jax.Array,
+                    iou_threshold: float = 0.5) -> jax.Array:
+  """Share of gts (over the batch) covered by a valid proposal with IoU >= threshold.
+
+  Diagnostic only; 0 for a batch without gts.
+  """
+  iou = box_ops.box_iou(proposal_boxes, gt_boxes)  # [B, P, G]
+  best = jnp.max(jnp.where(proposal_valid[..., None], iou, 0.0), axis=1)
+  hit = gt_mask & (best >= iou_threshold)
+  return jnp.sum(hit) / jnp.maximum(jnp.sum(gt_mask), 1).astype(jnp.float32)
+
+
+def make_loss_fn(model: nn.Module,
+                 config: ml_collections.FrozenConfigDict) -> LossFn:
+  """Builds total_loss(params, frozen, batch, rng) -> (loss, aux).
+
+  Args:
+    model: a `MimicDet` (or a fork with the same `__call__`/`t_head`).
+    config: the resolved config.
+
+  Returns:
+    total_loss with
+      params, frozen: the model's variable collections.
+      batch: dict with image [B, H, W, 3], image_size [B, 2] (h, w), boxes
+        [B, G, 4], classes [B, G] (1..K), box_mask [B, G], is_crowd [B, G]
+        (other keys are ignored).
+      rng: PRNG key for the samplers.
+    and aux a dict of float32 scalars: every loss term (`loss_*`), and the
+    diagnostics num_positives (refinement positives per image),
+    proposal_recall (IoU 0.5), num_proposals (valid, per image), t_num_fg
+    (T-head foreground samples per image), t_fg_iou (their mean IoU),
+    mimic_cos_cls / mimic_cos_reg (mean cosine S vs T on the mimic samples,
+    whatever the distance).
+  """
+  c = config
+  levels = tuple(c.model.s_levels)
+  mimic_paths = mimic_lib.mimic_paths(c.mimic.paths)
+  if c.mimic.samples not in ('all', 'foreground'):
+    raise ValueError(f'mimic.samples={c.mimic.samples!r}; expected all or '
+                     'foreground')
+
+  refine_targets = jax.vmap(functools.partial(
+      refine_lib.refine_targets, levels=levels,
+      anchor_scale=c.model.anchor_scale, pos_shrink=c.refine.pos_shrink,
+      stds=tuple(c.refine.stds)), in_axes=(None, None, 0, 0))
+  sample_positions = jax.vmap(functools.partial(
+      refine_lib.sample_positions, num_samples=c.refine.num_samples,
+      pos_fraction=c.refine.pos_fraction))
+  t_head_targets = jax.vmap(functools.partial(
+      roi_sampling.t_head_targets, fg_iou=c.t_head.fg_iou,
+      num_samples=c.t_head.num_samples, fg_fraction=c.t_head.fg_fraction,
+      append_gt=c.t_head.append_gt, stds=tuple(c.t_head.stds)))
+  s_head_targets = jax.vmap(functools.partial(
+      roi_sampling.s_head_targets, fg_iou=c.s_head.fg_iou,
+      stds=tuple(c.s_head.stds)))
+
+  def total_loss(params, frozen, batch, rng):
+    variables = {'params': params, 'frozen': frozen}
+    images = batch['image']
+    batch_size = images.shape[0]
+    canvas = images.shape[1:3]
+    anchors = anchors_lib.dense_anchors(canvas, levels, c.model.anchor_scale)
+    gt_boxes = batch['boxes'].astype(jnp.float32)
+    gt_classes = batch['classes'].astype(jnp.int32)
+    gt_mask = gt_mask_of(batch)
+    refine_key, t_key = jax.random.split(rng)
+
+    # 1. Dense forward.
+    out = model.apply(variables, images, train=True)
+
+    # 2. Refinement.
+    rt = refine_targets(anchors['boxes'], anchors['level'], gt_boxes, gt_mask)
+    sampled = None
+    if c.refine.cls_loss == 'bce':
+      sampled = sample_positions(jax.random.split(refine_key, batch_size),
+                                 rt['positive'])
+    r_loss = detection.refine_loss(
+        out['refine_logits'], out['refine_deltas'], rt['positive'],
+        rt['delta_targets'], sampled, cls_loss=c.refine.cls_loss,
+        focal_alpha=c.refine.focal_alpha, focal_gamma=c.refine.focal_gamma)
+
+    # 3. Proposals (stop_gradient inside).
+    props = jax.vmap(functools.partial(
+        proposals_lib.generate_proposals,
+        sizes=proposals_lib.level_sizes(canvas, levels),
+        stds=tuple(c.refine.stds), scale_clip=c.box.scale_clip,
+        pre_nms_topk=c.proposals.pre_nms_topk,
+        nms_threshold=c.proposals.nms_threshold,
+        num_proposals=c.proposals.num_proposals), in_axes=(0, 0, None, 0))(
+            out['refine_logits'], out['refine_deltas'], anchors['boxes'],
+            batch['image_size'])
+
+    # 4. T-head on its samples.
+    ts = t_head_targets(jax.random.split(t_key, batch_size), props['boxes'],
+                        props['valid'], props['origin'], gt_boxes, gt_classes,
+                        gt_mask, rt['gt_origin'])
+    t_cls_logits, t_reg_feature, t_deltas = model.apply(
+        variables, out['t_features'], ts['boxes'], method='t_head')
+    t_loss = detection.t_head_loss(t_cls_logits, t_deltas, ts['labels'],
+                                   ts['delta_targets'], ts['valid'])
+
+    # 5. S-head at every proposal's origin, hard-example mined.
+    ss = s_head_targets(props['boxes'], props['valid'], gt_boxes, gt_classes,
+                        gt_mask)
+    s_loss = detection.s_head_loss(
+        gather_at(out['s_cls_logits'], props['origin']),
+        gather_at(out['s_deltas'], props['origin']), ss['labels'],
+        ss['delta_targets'], props['valid'], c.s_head.ohem_samples)
+
+    # 6. Mimic on the T-head's samples, S-head read at their origins.
+    student = dict(cls=gather_at(out['s_cls_logits'], ts['origin']),
+                   reg=gather_at(out['s_reg_feature'], ts['origin']))
+    teacher = dict(cls=t_cls_logits, reg=t_reg_feature)
+    mimic_mask = ts['valid'] if c.mimic.samples == 'all' else ts['foreground']
+    aux = {}
+    if c.mimic.enabled:
+      mimic_loss, per_path = mimic_lib.mimic_loss(
+          student, teacher, mimic_mask, paths=c.mimic.paths,
+          distance=c.mimic.distance, temperature=c.mimic.temperature,
+          teacher_grad=c.mimic.teacher_grad)
+      for path in mimic_paths:
+        aux[f'loss_mimic_{path}'] = per_path[path]
+    else:
+      mimic_loss = jnp.zeros((), jnp.float32)
+
+    w = c.loss_weights
+    loss = (w.refine * (r_loss['cls'] + r_loss['reg']) +
+            w.s_head * s_loss['total'] +
+            w.t_head * (t_loss['cls'] + t_loss['reg']))
+    if c.mimic.enabled:
+      loss = loss + c.mimic.weight * mimic_loss
+
+    num_fg = jnp.sum(ts['foreground'])
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    aux.update(
+        loss_refine_cls=r_loss['cls'],
+        loss_refine_reg=r_loss['reg'],
+        loss_t_cls=t_loss['cls'],
+        loss_t_reg=t_loss['reg'],
+        loss_s_cls=s_loss['cls'],
+        loss_s_reg=s_loss['reg'],
+        loss_mimic=mimic_loss,
+        num_positives=f32(r_loss['num_positives']) / batch_size,
+        proposal_recall=proposal_recall(props['boxes'], props['valid'],
+                                        gt_boxes, gt_mask),
+        num_proposals=f32(jnp.sum(props['valid'])) / batch_size,
+        t_num_fg=f32(num_fg) / batch_size,
+        t_fg_iou=jnp.sum(jnp.where(ts['foreground'], ts['iou'], 0.0)) /
+        jnp.maximum(num_fg, 1).astype(jnp.float32),
+        mimic_cos_cls=mimic_lib.mean_cosine(student['cls'], teacher['cls'],
+                                            mimic_mask),
+        mimic_cos_reg=mimic_lib.mean_cosine(student['reg'], teacher['reg'],
+                                            mimic_mask))
+    return loss, {k: f32(v) for k, v in aux.items()}
+
+  return total_loss
