@@ -95,23 +95,24 @@ def _shape_mask(shape: str, h: int, w: int, cx: float, cy: float, size: float,
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
   """Cluttered float32 [h, w, 3] background in 0..255."""
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  img = np.broadcast_to(rng.uniform(40, 215, 3).astype(np.float32),
-                        (h, w, 3)).copy()
-  # Smooth colour gradient.
+  ys = np.arange(h, dtype=np.float32)[:, None, None]
+  xs = np.arange(w, dtype=np.float32)[None, :, None]
+  # Base colour with a smooth gradient (one broadcast pass).
   g = rng.uniform(-40, 40, (2, 3)).astype(np.float32)
-  img += (xx / w - 0.5)[..., None] * g[0] + (yy / h - 0.5)[..., None] * g[1]
+  img = (rng.uniform(40, 215, 3).astype(np.float32) + (xs / w - 0.5) * g[0]
+         + (ys / h - 0.5) * g[1])
   # Stripes at a random angle and period.
   if rng.random() < 0.6:
     theta, period = rng.uniform(0, np.pi), rng.uniform(5, 40)
-    phase = (xx * math.cos(theta) + yy * math.sin(theta)) * (2 * np.pi / period)
-    img += np.sin(phase)[..., None] * rng.uniform(5, 30, 3).astype(np.float32)
+    phase = (xs[..., 0] * math.cos(theta) + ys[..., 0] * math.sin(theta)) * (
+        2 * np.pi / period)
+    img = img + np.sin(phase)[..., None] * rng.uniform(5, 30, 3).astype(np.float32)
   # Blotchy low-frequency noise.
   gh, gw = int(rng.integers(3, 9)), int(rng.integers(3, 9))
   blot = rng.uniform(-25, 25, (gh, gw, 3)).astype(np.float32)
   blot_img = Image.fromarray(((blot + 25) * 5.1).astype(np.uint8)).resize(
       (w, h), Image.BILINEAR)
-  img += np.asarray(blot_img, np.float32) / 5.1 - 25
+  img += np.asarray(blot_img, np.float32) * np.float32(1 / 5.1) - 25
   # Faint random shapes that are not objects: lines, blobs, polygons.
   overlay = Image.new('RGBA', (w, h), (0, 0, 0, 0))
   draw = ImageDraw.Draw(overlay)
@@ -130,10 +131,10 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     else:
       pts = rng.uniform(-extent / 2, extent / 2, (int(rng.integers(4, 8)), 2))
       draw.polygon([(x0 + p[0], y0 + p[1]) for p in pts.tolist()], fill=colour)
-  overlay = np.asarray(overlay, np.float32)
-  alpha = overlay[..., 3:] / 255.0
-  img = img * (1 - alpha) + overlay[..., :3] * alpha
-  return img
+  background = Image.fromarray(
+      np.clip(img, 0, 255).astype(np.uint8)).convert('RGBA')
+  return np.asarray(Image.alpha_composite(background, overlay).convert('RGB'),
+                    np.float32)
 
 
 def _object_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
