@@ -93,3 +93,54 @@ def test_detections_without_annotations_is_a_usage_error(tmp_path):
   proc = _run_eval('--detections', str(tmp_path / 'x.json'))
   assert proc.returncode != 0
   assert '--annotations' in proc.stderr
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  from tests import eval_helper
+  return eval_helper.make_workdir(str(tmp_path_factory.mktemp('eval')))
+
+
+@pytest.mark.slow
+def test_eval_cli_on_a_checkpoint_writes_coco_results(workdir):
+  """eval.py --workdir (config from WORKDIR/config.json), 8 CPU devices."""
+  _, config, data_dir, work = workdir
+  proc = _run_eval('--workdir', work, '--checkpoint', 'latest', '--viz', '2')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  gt = json.loads(open(f'{data_dir}/annotations/val.json').read())
+  dets = json.loads(open(f'{work}/eval/detections.json').read())
+  gt_images = {i['id']: i for i in gt['images']}
+  assert dets and {d['image_id'] for d in dets} <= set(gt_images)
+  assert {d['category_id'] for d in dets} <= {c['id'] for c in gt['categories']}
+  per_image = {}
+  for d in dets:
+    x, y, w, h = d['bbox']
+    img = gt_images[d['image_id']]
+    assert x >= 0 and y >= 0 and w >= 0 and h >= 0
+    assert x + w <= img['width'] + 0.01 and y + h <= img['height'] + 0.01
+    per_image[d['image_id']] = per_image.get(d['image_id'], 0) + 1
+  assert max(per_image.values()) <= config.eval.max_detections
+  metrics = json.loads(open(f'{work}/eval/metrics.json').read())
+  assert metrics['step'] == 3 and metrics['num_detections'] == len(dets)
+  assert all(-1 <= metrics[k] <= 1 for k in ('AP', 'AP50', 'AR100'))
+  assert len(os.listdir(f'{work}/eval/viz')) == 2
+  assert 'Average Precision' in proc.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_t_and_both_heads(workdir, tmp_path):
+  import ml_collections
+  from mimicdet_jax import config_lib, eval_lib
+  recipe, config, _, work = workdir
+  variables, step = eval_lib.restore_variables(work, str(3))
+  for head in ('both',):
+    c = ml_collections.ConfigDict(recipe.to_dict())
+    c.eval.head = head
+    c.eval.score_times_objectness = True
+    # Random weights: objectness starts near its prior, so products are tiny.
+    c.eval.score_threshold = 0.0
+    c = config_lib.resolve(c, config.model.num_classes)
+    metrics = eval_lib.evaluate(c, variables, work, step, viz=0,
+                                out_dir=str(tmp_path / head))
+    assert metrics['num_detections'] > 0
+    assert (tmp_path / head / 'metrics.json').exists()
