@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 from absl import logging
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -76,8 +78,8 @@ class Checkpointer:
       async_save: write files on a background thread.
     """
     self.directory = os.path.abspath(directory)
+    self.save_every = max(1, int(save_every))
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, int(save_every)),
         max_to_keep=max(1, int(keep)),
         enable_async_checkpointing=async_save,
         # Temporary directories of saves killed midway are deleted at start.
@@ -109,12 +111,16 @@ class Checkpointer:
     Returns:
       Whether a save was started.
     """
+    # The interval is decided here, not by orbax (which would also save the
+    # first step it sees).
+    if not force and step % self.save_every:
+      return False
     items = {'state': ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items['data_iter'] = grain.checkpoint.CheckpointSave(
           _IteratorSnapshot(data_iterator))
     saved = self._manager.save(step, args=ocp.args.Composite(**items),
-                               force=force)
+                               force=True)
     if saved:
       logging.info('checkpoint: saving step %d to %s', step, self.directory)
     return saved
@@ -132,7 +138,9 @@ class Checkpointer:
     Returns:
       The state as host NumPy arrays.
     """
-    items = {'state': ocp.args.StandardRestore(state_template)}
+    # NumPy scalars (np.int32(0)) are not a type orbax restores into.
+    template = jax.tree.map(np.asarray, state_template)
+    items = {'state': ocp.args.StandardRestore(template)}
     if data_iterator is not None:
       items['data_iter'] = grain.checkpoint.CheckpointRestore(
           _IteratorRestorer(data_iterator))

@@ -5,7 +5,7 @@ a script (a separate process) by the SIGKILL/SIGTERM and two-process tests:
 
   python tests/train_helper.py --workdir DIR --total_steps 6 \
       [--kill_at 4 --kill_signal KILL] [--coordinator localhost:PORT
-      --num_processes 2 --process_id 0] [--demo DATA_DIR]
+      --num_processes 2 --process_id 0]
 
 The toy model has the pieces the loop must handle: a 'backbone' subtree with
 a frozen part, a 'frozen' variable collection, dropout driven by the loss's
@@ -122,36 +122,14 @@ def toy_iterator(global_batch: int, *, num_local_devices: int,
   return iter(ds.to_iter_dataset())
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--total_steps', type=int, default=6)
-  parser.add_argument('--kill_at', type=int, default=-1)
-  parser.add_argument('--kill_signal', default='KILL')
-  parser.add_argument('--coordinator', default='')
-  parser.add_argument('--num_processes', type=int, default=1)
-  parser.add_argument('--process_id', type=int, default=0)
-  parser.add_argument('--demo', default='',
-                      help='synthetic data dir: train MimicDet (demo config)')
-  args = parser.parse_args()
-
-  train_lib.initialize_distributed(args.coordinator, args.num_processes,
-                                   args.process_id)
-
-  def on_step_end(step):
-    print(f'STEP {step}', flush=True)
-    if step == args.kill_at:
-      os.kill(os.getpid(), getattr(signal, 'SIG' + args.kill_signal))
-
-  if args.demo:
-    raise SystemExit('--demo is wired in by tests/test_multihost.py')
-
-  config = toy_config(total_steps=args.total_steps)
+def run_toy(workdir: str, config: ml_collections.ConfigDict, *,
+            nan_from: int = -1, on_step_end=None):
+  """run_training on the toy model; returns (final state, example indices seen)."""
   variables = toy_variables()
   it = toy_iterator(config.train.batch_size,
                     num_local_devices=jax.local_device_count(),
                     process_index=jax.process_index(),
-                    process_count=jax.process_count())
+                    process_count=jax.process_count(), nan_from=nan_from)
   seen = []
 
   class Recording:
@@ -169,15 +147,42 @@ def main():
       it.set_state(state)
 
   final = train_lib.run_training(
-      config, args.workdir, variables=variables,
+      config, str(workdir), variables=variables,
       frozen_mask=toy_frozen_mask(variables['params']), loss_fn=toy_loss,
       train_iter=Recording(), on_step_end=on_step_end)
-  out = os.path.join(args.workdir, f'final_{jax.process_index()}.npz')
-  flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(final.params)[0]}
-  np.savez(out, **flat)
-  with open(os.path.join(args.workdir, f'seen_{jax.process_index()}.json'),
-            'w') as f:
+  return final, seen
+
+
+def flat_params(params) -> dict:
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--total_steps', type=int, default=6)
+  parser.add_argument('--kill_at', type=int, default=-1)
+  parser.add_argument('--kill_signal', default='KILL')
+  parser.add_argument('--coordinator', default='')
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  args = parser.parse_args()
+
+  train_lib.initialize_distributed(args.coordinator, args.num_processes,
+                                   args.process_id)
+
+  def on_step_end(step):
+    print(f'STEP {step}', flush=True)
+    if step == args.kill_at:
+      os.kill(os.getpid(), getattr(signal, 'SIG' + args.kill_signal))
+
+  final, seen = run_toy(args.workdir, toy_config(total_steps=args.total_steps),
+                        on_step_end=on_step_end)
+  index = jax.process_index()
+  np.savez(os.path.join(args.workdir, f'final_{index}.npz'),
+           **flat_params(final.params))
+  with open(os.path.join(args.workdir, f'seen_{index}.json'), 'w') as f:
     json.dump(seen, f)
   print('DONE', int(final.step), flush=True)
 

@@ -1,0 +1,269 @@
+"""Tests of mimicdet_jax.train_lib on a small Flax model (tests/train_helper.py).
+
+The MimicDet end-to-end runs are in tests/test_multihost.py and the slow
+tests at the bottom of this file.
+"""
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mimicdet_jax import train_lib
+from tests import train_helper as th
+
+
+# ------------------------------------------------------------------ schedule
+def _detectron2_lr(step, peak, warmup_steps, warmup_factor, milestones, gamma):
+  """Detectron2 WarmupMultiStepLR (linear), written out independently."""
+  if step < warmup_steps:
+    alpha = step / warmup_steps
+    factor = warmup_factor * (1 - alpha) + alpha
+  else:
+    factor = 1.0
+  decays = sum(1 for m in milestones if step >= m)
+  return peak * factor * gamma ** decays
+
+
+def test_lr_schedule_matches_warmup_multistep_reference():
+  c = th.toy_config()
+  c.optim.base_lr = 0.02
+  c.optim.base_batch_size = 16
+  c.train.batch_size = 32  # linear scaling: peak 0.04
+  c.optim.warmup_steps = 10
+  c.optim.warmup_factor = 0.001
+  c.optim.decay_steps = (30, 45)
+  c.optim.decay_factor = 0.1
+  schedule = train_lib.make_lr_schedule(c)
+  for step in [0, 1, 5, 9, 10, 11, 29, 30, 31, 44, 45, 100]:
+    want = _detectron2_lr(step, 0.04, 10, 0.001, (30, 45), 0.1)
+    np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-5,
+                               err_msg=f'step {step}')
+
+
+# ----------------------------------------------------------------- optimiser
+def _toy_params():
+  rng = np.random.default_rng(0)
+  return {
+      'backbone': {'stem': {'kernel': rng.normal(size=(3, 3, 2, 4)),
+                            'bias': rng.normal(size=(4,))},
+                   'layer2': {'kernel': rng.normal(size=(3, 3, 4, 4)),
+                              'bias': rng.normal(size=(4,))}},
+      'head': {'kernel': rng.normal(size=(4, 2)),
+               'norm_scale': rng.normal(size=(2,))},
+  }
+
+
+def _frozen(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: p[1].key == 'stem' if len(p) > 1 else False, params)
+
+
+@pytest.mark.parametrize('clip', [0.0, 0.5])
+def test_optimizer_matches_pytorch_sgd_reference(clip):
+  c = th.toy_config()
+  c.optim.base_lr = 0.1
+  c.optim.base_batch_size = 8
+  c.train.batch_size = 8
+  c.optim.warmup_steps = 2
+  c.optim.warmup_factor = 0.1
+  c.optim.decay_steps = (3,)
+  c.optim.decay_factor = 0.5
+  c.optim.weight_decay = 0.01
+  c.optim.momentum = 0.9
+  c.optim.grad_clip_norm = clip
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), _toy_params())
+  mask = _frozen(params)
+  tx = train_lib.make_optimizer(c, mask)
+  opt_state = tx.init(params)
+  update = jax.jit(tx.update)
+  # Frozen leaves hold no optimiser state: the state is the momentum of the
+  # trainable leaves plus scalar counters.
+  n_trainable = sum(x.size for x, f in zip(jax.tree.leaves(params),
+                                           jax.tree.leaves(mask)) if not f)
+  n_state = sum(np.size(x) for x in jax.tree.leaves(opt_state)
+                if np.size(x) > 1)
+  assert n_state == n_trainable
+
+  # NumPy reference: torch.optim.SGD(momentum, weight_decay per group) with
+  # clip_grad_norm_ over the trainable leaves.
+  ref = {k: np.array(v, np.float64) for k, v in
+         zip(range(len(jax.tree.leaves(params))), jax.tree.leaves(params))}
+  frozen = jax.tree.leaves(mask)
+  buf = {k: np.zeros_like(v) for k, v in ref.items()}
+  lrs = [_detectron2_lr(t, 0.1, 2, 0.1, (3,), 0.5) for t in range(5)]
+  p = params
+  rng = np.random.default_rng(1)
+  for t in range(5):
+    grads = jax.tree.map(
+        lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+    g_leaves = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+    if clip:
+      norm = np.sqrt(sum(np.sum(g**2) for g, f in zip(g_leaves, frozen)
+                         if not f))
+      g_leaves = [g * min(1.0, clip / norm) for g in g_leaves]
+    for k, g in enumerate(g_leaves):
+      if frozen[k]:
+        continue
+      if ref[k].ndim > 1:
+        g = g + 0.01 * ref[k]
+      buf[k] = 0.9 * buf[k] + g
+      ref[k] = ref[k] - lrs[t] * buf[k]
+    updates, opt_state = update(grads, opt_state, p)
+    p = optax.apply_updates(p, updates)
+  for k, leaf in enumerate(jax.tree.leaves(p)):
+    np.testing.assert_allclose(np.asarray(leaf), ref[k], rtol=1e-5, atol=1e-6)
+  # Frozen leaves did not move at all.
+  for leaf, orig, f in zip(jax.tree.leaves(p), jax.tree.leaves(params), frozen):
+    if f:
+      np.testing.assert_array_equal(np.asarray(leaf), orig)
+
+
+# ----------------------------------------------------------- pmapped step
+def _step_fn(config, variables, per_image=True):
+  mask = th.toy_frozen_mask(variables['params'])
+  state, tx = train_lib.create_train_state(config, variables, mask,
+                                           jax.random.PRNGKey(3))
+  step = train_lib.make_train_step(
+      th.toy_loss, tx, mask, loss_per_image=per_image,
+      lr_schedule=train_lib.make_lr_schedule(config))
+  return state, step
+
+
+def _batch(n, nan_index=-1):
+  ex = [th._example(i, nan_from=-1) for i in range(n)]
+  batch = {k: np.stack([e[k] for e in ex]) for k in ex[0]}
+  if nan_index >= 0:
+    batch['image'][nan_index, 1, 1, 1] = np.nan
+  return batch
+
+
+def test_eight_devices_batch_one_equals_one_device_batch_eight():
+  assert jax.local_device_count() >= 8, 'conftest sets 8 CPU devices'
+  config = th.toy_config()
+  variables = th.toy_variables()
+  state, step = _step_fn(config, variables)
+  batch = _batch(8)
+  results = {}
+  for n_dev in (8, 1):
+    devices = jax.local_devices()[:n_dev]
+    p_step = train_lib.pmap_train_step(step, devices=devices)
+    split = jax.tree.map(lambda x: x.reshape((n_dev, 8 // n_dev) + x.shape[1:]),
+                         batch)
+    rstate = train_lib.replicate(state, devices)
+    for _ in range(2):  # two steps: momentum and the folded key matter
+      rstate, metrics = p_step(rstate, split)
+    results[n_dev] = (train_lib.first_replica(rstate),
+                      train_lib.first_replica(metrics))
+  p8, m8 = results[8]
+  p1, m1 = results[1]
+  moved = [np.max(np.abs(a - b)) for a, b in zip(
+      jax.tree.leaves(p8.params), jax.tree.leaves(variables['params']))]
+  assert max(moved) > 1e-3  # the step did something
+  for a, b in zip(jax.tree.leaves(p8.params), jax.tree.leaves(p1.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
+
+
+def test_replicas_agree_and_dropout_uses_the_key():
+  config = th.toy_config()
+  variables = th.toy_variables()
+  state, step = _step_fn(config, variables)
+  p_step = train_lib.pmap_train_step(step)
+  batch = jax.tree.map(lambda x: x.reshape((8, 1) + x.shape[1:]), _batch(8))
+  rstate, _ = p_step(train_lib.replicate(state), batch)
+  for leaf in jax.tree.leaves(rstate.params):
+    arr = np.asarray(leaf)
+    np.testing.assert_array_equal(arr, np.broadcast_to(arr[0], arr.shape))
+  # Same batch, another base key: a different dropout mask, other params.
+  state2 = state.replace(rng=np.asarray(jax.random.PRNGKey(4), np.uint32))
+  rstate2, _ = p_step(train_lib.replicate(state2), batch)
+  diff = max(np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in zip(
+      jax.tree.leaves(rstate.params), jax.tree.leaves(rstate2.params)))
+  assert diff > 1e-6
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+  config = th.toy_config()
+  variables = th.toy_variables()
+  state, step = _step_fn(config, variables)
+  p_step = train_lib.pmap_train_step(step, devices=jax.local_devices()[:2])
+  shape = lambda b: jax.tree.map(lambda x: x.reshape((2, 4) + x.shape[1:]), b)
+  rstate = train_lib.replicate(state, jax.local_devices()[:2])
+  rstate, _ = p_step(rstate, shape(_batch(8)))
+  before = train_lib.first_replica(rstate)
+  # One NaN pixel in one image on one device poisons the averaged loss.
+  rstate, m = p_step(rstate, shape(_batch(8, nan_index=6)))
+  after = train_lib.first_replica(rstate)
+  m = train_lib.first_replica(m)
+  assert m['finite'] == 0 and not np.isfinite(m['loss'])
+  assert int(after.step) == 2
+  assert int(after.nonfinite_streak) == 1 and int(after.nonfinite_total) == 1
+  for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
+                  jax.tree.leaves((after.params, after.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  rstate, m = p_step(rstate, shape(_batch(8)))
+  final = train_lib.first_replica(rstate)
+  assert int(final.nonfinite_streak) == 0 and int(final.nonfinite_total) == 1
+  assert train_lib.first_replica(m)['finite'] == 1
+  assert not np.array_equal(jax.tree.leaves(final.params)[-1],
+                            jax.tree.leaves(after.params)[-1])
+
+
+# --------------------------------------------------------------- the loop
+def _run(workdir, config, *, nan_from=-1, on_step_end=None):
+  return th.run_toy(workdir, config, nan_from=nan_from,
+                    on_step_end=on_step_end)[0]
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_resume_in_process_equals_uninterrupted(tmp_path):
+  full = _run(tmp_path / 'full', th.toy_config(total_steps=6))
+  part = tmp_path / 'part'
+  first = _run(part, th.toy_config(total_steps=3))
+  assert int(first.step) == 3
+  resumed = _run(part, th.toy_config(total_steps=6))
+  assert int(resumed.step) == 6
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  losses = lambda d: [(r['step'], r['loss']) for r in _metrics(d)]
+  assert losses(part) == losses(tmp_path / 'full')
+  assert [r['step'] for r in _metrics(part)] == [1, 2, 3, 4, 5, 6]
+  # keep_checkpoints=3, checkpoint_every=2, plus the final step 3 of run 1.
+  assert sorted(os.listdir(part / 'checkpoints'))[-3:] == ['3', '4', '6']
+
+
+def test_nan_batches_stop_training_with_a_message(tmp_path):
+  config = th.toy_config(total_steps=20, max_consecutive_nonfinite=3,
+                         log_every=1)
+  # Examples >= 16 are NaN: with batch 8, steps 3, 4, 5, ... are poisoned.
+  with pytest.raises(train_lib.NonFiniteLossError) as err:
+    _run(tmp_path, config, nan_from=16)
+  msg = str(err.value)
+  assert 'step 5' in msg and '3 consecutive' in msg and '(steps 3..5)' in msg
+  assert 'loss=nan' in msg and 'err_x=' in msg and 'err_y=' in msg
+  rows = _metrics(tmp_path)
+  assert [r['nonfinite_total'] for r in rows] == [0, 0, 1, 2, 3]
+  assert [r['nonfinite_steps'] for r in rows] == [0, 0, 1, 1, 1]
+
+
+def test_sigterm_saves_at_the_next_step_boundary(tmp_path):
+  def on_step_end(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  config = th.toy_config(total_steps=20, checkpoint_every=10)
+  previous = signal.getsignal(signal.SIGTERM)
+  final = _run(tmp_path, config, on_step_end=on_step_end)
+  # The signal arrives after step 3's stop check: step 4 is the next boundary.
+  assert int(final.step) == 4
+  assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints')) == [4]
+  assert signal.getsignal(signal.SIGTERM) == previous  # handler restored
