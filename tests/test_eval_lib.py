@@ -310,3 +310,48 @@ def test_per_class_ap_matches_pycocotools_per_category(tmp_path):
     e.summarize()
     assert metrics['per_class'][cat['name']] == pytest.approx(e.stats[0])
     assert metrics['per_class_AP50'][cat['name']] == pytest.approx(e.stats[1])
+
+
+class _ListSource:
+  """A source without an annotation file (like TfdsSource): raw examples."""
+
+  def __init__(self, gt):
+    self.class_names = [c['name'] for c in sorted(gt['categories'],
+                                                  key=lambda c: c['id'])]
+    self.label_to_category_id = {
+        k + 1: c['id'] for k, c in enumerate(sorted(gt['categories'],
+                                                    key=lambda c: c['id']))}
+    cat_to_label = {v: k for k, v in self.label_to_category_id.items()}
+    self.examples = []
+    for img in gt['images']:
+      anns = [a for a in gt['annotations'] if a['image_id'] == img['id']]
+      self.examples.append(dict(
+          image_id=img['id'], orig_size=np.array([img['height'], img['width']]),
+          boxes=np.array([[x, y, x + w, y + h] for x, y, w, h in
+                          (a['bbox'] for a in anns)], np.float32),
+          classes=np.array([cat_to_label[a['category_id']] for a in anns]),
+          is_crowd=np.zeros(len(anns), bool)))
+
+  def __len__(self):
+    return len(self.examples)
+
+  def __getitem__(self, i):
+    return self.examples[i]
+
+
+def test_ground_truth_rebuilt_from_a_source_scores_like_the_file(tmp_path):
+  gt = _gt_dataset()
+  path = tmp_path / 'gt.json'
+  path.write_text(json.dumps(gt))
+  rng = np.random.default_rng(4)
+  dets = [dict(image_id=a['image_id'], category_id=a['category_id'],
+               bbox=[v + rng.normal(0, 2) for v in a['bbox']],
+               score=float(rng.uniform())) for a in gt['annotations']]
+  config = make_config()  # val_annotations unset: rebuild from the source
+  coco, name = eval_lib.ground_truth(_ListSource(gt), config)
+  assert name is None
+  rebuilt = eval_lib.coco_evaluate(coco, dets, verbose=False)
+  from_file = eval_lib.coco_evaluate(str(path), dets, verbose=False)
+  for key in eval_lib.SUMMARY_KEYS:
+    assert rebuilt[key] == pytest.approx(from_file[key]), key
+  assert rebuilt['per_class'] == pytest.approx(from_file['per_class'])
