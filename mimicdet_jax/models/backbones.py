@@ -458,8 +458,8 @@ def graft_backbone(variables: Mapping[str, Any],
     name: the backbone submodule's name in the full model.
 
   Returns:
-    A copy of `variables` with variables[col][name] replaced, leaves cast to
-    the dtype of the leaves they replace.
+    A copy of `variables` with variables[col][name] replaced by NumPy arrays
+    of the dtype of the leaves they replace; everything else is shared.
 
   Raises:
     ValueError: naming every missing, unexpected or mis-shaped variable.
@@ -481,8 +481,9 @@ def graft_backbone(variables: Mapping[str, Any],
                  f'backbone {tuple(np.shape(source[k]))}'
                  for k in sorted(set(source) & set(target))
                  if tuple(target[k].shape) != tuple(np.shape(source[k]))]
+    # NumPy (host) arrays: the caller decides placement and sharding.
     grafted[col] = traverse_util.unflatten_dict(
-        {k: jnp.asarray(v, target[k].dtype) for k, v in source.items()
+        {k: np.asarray(v, target[k].dtype) for k, v in source.items()
          if k in target})
   if problems:
     raise ValueError('backbone variables do not fit the model:\n  '
