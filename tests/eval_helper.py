@@ -1,12 +1,24 @@
 """A random-init MimicDet checkpoint and a tiny synthetic set, for the slow
 end-to-end tests of eval.py and predict (tests/test_eval_cli.py,
 tests/test_predict.py). Saved with the project's own checkpoint code, so
-`eval_lib.restore_variables` reads what training writes."""
+`eval_lib.restore_variables` reads what training writes.
+
+Run as a script, one process of a multi-process `gather_across_hosts` test:
+
+  python tests/eval_helper.py --coordinator localhost:PORT --num_processes 2 \
+      --process_id I --out FILE
+"""
+import argparse
+import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
+import numpy as np
 
-from configs import demo
+from configs import demo  # pylint: disable=wrong-import-position
 from mimicdet_jax import checkpoint as checkpoint_lib
 from mimicdet_jax import config_lib
 from mimicdet_jax import train_lib
@@ -63,3 +75,36 @@ def make_workdir(root: str):
   ckpt.save(STEP, state, force=True)
   ckpt.close()
   return recipe, config, data_dir, workdir
+
+
+def host_detections(process_id: int, m: int = 3) -> dict:
+  """Process i holds 2 + 3 i images with ids 100 i + j and known values."""
+  n = 2 + 3 * process_id
+  ids = 100 * process_id + np.arange(n)
+  return dict(
+      boxes=np.broadcast_to(ids[:, None, None], (n, m, 4)).astype(np.float32),
+      scores=np.full((n, m), 0.5, np.float32),
+      classes=np.full((n, m), process_id + 1, np.int32),
+      valid=np.ones((n, m), bool), image_id=ids.astype(np.int64),
+      image_size=np.full((n, 2), 64, np.int32),
+      orig_size=np.full((n, 2), 32, np.int32))
+
+
+def _gather_main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--coordinator', required=True)
+  parser.add_argument('--num_processes', type=int, default=2)
+  parser.add_argument('--process_id', type=int, required=True)
+  parser.add_argument('--out', required=True)
+  args = parser.parse_args()
+  from mimicdet_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  train_lib.initialize_distributed(args.coordinator, args.num_processes,
+                                   args.process_id)
+  gathered = eval_lib.gather_across_hosts(host_detections(args.process_id))
+  if jax.process_index() == 0:
+    with open(args.out, 'w') as f:
+      json.dump({k: np.asarray(v).tolist() for k, v in gathered.items()}, f)
+
+
+if __name__ == '__main__':
+  _gather_main()
