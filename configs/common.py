@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.backbone.arch = 'resnet50'  # resnet50 | resnet101 | resnext101_32x8d | resnext101_64x4d | resnet_tiny
   c.model.backbone.frozen_stages = 1  # stem + stage 1 frozen
   c.model.backbone.remat = False  # nn.remat per stage
+  c.model.backbone.norm = 'frozen_bn'  # frozen_bn (pretrained affine) | group_norm (from scratch)
   c.model.fpn_channels = 256
   c.model.t_levels = (2, 3, 4, 5, 6)  # high-resolution set (staggered pyramid)
   c.model.s_levels = (3, 4, 5, 6, 7)  # low-resolution set; refinement + S-head
