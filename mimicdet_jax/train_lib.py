@@ -608,13 +608,16 @@ def _find_eval_fn(config, workdir: str) -> Optional[Callable]:
   return lambda variables, step: evaluate(config, variables, workdir, step)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> TrainState:
-  """Trains MimicDet as `config` says; what train.py runs.
+def build_training(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Resolves the config and builds what `run_training` takes for MimicDet.
 
   Resolves the config against the training data (number of classes), writes
-  WORKDIR/config.json, builds model, losses and this process's data shard,
-  and calls `run_training`.
+  WORKDIR/config.json, builds model variables (backbone from
+  model.backbone_init), losses and this process's data shard.
+
+  Returns:
+    Keyword arguments of `run_training` (config, workdir, variables,
+    frozen_mask, loss_fn, train_iter, eval_fn).
   """
   # Imported here so that the generic machinery above does not need them.
   from mimicdet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -635,11 +638,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   variables = init_variables(config, model, init_rng)
   frozen_mask = backbones.frozen_param_mask(
       variables['params'], config.model.backbone.frozen_stages)
-  loss_fn = total.make_loss_fn(model, config)
   loader = pipeline.make_train_loader(
       config, source, num_local_devices=jax.local_device_count(),
       process_index=jax.process_index(), process_count=jax.process_count())
-  return run_training(config, workdir, variables=variables,
-                      frozen_mask=frozen_mask, loss_fn=loss_fn,
-                      train_iter=iter(loader),
-                      eval_fn=_find_eval_fn(config, workdir))
+  return dict(config=config, workdir=workdir, variables=variables,
+              frozen_mask=frozen_mask,
+              loss_fn=total.make_loss_fn(model, config),
+              train_iter=iter(loader),
+              eval_fn=_find_eval_fn(config, workdir))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> TrainState:
+  """Trains (and optionally evaluates) MimicDet as `config` says: train.py."""
+  kwargs = build_training(config, workdir)
+  return run_training(kwargs.pop('config'), kwargs.pop('workdir'), **kwargs)

@@ -5,7 +5,7 @@ a script (a separate process) by the SIGKILL/SIGTERM and two-process tests:
 
   python tests/train_helper.py --workdir DIR --total_steps 6 \
       [--kill_at 4 --kill_signal KILL] [--coordinator localhost:PORT
-      --num_processes 2 --process_id 0]
+      --num_processes 2 --process_id 0] [--demo SYNTHETIC_DATA_DIR]
 
 The toy model has the pieces the loop must handle: a 'backbone' subtree with
 a frozen part, a 'frozen' variable collection, dropout driven by the loss's
@@ -122,6 +122,61 @@ def toy_iterator(global_batch: int, *, num_local_devices: int,
   return iter(ds.to_iter_dataset())
 
 
+class Recording:
+  """A training iterator that records the example ids it handed out."""
+
+  def __init__(self, iterator, key: str):
+    self.iterator, self.key, self.seen = iterator, key, []
+
+  def __next__(self):
+    batch = next(self.iterator)
+    self.seen.extend(np.asarray(batch[self.key]).ravel().tolist())
+    return batch
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)
+
+
+def demo_config(data_dir: str, **train_overrides) -> ml_collections.ConfigDict:
+  """configs/demo.py shrunk for tests: 128 px canvas, 32 proposals."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  c.data.train_annotations = os.path.join(data_dir, 'annotations/train.json')
+  c.data.train_images = os.path.join(data_dir, 'train')
+  c.data.val_annotations = os.path.join(data_dir, 'annotations/val.json')
+  c.data.val_images = os.path.join(data_dir, 'val')
+  c.data.train_min_sizes = (128,)
+  c.data.min_size = c.data.max_size = 128
+  c.data.canvas_buckets = ((128, 128),)
+  c.proposals.pre_nms_topk = c.proposals.num_proposals = 32
+  c.eval.pre_nms_topk = 32
+  c.t_head.num_samples = 16
+  c.s_head.ohem_samples = 16
+  c.eval.at_end = False
+  c.train.batch_size = 2
+  c.train.total_steps = 3
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  for k, v in train_overrides.items():
+    setattr(c.train, k, v)
+  return c
+
+
+def run_demo(workdir: str, config: ml_collections.ConfigDict, *,
+             on_step_end=None):
+  """train_lib's MimicDet wiring, with the consumed image ids recorded."""
+  kwargs = train_lib.build_training(config, str(workdir))
+  kwargs['train_iter'] = Recording(kwargs['train_iter'], 'image_id')
+  kwargs['eval_fn'] = None
+  recording = kwargs['train_iter']
+  final = train_lib.run_training(kwargs.pop('config'), kwargs.pop('workdir'),
+                                 on_step_end=on_step_end, **kwargs)
+  return final, recording.seen
+
+
 def run_toy(workdir: str, config: ml_collections.ConfigDict, *,
             nan_from: int = -1, on_step_end=None):
   """run_training on the toy model; returns (final state, example indices seen)."""
@@ -130,27 +185,12 @@ def run_toy(workdir: str, config: ml_collections.ConfigDict, *,
                     num_local_devices=jax.local_device_count(),
                     process_index=jax.process_index(),
                     process_count=jax.process_count(), nan_from=nan_from)
-  seen = []
-
-  class Recording:
-    """Records which example indices this process consumed."""
-
-    def __next__(self):
-      batch = next(it)
-      seen.extend(np.asarray(batch['index']).ravel().tolist())
-      return batch
-
-    def get_state(self):
-      return it.get_state()
-
-    def set_state(self, state):
-      it.set_state(state)
-
+  recording = Recording(it, 'index')
   final = train_lib.run_training(
       config, str(workdir), variables=variables,
       frozen_mask=toy_frozen_mask(variables['params']), loss_fn=toy_loss,
-      train_iter=Recording(), on_step_end=on_step_end)
-  return final, seen
+      train_iter=recording, on_step_end=on_step_end)
+  return final, recording.seen
 
 
 def flat_params(params) -> dict:
@@ -167,6 +207,8 @@ def main():
   parser.add_argument('--coordinator', default='')
   parser.add_argument('--num_processes', type=int, default=1)
   parser.add_argument('--process_id', type=int, default=0)
+  parser.add_argument('--demo', default='',
+                      help='synthetic data dir: train MimicDet (demo_config)')
   args = parser.parse_args()
 
   train_lib.initialize_distributed(args.coordinator, args.num_processes,
@@ -177,8 +219,13 @@ def main():
     if step == args.kill_at:
       os.kill(os.getpid(), getattr(signal, 'SIG' + args.kill_signal))
 
-  final, seen = run_toy(args.workdir, toy_config(total_steps=args.total_steps),
-                        on_step_end=on_step_end)
+  if args.demo:
+    final, seen = run_demo(args.workdir, demo_config(
+        args.demo, total_steps=args.total_steps), on_step_end=on_step_end)
+  else:
+    final, seen = run_toy(args.workdir,
+                          toy_config(total_steps=args.total_steps),
+                          on_step_end=on_step_end)
   index = jax.process_index()
   np.savez(os.path.join(args.workdir, f'final_{index}.npz'),
            **flat_params(final.params))
