@@ -1,4 +1,6 @@
 """Detection losses against NumPy closed forms."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,26 +33,31 @@ def _np_ce(logits, labels):
 RNG = np.random.default_rng(0)
 
 
+def _jit(fn, **static):
+  """jit with keyword arguments fixed (eager op-by-op dispatch is slow)."""
+  return jax.jit(functools.partial(fn, **static))
+
+
 def test_elementwise_losses():
   x = RNG.normal(size=(3, 7)).astype(np.float32) * 3
   y = (RNG.uniform(size=(3, 7)) > 0.5).astype(np.float32)
-  np.testing.assert_allclose(detection.sigmoid_bce(x, y), _np_bce(x, y),
+  np.testing.assert_allclose(jax.jit(detection.sigmoid_bce)(x, y), _np_bce(x, y),
                              rtol=1e-5)
-  np.testing.assert_allclose(detection.sigmoid_focal(x, y, 0.25, 2.0),
+  np.testing.assert_allclose(_jit(detection.sigmoid_focal, alpha=0.25, gamma=2.0)(x, y),
                              _np_focal(x, y, 0.25, 2.0), rtol=1e-4, atol=1e-7)
   logits = RNG.normal(size=(4, 5)).astype(np.float32)
   labels = np.array([0, 4, 2, 1])
-  np.testing.assert_allclose(detection.softmax_ce(logits, labels),
+  np.testing.assert_allclose(jax.jit(detection.softmax_ce)(logits, labels),
                              _np_ce(logits, labels), rtol=1e-5)
   a, b = RNG.normal(size=(2, 6, 4)).astype(np.float32)
-  np.testing.assert_allclose(detection.l1(a, b), np.abs(a - b).sum(-1),
+  np.testing.assert_allclose(jax.jit(detection.l1)(a, b), np.abs(a - b).sum(-1),
                              rtol=1e-6)
   d = np.array([-3.0, -0.5, 0.0, 0.2, 2.0], np.float32)
-  np.testing.assert_allclose(detection.smooth_l1(d, 0.0 * d, beta=1.0),
+  np.testing.assert_allclose(jax.jit(detection.smooth_l1)(d, 0.0 * d),
                              [2.5, 0.125, 0.0, 0.02, 1.5], rtol=1e-6)
   # bfloat16 inputs are computed in float32.
-  assert detection.softmax_ce(logits.astype(jnp.bfloat16),
-                              labels).dtype == jnp.float32
+  assert jax.jit(detection.softmax_ce)(
+      logits.astype(jnp.bfloat16), labels).dtype == jnp.float32
 
 
 def test_refine_loss_bce_and_focal():
@@ -60,25 +67,22 @@ def test_refine_loss_bce_and_focal():
   targets = RNG.normal(size=(b, a, 4)).astype(np.float32)
   positive = RNG.uniform(size=(b, a)) < 0.2
   sampled = positive | (RNG.uniform(size=(b, a)) < 0.3)
-  out = detection.refine_loss(logits, deltas, positive, targets, sampled,
-                              cls_loss='bce', focal_alpha=0.25,
-                              focal_gamma=2.0)
+  out = _jit(detection.refine_loss, cls_loss='bce', focal_alpha=0.25,
+             focal_gamma=2.0)(logits, deltas, positive, targets, sampled)
   y = positive.astype(np.float32)
   np.testing.assert_allclose(out['cls'], _np_bce(logits, y)[sampled].mean(),
                              rtol=1e-5)
   l1_ref = np.abs(deltas - targets).sum(-1)[positive].mean()
   np.testing.assert_allclose(out['reg'], l1_ref, rtol=1e-5)
   assert int(out['num_positives']) == positive.sum()
-  focal = detection.refine_loss(logits, deltas, positive, targets, None,
-                                cls_loss='focal', focal_alpha=0.25,
-                                focal_gamma=2.0)
+  focal_fn = _jit(detection.refine_loss, sampled=None, cls_loss='focal',
+                  focal_alpha=0.25, focal_gamma=2.0)
+  focal = focal_fn(logits, deltas, positive, targets)
   np.testing.assert_allclose(
       focal['cls'], _np_focal(logits, y, 0.25, 2.0).sum() / positive.sum(),
       rtol=1e-4)
   # No positives: finite, regression 0.
-  none = detection.refine_loss(logits, deltas, np.zeros((b, a), bool), targets,
-                               sampled, cls_loss='focal', focal_alpha=0.25,
-                               focal_gamma=2.0)
+  none = focal_fn(logits, deltas, np.zeros((b, a), bool), targets)
   assert np.isfinite(none['cls']) and float(none['reg']) == 0.0
 
 
@@ -87,7 +91,7 @@ def test_t_head_loss():
   labels = np.array([[1, 0, 3, 0, 0, 2], [0, 0, 2, 0, 1, 0]])
   valid = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
   deltas, targets = RNG.normal(size=(2, 2, 6, 4)).astype(np.float32)
-  out = detection.t_head_loss(logits, deltas, labels, targets, valid)
+  out = jax.jit(detection.t_head_loss)(logits, deltas, labels, targets, valid)
   np.testing.assert_allclose(out['cls'], _np_ce(logits, labels)[valid].mean(),
                              rtol=1e-5)
   fg = valid & (labels > 0)
@@ -100,7 +104,8 @@ def test_ohem_keeps_known_top_losses():
   losses = jnp.array([[0.1, 5.0, 0.3, 4.0, 9.0, 0.2],
                       [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
   valid = jnp.array([[1, 1, 1, 1, 0, 1], [1, 1, 0, 0, 0, 0]], bool)
-  kept = np.asarray(detection.ohem_mask(losses, valid, 3))
+  kept = np.asarray(jax.jit(detection.ohem_mask, static_argnums=2)(
+      losses, valid, 3))
   # Row 0: 9.0 is padding; the top three valid are 5.0, 4.0, 0.3.
   np.testing.assert_array_equal(kept[0], [0, 1, 1, 1, 0, 0])
   # Row 1: only two valid -> both kept, nothing invalid.
@@ -115,7 +120,8 @@ def test_s_head_loss_is_mean_of_top_k_and_gradient_only_there():
   valid = RNG.uniform(size=(b, p)) < 0.8
   valid[:, :4] = True
   k = 3
-  out = detection.s_head_loss(logits, deltas, labels, targets, valid, k)
+  out = jax.jit(detection.s_head_loss, static_argnums=5)(
+      logits, deltas, labels, targets, valid, k)
   per = _np_ce(logits, labels) + np.where(
       labels > 0, np.abs(deltas - targets).sum(-1), 0.0)
   top = [np.sort(per[i][valid[i]])[::-1][:k] for i in range(b)]
@@ -123,8 +129,8 @@ def test_s_head_loss_is_mean_of_top_k_and_gradient_only_there():
                              rtol=1e-5)
   np.testing.assert_allclose(out['cls'] + out['reg'], out['total'], rtol=1e-6)
   assert int(out['num_kept']) == 2 * k
-  g = jax.grad(lambda z: detection.s_head_loss(z, deltas, labels, targets,
-                                               valid, k)['total'])(logits)
+  g = jax.jit(jax.grad(lambda z: detection.s_head_loss(
+      z, deltas, labels, targets, valid, k)['total']))(logits)
   nonzero = np.abs(np.asarray(g)).sum(-1) > 0
   for i in range(b):
     threshold = top[i][-1]

@@ -1,4 +1,6 @@
 """Mimic distances and variants against closed forms."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,11 +17,16 @@ def _pair(b=2, s=5, l=4, d=6):
   return dict(cls=cls[0], reg=reg[0]), dict(cls=cls[1], reg=reg[1])
 
 
+@functools.lru_cache
+def _jitted(**kw):
+  return jax.jit(functools.partial(mimic.mimic_loss, **kw))
+
+
 def _loss(student, teacher, mask, **kw):
   args = dict(paths='both', distance='cosine', temperature=1.0,
               teacher_grad='stopped')
   args.update(kw)
-  return mimic.mimic_loss(student, teacher, mask, **args)
+  return _jitted(**args)(student, teacher, mask)
 
 
 def test_identical_is_zero_opposite_is_two_per_path():
