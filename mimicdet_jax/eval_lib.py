@@ -17,6 +17,7 @@ Boxes are (x1, y1, x2, y2) float32 pixels; "canvas" pixels are those of the
 network input (resized, padded), "original" pixels those of the image file:
 original = canvas / scale.
 """
+import functools
 import json
 import logging
 import os
@@ -26,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimicdet_jax.models import anchors as anchors_lib
 from mimicdet_jax import ops
+from mimicdet_jax.models import anchors as anchors_lib
 
 Array = jnp.ndarray
 
@@ -685,12 +686,21 @@ def ground_truth(source, config):
   return coco, None
 
 
+@functools.lru_cache(maxsize=4)
+def _predict_fn_of_config(config) -> Callable[..., dict[str, Array]]:
+  """One compiled predict function per (frozen, hashable) config, so that
+  periodic evaluation during training does not recompile each time."""
+  from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
+  return make_predict_fn(mimicdet.MimicDet(config), config)
+
+
 def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
              viz: Optional[int] = None, model=None,
              out_dir: Optional[str] = None) -> Optional[dict[str, Any]]:
   """Detects on the validation split, writes and scores the results.
 
-  Every process calls this (each runs its shard of the images on its local
+  `config` is the resolved (frozen) config; the compiled predict function
+  is cached per config. Every process calls this (each runs its shard of the images on its local
   devices); process 0 gathers, writes OUT/detections.json and
   OUT/metrics.json (OUT = WORKDIR/eval unless `out_dir`), appends the metrics
   with `step` to OUT/history.jsonl, prints the COCO and per-class tables and
@@ -700,9 +710,6 @@ def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
     The metrics dict on process 0, None on the others.
   """
   from mimicdet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  if model is None:
-    from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
-    model = mimicdet.MimicDet(config)
   out_dir = out_dir or os.path.join(workdir, 'eval')
   viz = int(config.eval.viz if viz is None else viz)
   source = pipeline.build_source(config.data, 'val')
@@ -714,7 +721,8 @@ def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
   pid, pcount = jax.process_index(), jax.process_count()
   batch_size = max(1, -(-int(config.eval.batch_size) // pcount))
   batches = pipeline.make_eval_batches(config, source, batch_size, pid, pcount)
-  predict_fn = make_predict_fn(model, config)
+  predict_fn = (_predict_fn_of_config(config) if model is None
+                else make_predict_fn(model, config))
 
   drawn = []
 
