@@ -45,7 +45,8 @@ class MimicDet(nn.Module):
     self.t_levels = t_head_levels(c)
     self.backbone = ResNet(c.model.backbone.arch,
                            frozen_stages=c.model.backbone.frozen_stages,
-                           remat=c.model.backbone.remat, dtype=dtype)
+                           remat=c.model.backbone.remat,
+                           norm=c.model.backbone.norm, dtype=dtype)
     self.fpn = FPN(c.model.fpn_channels,
                    levels=tuple(sorted(set(self.t_levels) | set(self.s_levels))),
                    dtype=dtype)
