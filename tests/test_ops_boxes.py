@@ -46,6 +46,18 @@ def test_box_iou_matches_loop_and_handles_degenerate():
   assert np.all(np.isfinite(np.asarray(g)))
 
 
+def test_box_iou_masks_padding():
+  rng = np.random.default_rng(3)
+  a, b = _random_boxes(rng, 6), _random_boxes(rng, 5)
+  b[0] = a[0]
+  mask_a = np.array([True, True, False, True, True, True])
+  mask_b = np.array([True, False, True, True, True])
+  got = np.asarray(ops.box_iou(a, b, mask_a, mask_b))
+  ref = _iou_ref(a, b) * mask_a[:, None] * mask_b[None, :]
+  np.testing.assert_allclose(got, ref, atol=1e-6)
+  assert got[0, 0] > 0.99
+
+
 def test_box_iou_broadcasts_leading_dims():
   rng = np.random.default_rng(1)
   a = np.stack([_random_boxes(rng, 5), _random_boxes(rng, 5)])

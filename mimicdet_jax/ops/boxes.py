@@ -12,7 +12,7 @@ written with mmdetection-style means/stds: detectron2's weights (wx, wy, ww,
 wh) are 1 / stds with zero means.
 """
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax.numpy as jnp
 
@@ -29,11 +29,18 @@ def box_area(boxes: Array) -> Array:
   return w * h
 
 
-def box_iou(boxes_a: Array, boxes_b: Array) -> Array:
+def box_iou(boxes_a: Array, boxes_b: Array,
+            mask_a: Optional[Array] = None,
+            mask_b: Optional[Array] = None) -> Array:
   """Pairwise IoU of boxes_a [..., N, 4] and boxes_b [..., M, 4] -> [..., N, M].
 
   Leading dimensions broadcast. Pairs whose union is 0 (both boxes degenerate)
   get IoU 0, so padded all-zero boxes never match anything.
+
+  Args:
+    boxes_a, boxes_b: x1y1x2y2 boxes.
+    mask_a, mask_b: optional bool [..., N] / [..., M]; pairs with a masked-out
+      (padding) box get IoU 0 whatever the boxes hold.
   """
   area_a = box_area(boxes_a)[..., :, None]
   area_b = box_area(boxes_b)[..., None, :]
@@ -47,6 +54,10 @@ def box_iou(boxes_a: Array, boxes_b: Array) -> Array:
   union = area_a + area_b - inter
   positive = union > 0
   # The inner where keeps the gradient finite where union == 0.
+  if mask_a is not None:
+    positive &= mask_a[..., :, None]
+  if mask_b is not None:
+    positive &= mask_b[..., None, :]
   return jnp.where(positive, inter / jnp.where(positive, union, 1.0), 0.0)
 
 

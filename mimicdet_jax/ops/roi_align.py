@@ -98,8 +98,11 @@ def _roi_align_flat(flat_features: Array, boxes: Array, scale: Array,
   values = jax.vmap(lambda f, i: jnp.take(f, i, axis=0, mode='clip'))(
       flat_features, index.reshape(b, -1))
   values = values.reshape(index.shape + (flat_features.shape[-1],))
-  out = jnp.sum(values * weight[..., None].astype(values.dtype), axis=(3, 5))
-  return out
+  # Sum the 4 sr^2 weighted samples in at least float32 (bfloat16 features).
+  acc_dtype = jnp.promote_types(values.dtype, jnp.float32)
+  out = jnp.sum(values * weight[..., None].astype(values.dtype), axis=(3, 5),
+                dtype=acc_dtype)
+  return out.astype(values.dtype)
 
 
 def roi_align(features: Array, boxes: Array,
