@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimicdet_jax.models.fpn import c2_xavier_fill  # also the T-head's fcs
 from mimicdet_jax.ops.deform_conv import deform_conv2d
 from mimicdet_jax.ops.roi_align import multilevel_roi_align
 
@@ -27,8 +28,6 @@ T_BOX_INIT_STD = 0.001
 
 normal = nn.initializers.normal
 zeros = nn.initializers.zeros
-# detectron2's c2_xavier_fill (kaiming_uniform, a=1) for fc layers.
-c2_xavier_fill = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 # detectron2's c2_msra_fill (kaiming_normal, fan_out, ReLU) for the T-head convs
 # (jax's 'normal' is untruncated, as torch's kaiming_normal_).
 c2_msra_fill = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
