@@ -416,13 +416,27 @@ class _StopSignal:
     self._previous = {}
 
 
-def _preemption_sync(step: int) -> bool:
-  try:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(multihost_utils.reached_preemption_sync_point(step))
-  except Exception:  # pylint: disable=broad-except
-    # No preemption service (e.g. not started by jax.distributed).
-    return False
+class _PreemptionSync:
+  """All processes agree to stop at the same step after a preemption notice.
+
+  Wraps `multihost_utils.reached_preemption_sync_point`; where JAX runs no
+  preemption service (it raises), it is disabled after the first call.
+  """
+
+  def __init__(self):
+    self.available = True
+
+  def __call__(self, step: int) -> bool:
+    if not self.available:
+      return False
+    try:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('no preemption service (%s): SIGTERM is not handled '
+                      'gracefully in this multi-process run', e)
+      self.available = False
+      return False
 
 
 # ---------------------------------------------------------------- the loop
@@ -493,6 +507,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   writer = MetricWriter(workdir, start_step, enabled=is_main)
   stop = _StopSignal()
   multi_process = jax.process_count() > 1
+  preemption_sync = _PreemptionSync()
   if not multi_process:
     stop.install()
   check_every = max(1, min(t.log_every, t.max_consecutive_nonfinite))
@@ -531,7 +546,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
           raise NonFiniteLossError(msg)
 
       stop_now = (stop.requested is not None if not multi_process
-                  else _preemption_sync(step))
+                  else preemption_sync(step))
       if step % t.checkpoint_every == 0 or is_last or stop_now:
         ckpt.save(step, first_replica(rstate), train_iter,
                   force=is_last or stop_now)

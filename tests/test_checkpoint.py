@@ -133,3 +133,22 @@ def test_sigterm_process_exits_cleanly_with_a_checkpoint(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'DONE 4' in r.stdout
   assert '4' in os.listdir(tmp_path / 'checkpoints')
+
+
+@pytest.mark.slow
+def test_demo_config_sigkill_after_save_then_restart(tmp_path):
+  """The same on MimicDet and the grain DataLoader (minutes on CPU)."""
+  data = tmp_path / 'data'
+  subprocess.run([sys.executable, '-m', 'mimicdet_jax.data.synthetic',
+                  str(data), '--num-train', '16', '--num-val', '2',
+                  '--seed', '0'], check=True, cwd=REPO,
+                 env=dict(os.environ, PYTHONPATH=REPO))
+  full, part = tmp_path / 'full', tmp_path / 'part'
+  r = _helper(full, '--total_steps', 6, '--demo', data, devices=2)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = _helper(part, '--total_steps', 6, '--demo', data, '--kill_at', 5,
+              devices=2)
+  assert r.returncode == -9, r.stderr[-3000:]
+  r = _helper(part, '--total_steps', 6, '--demo', data, devices=2)
+  assert r.returncode == 0, r.stderr[-3000:]
+  _check_same_run(full, part)

@@ -59,8 +59,8 @@ def _check(workdir, steps, examples_per_step):
   assert not set(seen[0]) & set(seen[1]), 'the two shards overlap'
   # One checkpoint directory, written together; metrics from process 0 only.
   data_iter = os.path.join(workdir, 'checkpoints', str(steps), 'data_iter')
-  assert sorted(os.listdir(data_iter)) == [
-      'process_0-of-2.json', 'process_1-of-2.json']
+  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(
+      os.listdir(data_iter))
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     assert [json.loads(l)['step'] for l in f] == list(range(1, steps + 1))
   return finals

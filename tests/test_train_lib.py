@@ -267,3 +267,92 @@ def test_sigterm_saves_at_the_next_step_boundary(tmp_path):
   assert int(final.step) == 4
   assert sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints')) == [4]
   assert signal.getsignal(signal.SIGTERM) == previous  # handler restored
+
+
+# ------------------------------------------------------ MimicDet (slow, CPU)
+@pytest.fixture(scope='module')
+def synthetic_data(tmp_path_factory):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = tmp_path_factory.mktemp('synthetic')
+  subprocess.run([sys.executable, '-m', 'mimicdet_jax.data.synthetic',
+                  str(out), '--num-train', '16', '--num-val', '2', '--seed',
+                  '0'], check=True)
+  return out
+
+
+@pytest.mark.slow
+def test_mimicdet_eight_devices_batch_one_equals_one_device_batch_eight(
+    synthetic_data, tmp_path):
+  """Acceptance (a) on the real model, losses and data pipeline."""
+  from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.losses import total  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.models import backbones  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
+
+  config = th.demo_config(str(synthetic_data), batch_size=8)
+  source = pipeline.build_source(config.data, 'train')
+  config = config_lib.resolve(config, source.num_classes)
+  batch = next(iter(pipeline.make_train_loader(
+      config, source, num_local_devices=1, process_index=0, process_count=1)))
+  model = mimicdet.MimicDet(config)
+  variables = train_lib.init_variables(config, model, jax.random.PRNGKey(0))
+  mask = backbones.frozen_param_mask(variables['params'],
+                                     config.model.backbone.frozen_stages)
+  state, tx = train_lib.create_train_state(config, variables, mask,
+                                           jax.random.PRNGKey(1))
+  step = train_lib.make_train_step(total.make_loss_fn(model, config), tx, mask,
+                                   loss_per_image=True)
+  finals = {}
+  for n_dev in (8, 1):
+    devices = jax.local_devices()[:n_dev]
+    split = jax.tree.map(
+        lambda x: x.reshape((n_dev, 8 // n_dev) + x.shape[2:]), batch)
+    rstate, metrics = train_lib.pmap_train_step(step, devices)(
+        train_lib.replicate(state, devices), split)
+    finals[n_dev] = train_lib.first_replica((rstate.params, metrics))
+  (p8, m8), (p1, m1) = finals[8], finals[1]
+  assert m8['finite'] == 1
+  np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(p8), jax.tree.leaves(variables['params'])))
+  assert moved > 1e-6
+  for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_train_py_cli_two_steps(synthetic_data, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  d = str(synthetic_data)
+  flags = [
+      f'--config.data.train_annotations={d}/annotations/train.json',
+      f'--config.data.train_images={d}/train',
+      f'--config.data.val_annotations={d}/annotations/val.json',
+      f'--config.data.val_images={d}/val',
+      '--config.data.train_min_sizes=(128,)', '--config.data.min_size=128',
+      '--config.data.max_size=128', '--config.data.canvas_buckets=((128,128),)',
+      '--config.proposals.pre_nms_topk=32', '--config.proposals.num_proposals=32',
+      '--config.eval.pre_nms_topk=32', '--config.eval.at_end=False',
+      '--config.train.batch_size=2', '--config.train.total_steps=2',
+      '--config.train.log_every=1', '--config.train.checkpoint_every=1']
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  r = subprocess.run([sys.executable, 'train.py', '--config', 'configs/demo.py',
+                      '--workdir', str(tmp_path), *flags], cwd=repo, env=env,
+                     capture_output=True, text=True, timeout=1800)
+  assert r.returncode == 0, r.stderr[-4000:]
+  with open(tmp_path / 'config.json') as f:
+    saved = json.load(f)
+  assert saved['model']['num_classes'] >= 1  # resolved from the data
+  assert saved['s_head']['num_logits'] == saved['model']['num_classes'] + 1
+  rows = _metrics(tmp_path)
+  assert [r['step'] for r in rows] == [1, 2]
+  for key in ('loss', 'loss_refine_cls', 'loss_t_cls', 'loss_s_cls',
+              'loss_mimic', 'lr', 'grad_norm', 'images_per_sec', 'step_time'):
+    assert np.isfinite(rows[-1][key]), key
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+  assert os.listdir(tmp_path / 'tensorboard')
