@@ -121,3 +121,29 @@ def test_batched_nms_is_per_class():
   # class; plain NMS keeps fewer.
   plain = _nms_ref(boxes, scores, 0.5, valid=valid)
   assert len(expected) > len(plain)
+
+
+def test_batched_nms_many_candidates_few_outputs():
+  """The inference shape: every (box, class) pair is a candidate, most are
+  below the score threshold, and only the top few detections are returned."""
+  rng = np.random.default_rng(8)
+  num_boxes, num_classes, max_out = 60, 30, 40
+  boxes, _ = _clustered_boxes(rng, num_boxes)
+  probs = rng.dirichlet(np.full(num_classes, 0.3), num_boxes).astype(np.float32)
+  scores = probs.reshape(-1)
+  box_idx = np.arange(num_boxes * num_classes) // num_classes
+  classes = (np.arange(num_boxes * num_classes) % num_classes + 1).astype(
+      np.int32)
+  valid = scores >= 0.05
+  indices, out_valid = ops.batched_nms(boxes[box_idx], scores, classes, 0.5,
+                                       max_out, valid=valid, tile_size=64)
+  # Reference: greedy per class, then all kept pairs by descending score
+  # (ties by lower index), as torchvision's batched_nms orders them.
+  kept = []
+  for c in range(1, num_classes + 1):
+    members = np.nonzero((classes == c) & valid)[0]
+    local = _nms_ref(boxes[box_idx[members]], scores[members], 0.5)
+    kept += [members[i] for i in local]
+  kept.sort(key=lambda i: (-scores[i], i))
+  assert len(kept) > max_out
+  assert _kept(indices, out_valid) == kept[:max_out]

@@ -6,15 +6,18 @@ unless a kept box visited earlier has IoU strictly greater than the threshold
 with it. The result is the kept indices in visiting order, padded to a fixed
 `max_output_size` with a validity mask.
 
-Algorithm (blocked suppression, as TF's `non_max_suppression_padded`): the
-sorted boxes are cut into tiles of `tile_size`. For each tile, one [T, N] IoU
-block against all boxes removes the tile's boxes overlapping boxes kept in
-earlier tiles; the greedy order inside the tile is then resolved by a
-fixed-point iteration `keep_j = cand_j & ~any_{i<j}(keep_i & iou_ij > t)`,
+Algorithm (blocked suppression, like TF's `non_max_suppression_padded`): the
+sorted boxes are cut into tiles of `tile_size` T. For each tile, one
+[T, max_output_size] IoU block against the boxes kept so far removes the
+tile's boxes they suppress; the greedy order inside the tile is then resolved
+by a fixed-point iteration `keep_j = cand_j & ~any_{i<j}(keep_i & iou_ij > t)`,
 which equals the sequential greedy result after at most T rounds and usually
-after a handful. Tiles stop as soon as `max_output_size` boxes are kept. Work
-is O(N^2) in big vectorised blocks and memory O(N T); there are no per-box
-sequential steps.
+after a handful; the tile's kept boxes are appended to the kept list. Tiles
+stop once `max_output_size` boxes are kept or the valid boxes are used up.
+Work is O(N * max_output_size) in big vectorised blocks, memory
+O(T * (T + max_output_size)); there are no per-box sequential steps. (E.g.
+per-class NMS of 1000 boxes x 80 classes -> 100 touches a few [T, 100]
+blocks, not an 80000^2 matrix.)
 """
 import functools
 from typing import Optional, Tuple
@@ -38,33 +41,42 @@ def _sort_order(scores: Array, valid: Array) -> Array:
 
 
 def _nms_sorted(boxes: Array, valid: Array, classes: Optional[Array],
-                iou_threshold, max_output_size: int, tile_size: int) -> Array:
-  """Keep mask [N] over boxes already sorted in visiting order."""
+                iou_threshold, max_output_size: int,
+                tile_size: int) -> Tuple[Array, Array]:
+  """Greedy NMS over boxes already sorted in visiting order (valid first).
+
+  Returns:
+    positions int32 [max_output_size] of the kept boxes in visiting order
+    (entries past `count` are 0) and count, the number kept.
+  """
   n = boxes.shape[0]
   t = max(1, min(tile_size, n))
   num_tiles = -(-n // t)
-  n_pad = num_tiles * t
-  pad = n_pad - n
+  pad = num_tiles * t - n
   boxes = jnp.pad(boxes, ((0, pad), (0, 0)))
   valid = jnp.pad(valid, (0, pad))
   if classes is not None:
     classes = jnp.pad(classes, (0, pad))
+  num_valid = jnp.sum(valid)
   upper = jnp.arange(t)[:, None] < jnp.arange(t)[None, :]  # i before j
+  slots = jnp.arange(max_output_size)
 
   def tile_body(state):
-    tile, keep, _ = state
+    tile, kept_boxes, kept_classes, kept_pos, count = state
     start = tile * t
     tile_boxes = jax.lax.dynamic_slice_in_dim(boxes, start, t)
-    overlap = box_iou(tile_boxes, boxes) > iou_threshold  # [T, N_pad]
+    tile_valid = jax.lax.dynamic_slice_in_dim(valid, start, t)
+    # Boxes kept in earlier tiles (at most max_output_size of them).
+    overlap = ((box_iou(tile_boxes, kept_boxes) > iou_threshold) &
+               (slots < count)[None, :])  # [T, max_output_size]
+    inner = (box_iou(tile_boxes, tile_boxes) > iou_threshold) & upper
     if classes is not None:
       tile_classes = jax.lax.dynamic_slice_in_dim(classes, start, t)
-      overlap &= tile_classes[:, None] == classes[None, :]
-    # keep[] is still False from `start` on, so this only sees earlier tiles.
-    suppressed = jnp.any(overlap & keep[None, :], axis=1)
-    cand = jax.lax.dynamic_slice_in_dim(valid, start, t) & ~suppressed
-    # [i, j]: i (earlier in the tile) would suppress j.
-    inner = jax.lax.dynamic_slice_in_dim(overlap, start, t, axis=1) & upper
+      overlap &= tile_classes[:, None] == kept_classes[None, :]
+      inner &= tile_classes[:, None] == tile_classes[None, :]
+    cand = tile_valid & ~jnp.any(overlap, axis=1)
 
+    # Greedy order inside the tile: inner[i, j] = earlier i would suppress j.
     def fix_body(s):
       k, _ = s
       new = cand & ~jnp.any(inner & k[:, None], axis=0)
@@ -72,17 +84,28 @@ def _nms_sorted(boxes: Array, valid: Array, classes: Optional[Array],
 
     tile_keep, _ = jax.lax.while_loop(lambda s: s[1], fix_body,
                                       (cand, jnp.array(True)))
-    keep = jax.lax.dynamic_update_slice_in_dim(keep, tile_keep, start, 0)
-    return tile + 1, keep, jnp.sum(keep)
+    # Append the tile's kept boxes; slots past the end are dropped.
+    slot = jnp.where(tile_keep, count + jnp.cumsum(tile_keep) - 1,
+                     max_output_size)
+    kept_boxes = kept_boxes.at[slot].set(tile_boxes, mode='drop')
+    kept_pos = kept_pos.at[slot].set(start + jnp.arange(t, dtype=jnp.int32),
+                                     mode='drop')
+    if classes is not None:
+      kept_classes = kept_classes.at[slot].set(tile_classes, mode='drop')
+    count = jnp.minimum(count + jnp.sum(tile_keep), max_output_size)
+    return tile + 1, kept_boxes, kept_classes, kept_pos, count
 
   def tile_cond(state):
-    tile, _, count = state
-    return (tile < num_tiles) & (count < max_output_size)
+    tile, _, _, _, count = state
+    return ((tile < num_tiles) & (count < max_output_size) &
+            (tile * t < num_valid))
 
-  _, keep, _ = jax.lax.while_loop(
-      tile_cond, tile_body,
-      (jnp.array(0), jnp.zeros(n_pad, bool), jnp.array(0)))
-  return keep[:n]
+  init = (jnp.array(0), jnp.zeros((max_output_size, 4), boxes.dtype),
+          jnp.zeros((max_output_size,),
+                    jnp.int32 if classes is None else classes.dtype),
+          jnp.zeros((max_output_size,), jnp.int32), jnp.array(0))
+  _, _, _, kept_pos, count = jax.lax.while_loop(tile_cond, tile_body, init)
+  return kept_pos, count
 
 
 def _nms_impl(boxes, scores, classes, iou_threshold, max_output_size, valid,
@@ -91,13 +114,11 @@ def _nms_impl(boxes, scores, classes, iou_threshold, max_output_size, valid,
   if valid is None:
     valid = jnp.ones((n,), bool)
   order = _sort_order(scores, valid)
-  keep = _nms_sorted(boxes[order], valid[order],
-                     None if classes is None else classes[order],
-                     iou_threshold, max_output_size, tile_size)
-  # Positions (in visiting order) of the first max_output_size kept boxes.
-  pos = jnp.nonzero(keep, size=max_output_size, fill_value=0)[0]
-  out_valid = jnp.arange(max_output_size) < jnp.sum(keep)
-  indices = jnp.where(out_valid, order[pos], 0).astype(jnp.int32)
+  kept_pos, count = _nms_sorted(
+      boxes[order], valid[order], None if classes is None else classes[order],
+      iou_threshold, max_output_size, tile_size)
+  out_valid = jnp.arange(max_output_size) < count
+  indices = jnp.where(out_valid, order[kept_pos], 0).astype(jnp.int32)
   return indices, out_valid
 
 
