@@ -323,7 +323,7 @@ def test_mimicdet_eight_devices_batch_one_equals_one_device_batch_eight(
 
 
 @pytest.mark.slow
-def test_train_py_cli_two_steps(synthetic_data, tmp_path):
+def test_train_py_cli_two_steps_then_eval(synthetic_data, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -336,7 +336,8 @@ def test_train_py_cli_two_steps(synthetic_data, tmp_path):
       '--config.data.train_min_sizes=(128,)', '--config.data.min_size=128',
       '--config.data.max_size=128', '--config.data.canvas_buckets=((128,128),)',
       '--config.proposals.pre_nms_topk=32', '--config.proposals.num_proposals=32',
-      '--config.eval.pre_nms_topk=32', '--config.eval.at_end=False',
+      '--config.eval.pre_nms_topk=32', '--config.eval.at_end=True',
+      '--config.eval.viz=0',
       '--config.train.batch_size=2', '--config.train.total_steps=2',
       '--config.train.log_every=1', '--config.train.checkpoint_every=1']
   env = dict(os.environ, JAX_PLATFORMS='cpu',
@@ -356,3 +357,6 @@ def test_train_py_cli_two_steps(synthetic_data, tmp_path):
     assert np.isfinite(rows[-1][key]), key
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
   assert os.listdir(tmp_path / 'tensorboard')
+  # eval.at_end: the eval library scored the final parameters.
+  with open(tmp_path / 'eval' / 'metrics.json') as f:
+    assert 0.0 <= json.load(f)['AP'] <= 1.0
