@@ -61,6 +61,29 @@ class _IteratorRestorer:
       self.iterator.start_prefetch()
 
 
+def _check_like(restored: Any, template: Any, where: str) -> None:
+  """Raises, naming every leaf, when shapes or dtypes differ from the template.
+
+  Orbax restores the saved shape whatever the template says; a config change
+  that alters a width would otherwise surface later as an obscure error.
+  """
+  problems = []
+  got = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+  for path, want in jax.tree_util.tree_flatten_with_path(template)[0]:
+    name = jax.tree_util.keystr(path)
+    have = got.get(path)
+    if have is None:
+      problems.append(f'{name}: missing')
+    elif np.shape(have) != np.shape(want) or (
+        np.asarray(have).dtype != np.asarray(want).dtype):
+      problems.append(f'{name}: checkpoint {np.shape(have)} '
+                      f'{np.asarray(have).dtype}, model {np.shape(want)} '
+                      f'{np.asarray(want).dtype}')
+  if problems:
+    raise ValueError(f'checkpoint {where} does not match this config '
+                     f'({len(problems)} leaves):\n  ' + '\n  '.join(problems[:30]))
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator) pairs under a directory.
 
@@ -145,6 +168,7 @@ class Checkpointer:
       items['data_iter'] = grain.checkpoint.CheckpointRestore(
           _IteratorRestorer(data_iterator))
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    _check_like(restored['state'], template, f'{self.directory}/{step}')
     logging.info('checkpoint: restored step %d from %s', step, self.directory)
     return restored['state']
 

@@ -50,6 +50,19 @@ def test_roundtrip_restores_state_and_data_position(tmp_path):
   np.testing.assert_array_equal(got[0], np.arange(24, 32).reshape(2, 4))
 
 
+def test_restore_into_other_shapes_fails_naming_the_leaf(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=1)
+  ckpt.save(1, _state(1))
+  ckpt.close()
+  other = _state(1)
+  other['params']['w'] = np.zeros((3, 5), np.float32)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=1)
+  with pytest.raises(ValueError, match=r"\['params'\]\['w'\]: checkpoint "
+                     r"\(3, 4\) float32, model \(3, 5\)"):
+    ckpt.restore(1, other)
+  ckpt.close()
+
+
 def test_interval_and_keep_last(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=2, keep=2)
   saved = [s for s in range(1, 8) if ckpt.save(s, _state(s))]
