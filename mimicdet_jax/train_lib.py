@@ -20,11 +20,9 @@ normalisation do not depend on how the batch is split over devices or hosts
 (8 devices x 1 image == 1 device x 8 images). Without it the loss sees the
 whole per-device batch and the key folded with the device index.
 """
-import dataclasses
 import functools
 import importlib
 import json
-import math
 import os
 import signal
 import time
