@@ -138,24 +138,44 @@ WEIGHTS = {'loss_weights.refine': 0.5, 'loss_weights.s_head': 2.0,
            'loss_weights.t_head': 3.0, 'mimic.weight': 0.25}
 
 
+def _with_grads(loss_fn):
+  """(loss, aux, grad of the loss, grad of the mimic term alone), one program.
+
+  One compilation serves every default test (compiling is what costs here).
+  """
+  def term(p, batch, key, name):
+    loss, aux = loss_fn(p, {}, batch, key)
+    return loss if name == 'loss' else aux[name]
+
+  def fn(params, batch, key):
+    loss, aux = loss_fn(params, {}, batch, key)
+    return (loss, aux, jax.grad(term)(params, batch, key, 'loss'),
+            jax.grad(term)(params, batch, key, 'loss_mimic'))
+  return jax.jit(fn)
+
+
 @pytest.fixture(scope='module')
 def tiny():
   config, model, params = tiny_setup(**WEIGHTS)
-  loss_fn = total.make_loss_fn(model, config)
-  return config, model, params, loss_fn, jax.jit(loss_fn)
+  return config, params, _with_grads(total.make_loss_fn(model, config))
+
+
+def _finite(tree):
+  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
 
 
 def test_compiles_once_finite_for_zero_and_max_boxes(tiny):
-  config, _, params, _, jitted = tiny
+  config, params, step = tiny
   full = make_batch(config, [6, 6], seed=1)
   empty = make_batch(config, [0, 0], seed=2)
-  loss_f, aux_f = jitted(params, {}, full, jax.random.PRNGKey(0))
-  loss_e, aux_e = jitted(params, {}, empty, jax.random.PRNGKey(1))
-  assert jitted._cache_size() == 1
+  loss_f, aux_f, grads_f, _ = step(params, full, jax.random.PRNGKey(0))
+  loss_e, aux_e, grads_e, _ = step(params, empty, jax.random.PRNGKey(1))
+  assert step._cache_size() == 1
   assert set(aux_f) == EXPECTED_AUX
   for aux in (aux_f, aux_e):
     assert all(np.isfinite(float(v)) for v in aux.values()), aux
   assert np.isfinite(float(loss_f)) and np.isfinite(float(loss_e))
+  assert _finite(grads_f) and _finite(grads_e)
   # Without gts: no positives, no T-head foreground, zero regression terms.
   assert float(aux_e['num_positives']) == 0.0
   assert float(aux_e['t_num_fg']) == 0.0
@@ -171,9 +191,9 @@ def test_compiles_once_finite_for_zero_and_max_boxes(tiny):
 
 
 def test_loss_is_weighted_sum_of_terms(tiny):
-  config, _, params, _, jitted = tiny
-  loss, aux = jitted(params, {}, make_batch(config, [3, 2]),
-                     jax.random.PRNGKey(0))
+  config, params, step = tiny
+  loss, aux, _, _ = step(params, make_batch(config, [3, 2]),
+                         jax.random.PRNGKey(0))
   a = {k: float(v) for k, v in aux.items()}
   expected = (0.5 * (a['loss_refine_cls'] + a['loss_refine_reg']) +
               2.0 * (a['loss_s_cls'] + a['loss_s_reg']) +
@@ -186,30 +206,19 @@ def test_loss_is_weighted_sum_of_terms(tiny):
 
 
 def test_same_key_same_loss_other_key_other_samples(tiny):
-  config, _, params, _, jitted = tiny
+  config, params, step = tiny
   batch = make_batch(config, [4, 5], seed=3)
-  l1, _ = jitted(params, {}, batch, jax.random.PRNGKey(5))
-  l2, _ = jitted(params, {}, batch, jax.random.PRNGKey(5))
-  l3, _ = jitted(params, {}, batch, jax.random.PRNGKey(6))
+  l1 = step(params, batch, jax.random.PRNGKey(5))[0]
+  l2 = step(params, batch, jax.random.PRNGKey(5))[0]
+  l3 = step(params, batch, jax.random.PRNGKey(6))[0]
   assert float(l1) == float(l2)
   assert float(l1) != float(l3)
 
 
-def _grads(loss_fn, params, batch):
-  """Gradients of the total loss and of the mimic term alone (one compile)."""
-  def term(p, name):
-    loss, aux = loss_fn(p, {}, batch, jax.random.PRNGKey(0))
-    return loss if name == 'loss' else aux[name]
-  return jax.jit(lambda p: (jax.grad(term)(p, 'loss'),
-                            jax.grad(term)(p, 'loss_mimic')))(params)
-
-
-def test_gradients_finite_everywhere_and_stopped_teacher(tiny):
-  config, _, params, loss_fn, _ = tiny
-  batch = make_batch(config, [6, 3], seed=4)
-  grads, mimic_grads = _grads(loss_fn, params, batch)
-  for name, leaf in jax.tree_util.tree_leaves_with_path(grads):
-    assert np.isfinite(np.asarray(leaf)).all(), name
+def test_gradients_reach_every_part_and_stopped_teacher(tiny):
+  config, params, step = tiny
+  _, _, grads, mimic_grads = step(params, make_batch(config, [6, 3], seed=4),
+                                  jax.random.PRNGKey(0))
   for module in ('stem', 'refine', 's_cls', 's_reg', 's_delta', 't_fc',
                  't_cls', 't_delta'):
     assert np.abs(np.asarray(grads[module]['kernel'])).sum() > 0, module
@@ -238,8 +247,9 @@ def test_mimic_off():
 @pytest.mark.slow
 def test_flowing_teacher_gets_mimic_gradient():
   config, model, params = tiny_setup(**{'mimic.teacher_grad': 'flowing'})
-  _, mimic_grads = _grads(total.make_loss_fn(model, config), params,
-                          make_batch(config, [4, 4], seed=5))
+  step = _with_grads(total.make_loss_fn(model, config))
+  _, _, _, mimic_grads = step(params, make_batch(config, [4, 4], seed=5),
+                              jax.random.PRNGKey(0))
   for module in ('t_fc', 't_cls'):
     assert np.asarray(mimic_grads[module]['kernel']).any(), module
 
@@ -286,12 +296,23 @@ def test_demo_config_compiles_once_finite_loss_and_grad():
     assert np.isfinite(float(loss))
     assert all(np.isfinite(float(v)) for v in aux.values()), aux
   assert jitted._cache_size() == 1
-  grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, frozen, b,
-                                                  jax.random.PRNGKey(0))[0]))
+
+  def term(p, b, name):
+    loss, aux = loss_fn(p, frozen, b, jax.random.PRNGKey(0))
+    return loss if name == 'loss' else aux[name]
+
+  grad_fn = jax.jit(lambda p, b: (jax.grad(term)(p, b, 'loss'),
+                                  jax.grad(term)(p, b, 'loss_mimic')))
   for batch in (full, empty):
-    grads = grad_fn(params, batch)
+    grads, mimic_grads = grad_fn(params, batch)
     assert all(np.isfinite(np.asarray(g)).all()
                for g in jax.tree_util.tree_leaves(grads))
+    # Stopped teacher: the mimic term leaves the T-head alone but reaches
+    # the S-head.
+    assert not any(np.asarray(g).any() for g in
+                   jax.tree_util.tree_leaves(mimic_grads['t_head_net']))
+    assert any(np.asarray(g).any() for g in
+               jax.tree_util.tree_leaves(mimic_grads['s_head_net']))
 
 
 @pytest.mark.slow

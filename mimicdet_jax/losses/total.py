@@ -61,6 +61,10 @@ def proposal_recall(proposal_boxes: jax.Array, proposal_valid: jax.Array,
   return jnp.sum(hit) / jnp.maximum(jnp.sum(gt_mask), 1).astype(jnp.float32)
 
 
+def _f32(x) -> jax.Array:
+  return jnp.asarray(x, jnp.float32)
+
+
 def make_loss_fn(model: nn.Module,
                  config: ml_collections.FrozenConfigDict) -> LossFn:
   """Builds total_loss(params, frozen, batch, rng) -> (loss, aux).
@@ -182,7 +186,6 @@ def make_loss_fn(model: nn.Module,
       loss = loss + c.mimic.weight * mimic_loss
 
     num_fg = jnp.sum(ts['foreground'])
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
     aux.update(
         loss_refine_cls=r_loss['cls'],
         loss_refine_reg=r_loss['reg'],
@@ -191,17 +194,17 @@ def make_loss_fn(model: nn.Module,
         loss_s_cls=s_loss['cls'],
         loss_s_reg=s_loss['reg'],
         loss_mimic=mimic_loss,
-        num_positives=f32(r_loss['num_positives']) / batch_size,
+        num_positives=_f32(r_loss['num_positives']) / batch_size,
         proposal_recall=proposal_recall(props['boxes'], props['valid'],
                                         gt_boxes, gt_mask),
-        num_proposals=f32(jnp.sum(props['valid'])) / batch_size,
-        t_num_fg=f32(num_fg) / batch_size,
+        num_proposals=_f32(jnp.sum(props['valid'])) / batch_size,
+        t_num_fg=_f32(num_fg) / batch_size,
         t_fg_iou=jnp.sum(jnp.where(ts['foreground'], ts['iou'], 0.0)) /
         jnp.maximum(num_fg, 1).astype(jnp.float32),
         mimic_cos_cls=mimic_lib.mean_cosine(student['cls'], teacher['cls'],
                                             mimic_mask),
         mimic_cos_reg=mimic_lib.mean_cosine(student['reg'], teacher['reg'],
                                             mimic_mask))
-    return loss, {k: f32(v) for k, v in aux.items()}
+    return loss, {k: _f32(v) for k, v in aux.items()}
 
   return total_loss
