@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimicdet_jax.models.layers import Conv1x1
+
 # detectron2's c2_xavier_fill (kaiming_uniform, a=1): Var = 1 / fan_in.
 c2_xavier_fill = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
@@ -57,7 +59,8 @@ class FPN(nn.Module):
     p = {}
     inner = None
     for level in reversed(top_down_levels):
-      lateral = conv(1, 1, f'lateral_c{level}')(
+      lateral = Conv1x1(self.channels, kernel_init=c2_xavier_fill,
+                        dtype=self.dtype, name=f'lateral_c{level}')(
           c_features[f'C{level}'].astype(self.dtype))
       if inner is not None:
         lateral = lateral + upsample_nearest(inner, lateral.shape[1:3])

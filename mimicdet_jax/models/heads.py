@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mimicdet_jax.models.fpn import c2_xavier_fill  # also the T-head's fcs
+from mimicdet_jax.models.layers import Conv1x1
 from mimicdet_jax.ops.deform_conv import deform_conv2d
 from mimicdet_jax.ops.roi_align import multilevel_roi_align
 
@@ -36,8 +37,11 @@ he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 
 def _conv(features: int, kernel: int, dtype: Any, kernel_init, name: str,
-          bias_init=zeros) -> nn.Conv:
-  """A stride-1 conv with torch-style symmetric padding k // 2."""
+          bias_init=zeros) -> nn.Module:
+  """A stride-1 conv with torch-style symmetric padding k // 2 (1x1: a matmul)."""
+  if kernel == 1:
+    return Conv1x1(features, kernel_init=kernel_init, bias_init=bias_init,
+                   dtype=dtype, name=name)
   return nn.Conv(features, (kernel, kernel), padding=((kernel // 2,) * 2,) * 2,
                  dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
                  bias_init=bias_init, name=name)
