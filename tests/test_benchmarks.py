@@ -1,0 +1,198 @@
+"""benchmarks/: helpers (fast) and the scripts end to end at a tiny size (slow).
+
+The slow tests run benchmarks/train_step.py and benchmarks/inference.py as
+users do (subprocesses, config overrides, --json) on a shrunken demo config,
+so the scripts keep working as the model changes; each XLA compile of the
+MimicDet step takes a minute or more on a loaded 2-core CPU.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks import common as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import peer_torchvision  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Shrinks the demo config further (widths, box counts): the scripts' logic is
+# the same at any size.
+TINY = ['--config.model.fpn_channels=16', '--config.refine.channels=16',
+        '--config.s_head.channels=16', '--config.s_head.cls_dim=32',
+        '--config.s_head.reg_dim=32', '--config.t_head.fc_dim=32',
+        '--config.t_head.conv_dim=16', '--config.t_head.num_convs=1',
+        '--config.proposals.pre_nms_topk=40',
+        '--config.proposals.num_proposals=40',
+        '--config.t_head.num_samples=16', '--config.s_head.ohem_samples=16',
+        '--config.eval.pre_nms_topk=40', '--config.data.max_boxes=4']
+
+
+# ------------------------------------------------------------------ helpers
+def test_parse_size():
+  assert bench.parse_size('512x768') == (512, 768)
+  assert bench.parse_size('896X1408') == (896, 1408)
+  with pytest.raises(ValueError, match='HxW'):
+    bench.parse_size('512')
+
+
+def test_resolve_config_sets_canvas_dtype_and_checks_divisibility():
+  c = bench.resolve_config(demo.get_config(), size='128x384', dtype='bf16',
+                           num_classes=3, batch_size=4)
+  assert tuple(c.data.canvas_buckets) == ((128, 384),)
+  assert (c.data.min_size, c.data.max_size) == (128, 384)
+  assert c.model.dtype == 'bfloat16'
+  assert c.model.num_classes == 3 and c.s_head.num_logits == 4
+  assert c.train.batch_size == 4
+  with pytest.raises(ValueError, match='divisible'):
+    bench.resolve_config(demo.get_config(), size='100x128', num_classes=3)
+
+
+def test_num_classes_falls_back_to_coco_without_annotations():
+  c = demo.get_config()
+  c.data.train_annotations = '/nonexistent/train.json'
+  assert bench.num_classes_of(c) == 80
+  assert bench.num_classes_of(c, override=6) == 6
+  c.data.num_classes = 12
+  assert bench.num_classes_of(c) == 12
+
+
+def test_synthetic_examples_match_the_model_example_contract():
+  c = bench.resolve_config(demo.get_config(), size='128x256', num_classes=5)
+  ex = bench.synthetic_examples(c, (2, 3), boxes_per_image=4, seed=1)
+  g = c.data.max_boxes
+  assert ex['image'].shape == (2, 3, 128, 256, 3)
+  assert ex['image'].dtype == np.float32
+  assert ex['boxes'].shape == (2, 3, g, 4)
+  assert ex['classes'].dtype == np.int32 and ex['box_mask'].dtype == bool
+  np.testing.assert_array_equal(ex['image_size'][1, 2], [128, 256])
+  # Exactly 4 real boxes per image, inside the canvas, at least 16 px a side.
+  np.testing.assert_array_equal(ex['box_mask'].sum(-1), np.full((2, 3), 4))
+  real = ex['boxes'][ex['box_mask']]
+  assert np.all(real[:, 0] >= 0) and np.all(real[:, 1] >= 0)
+  assert np.all(real[:, 2] <= 256) and np.all(real[:, 3] <= 128)
+  assert np.all(real[:, 2:] - real[:, :2] >= 16 - 1e-3)
+  assert np.all((ex['classes'][ex['box_mask']] >= 1) &
+                (ex['classes'][ex['box_mask']] <= 5))
+  np.testing.assert_array_equal(ex['classes'][~ex['box_mask']], 0)
+  np.testing.assert_array_equal(ex['boxes'][~ex['box_mask']], 0)
+  assert not ex['is_crowd'].any()
+  assert len(set(ex['image_id'].ravel().tolist())) == 6
+
+
+def test_numpy_init_has_the_model_tree_and_sane_scales():
+  from configs import mimicdet_r50_fpn_1x  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
+  # R50: frozen BatchNorm (the demo's tiny backbone has none).
+  c = bench.resolve_config(mimicdet_r50_fpn_1x.get_config(), size='128x128',
+                           num_classes=3)
+  model = mimicdet.MimicDet(c)
+  variables = bench.init_variables(c, model, init='numpy')
+  shapes = jax.eval_shape(
+      lambda r: model.init(r, jnp.zeros((1, 128, 128, 3)), train=False),
+      jax.random.PRNGKey(0))
+  assert (jax.tree.structure(variables) ==
+          jax.tree.structure(jax.tree.map(lambda x: 0, dict(shapes))))
+  for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(shapes)):
+    assert got.shape == want.shape and got.dtype == want.dtype
+  # Frozen BatchNorm is the identity: scale = var = 1, bias = mean = 0.
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      variables['frozen'])[0]:
+    name = path[-1].key
+    np.testing.assert_array_equal(leaf, 1.0 if name in ('scale', 'var')
+                                  else 0.0)
+  # He-normal kernels: std close to sqrt(2 / fan_in) for large kernels.
+  for leaf in jax.tree.leaves(variables['params']):
+    if leaf.ndim >= 2 and leaf.size >= 4096:
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      assert abs(np.std(leaf) / math.sqrt(2.0 / fan_in) - 1) < 0.1
+
+
+def test_compile_counter_sees_new_compiles_only():
+  counter = bench.CompileCounter()
+  f = jax.jit(lambda x: x * 3 + 1)
+  x = jnp.arange(7.0)
+  counter.start()
+  f(x).block_until_ready()
+  assert counter.stop().count >= 1
+  counter.start()
+  for _ in range(3):  # cached executable
+    f(x).block_until_ready()
+  assert counter.stop().count == 0
+  counter.start()
+  f(jnp.arange(9.0)).block_until_ready()  # new shape: compiles again
+  assert counter.stop().count >= 1
+
+
+def test_cost_analysis_flops_of_a_matmul():
+  a = jnp.ones((64, 32))
+  b = jnp.ones((32, 16))
+  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+  flops = bench.cost_analysis(compiled)['flops']
+  assert flops == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+
+
+def test_peer_ratios_are_ours_over_theirs():
+  result = dict(
+      args=dict(batch=2),
+      peers=dict(retinanet=dict(
+          train=dict(images_per_s=4.0),
+          infer={'1': dict(median_s=0.5), '8': dict(median_s=2.0)})),
+      ours=dict(train=dict(images_per_s=6.0),
+                infer=dict(rows=[dict(batch=1, median_s=0.25)])))
+  rows = peer_torchvision.ratios(result)
+  assert [r['ratio'] for r in rows] == [1.5, 0.5]  # no ours row for batch 8
+  assert rows[0]['what'] == 'train images/s, batch 2'
+  assert peer_torchvision.ratios(dict(peers={}, args={})) == []
+
+
+# ------------------------------------------------------------------ scripts
+def _run(script, args, tmp_path, devices=1):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  out = tmp_path / 'result.json'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', script),
+       '--config', os.path.join(REPO, 'configs', 'demo.py'), '--num_classes',
+       '3', '--json', str(out), *TINY, *args],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(out) as f:
+    return json.load(f), proc.stdout
+
+
+@pytest.mark.slow
+def test_train_step_script_on_two_devices(tmp_path):
+  r, stdout = _run('train_step.py', ['--batch', '1', '--size', '128x128',
+                                     '--steps', '2', '--warmup', '1'],
+                   tmp_path, devices=2)
+  assert r['global_batch'] == 2 and r['per_device_batch'] == 1
+  assert r['canvas'] == [128, 128] and r['arch'] == 'resnet_tiny'
+  assert r['recompiles_in_window'] == 0  # the step compiles once
+  assert r['first_step_compiles'] >= 1
+  assert r['last_step_finite']
+  assert r['images_per_s'] == pytest.approx(2 / r['step_s'])
+  assert r['step_flops_per_image'] > 1e7
+  assert r['mfu'] is None  # no peak known for a CPU
+  assert r['peak_memory']['bytes'] > 0
+  assert 'images/s' in stdout and 'recompiles in the timed window: 0' in stdout
+
+
+@pytest.mark.slow
+def test_inference_script_s_and_t_heads(tmp_path):
+  r, _ = _run('inference.py', ['--batch', '1,2', '--head', 's,t',
+                               '--size', '128x128', '--reps', '1'], tmp_path)
+  rows = {(row['head'], row['batch']): row for row in r['rows']}
+  assert set(rows) == {('s', 1), ('s', 2), ('t', 1), ('t', 2)}
+  for row in rows.values():
+    assert row['recompiles_in_timed_calls'] == 0
+    assert 0 <= row['detections_per_image'] <= 100
+    assert row['images_per_s'] == pytest.approx(row['batch'] / row['median_s'])
+  assert r['pre_nms_topk'] == 40 and r['canvas'] == [128, 128]
