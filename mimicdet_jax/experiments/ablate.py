@@ -1,0 +1,719 @@
+r"""Ablation grid: one flag per design choice of the paper, one command per table.
+
+  python -m mimicdet_jax.experiments.ablate --base configs/demo.py \
+      --grid mimic_off,cls,reg,both --seeds 0,1 --workdir DIR [--steps N] \
+      [--config.key=value ...] [--only VARIANT[,..]] [--shard i/n] \
+      [--reference mimic_off] [--report_only]
+
+Each (variant, seed) is one ordinary training run in DIR/<variant>/seed<k>,
+trained by `train_lib.train_and_evaluate` and scored by `eval_lib.evaluate`
+twice on its final checkpoint: S-head (eval.head=s, the detector) and T-head
+(eval.head=t, the teacher). Runs go one after the other; re-running the same
+command resumes the grid: finished runs (DIR/<variant>/seed<k>/run.json with
+status "done") are skipped, a half-trained run resumes from its last
+checkpoint, a trained but unscored one is only scored.
+
+After every run DIR/ablation.json and DIR/ablation.md (mean and spread over
+seeds of S-head AP/AP50, T-head AP/AP50, the final mimic cosines and the
+train time, plus the paired difference to a reference variant) are rebuilt
+from every finished run of the grid, missing runs shown as "pending"; at the
+end DIR/ablation.png (loss terms and mimic cosines over training, one colour
+per variant, from each run's metrics.jsonl) is drawn beside them.
+
+Variants. A grid entry is a name of VARIANTS, a `key=value` config override,
+or several of those joined by '+' (e.g. `cls+no_stagger`,
+`mimic.weight=2.0`). Values are Python literals (tuples, numbers, True);
+bare words are strings.
+
+Steps. `--steps N` sets train.total_steps=N and compresses the base recipe's
+schedule with it: optim.warmup_steps and optim.decay_steps scale by
+N / base total_steps; train.log_every becomes at most N/50 (enough points for
+the plot) and train.checkpoint_every at most N/3 (a killed run loses at most a
+third). `--config.key=value` overrides are applied after that and before the
+variant's own keys, which win.
+
+Clusters. `--shard i/n` runs every n-th (variant, seed) pair starting at i,
+`--only a,b` only those variants; give every host the same DIR on a shared
+file system and the same --grid/--seeds: each host writes only its own run
+folders, and the table is rebuilt from whatever runs are finished (the last
+host to finish writes the complete table; `--report_only` rebuilds it without
+training).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+# name -> config overrides. Every switch is one key of configs/common.py; the
+# defaults (SPEC) are: mimic on, both paths, cosine, stopped teacher, all
+# sampled boxes, staggered pyramid, deformable S-head.
+VARIANTS: dict[str, dict[str, Any]] = {
+    'mimic_off': {'mimic.enabled': False},  # plain one-stage S-head baseline
+    'cls': {'mimic.paths': 'cls'},
+    'reg': {'mimic.paths': 'reg'},
+    'both': {'mimic.paths': 'both'},  # the paper's dual-path mimic (default)
+    'cosine': {'mimic.distance': 'cosine'},
+    'l2': {'mimic.distance': 'l2'},
+    'smooth_l1': {'mimic.distance': 'smooth_l1'},
+    # KL compares class distributions: cls path; reg keeps cosine (LOSSES.md).
+    'kl': {'mimic.distance': 'kl'},
+    'teacher_flowing': {'mimic.teacher_grad': 'flowing'},
+    'fg_only': {'mimic.samples': 'foreground'},
+    'no_stagger': {'model.staggered': False},
+    'no_deform': {'s_head.deformable': False},
+}
+
+# Curves drawn in DIR/ablation.png, one panel each (metrics.jsonl keys).
+PLOT_TERMS = ('loss', 'loss_refine_cls', 'loss_refine_reg', 'loss_t_cls',
+              'loss_t_reg', 'loss_s_cls', 'loss_s_reg', 'loss_mimic',
+              'mimic_cos_cls', 'mimic_cos_reg')
+
+# Per-run numbers summarised over seeds: (key in run.json, table header,
+# factor for the table). APs are fractions in the JSON, percent in the table.
+SUMMARY_FIELDS = (
+    ('s_AP', 'S AP', 100.0),
+    ('s_AP50', 'S AP50', 100.0),
+    ('t_AP', 'T AP', 100.0),
+    ('t_AP50', 'T AP50', 100.0),
+    ('mimic_cos_cls', 'cos cls', 1.0),
+    ('mimic_cos_reg', 'cos reg', 1.0),
+    ('train_time_s', 'train s', 1.0),
+)
+
+RUN_FILE = 'run.json'
+
+
+# ------------------------------------------------------------------ variants
+def parse_value(text: str, current: Any) -> Any:
+  """A command-line value for a config key whose current value is `current`.
+
+  bool keys take true/false (any case) or 1/0; str keys take the text as is;
+  numbers and tuples are Python literals (lists become tuples).
+  """
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low in ('true', '1', 'yes'):
+      return True
+    if low in ('false', '0', 'no'):
+      return False
+    raise ValueError(f'expected true or false, got {text!r}')
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  return _tuples(value)
+
+
+def _tuples(value: Any) -> Any:
+  if isinstance(value, (list, tuple)):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """config[key] = value for a dotted key that must already exist."""
+  *path, last = key.split('.')
+  node = config
+  for part in path:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise KeyError(f'unknown config key {key!r} (see configs/common.py)')
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+    raise KeyError(f'unknown config key {key!r} (see configs/common.py)')
+  node[last] = value
+
+
+def get_key(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise KeyError(f'unknown config key {key!r} (see configs/common.py)')
+    node = node[part]
+  return node
+
+
+def variant_overrides(spec: str, config: ml_collections.ConfigDict
+                      ) -> dict[str, Any]:
+  """Grid entry -> {dotted key: value}: VARIANTS names and key=value, '+'-joined.
+
+  `config` gives the types of `key=value` values. Later parts win.
+  """
+  overrides = {}
+  for part in spec.split('+'):
+    part = part.strip()
+    if not part:
+      raise ValueError(f'empty part in variant {spec!r}')
+    if '=' in part:
+      key, text = part.split('=', 1)
+      overrides[key] = parse_value(text, get_key(config, key))
+    elif part in VARIANTS:
+      overrides.update(VARIANTS[part])
+    else:
+      raise ValueError(f'unknown variant {part!r}; named variants: '
+                       f'{", ".join(VARIANTS)} (or key=value)')
+  return overrides
+
+
+def variant_dirname(spec: str) -> str:
+  """A folder name for a grid entry (keeps letters, digits, . _ - = +)."""
+  return re.sub(r'[^A-Za-z0-9._=+-]', '_', spec)
+
+
+def schedule_overrides(config: ml_collections.ConfigDict,
+                       steps: Optional[int]) -> dict[str, Any]:
+  """train.total_steps=steps with the base schedule compressed (module doc)."""
+  if not steps:
+    return {}
+  base = int(config.train.total_steps)
+  ratio = steps / base
+  return {
+      'train.total_steps': int(steps),
+      'optim.warmup_steps': int(round(config.optim.warmup_steps * ratio)),
+      'optim.decay_steps': tuple(int(round(d * ratio))
+                                 for d in config.optim.decay_steps),
+      'train.log_every': int(min(config.train.log_every, max(1, steps // 50))),
+      'train.checkpoint_every': int(min(config.train.checkpoint_every,
+                                        max(1, steps // 3))),
+  }
+
+
+def parse_config_flags(argv: Sequence[str], config: ml_collections.ConfigDict
+                       ) -> dict[str, Any]:
+  """`--config.key=value` (or `--config.key value`) flags -> {key: value}."""
+  out, i = {}, 0
+  argv = list(argv)
+  while i < len(argv):
+    arg = argv[i]
+    if not arg.startswith('--config.'):
+      raise ValueError(f'unexpected argument {arg!r}')
+    body = arg[len('--config.'):]
+    if '=' in body:
+      key, text = body.split('=', 1)
+    else:
+      if i + 1 >= len(argv):
+        raise ValueError(f'{arg} needs a value')
+      key, text = body, argv[i + 1]
+      i += 1
+    out[key] = parse_value(text, get_key(config, key))
+    i += 1
+  return out
+
+
+def load_base(path: str) -> ml_collections.ConfigDict:
+  """get_config() of a recipe file (configs/*.py)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  if repo not in sys.path:  # recipes import `configs.common`
+    sys.path.insert(0, repo)
+  spec = importlib.util.spec_from_file_location('_ablation_base', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def run_config(base: ml_collections.ConfigDict, spec: str, seed: int,
+               steps: Optional[int], global_overrides: Mapping[str, Any]
+               ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """The training config of one run and every key it changes from `base`.
+
+  Order: --steps schedule, global --config overrides, the variant, seed.
+  """
+  overrides = {}
+  overrides.update(schedule_overrides(base, steps))
+  overrides.update(global_overrides)
+  overrides.update(variant_overrides(spec, base))
+  overrides['seed'] = int(seed)
+  # The runner scores the final checkpoint itself (S and T head).
+  overrides['eval.at_end'] = False
+  overrides['train.eval_every'] = 0
+  config = copy.deepcopy(base)
+  for key, value in overrides.items():
+    set_key(config, key, value)
+  return config, overrides
+
+
+# --------------------------------------------------------------------- grid
+def grid_runs(grid: Sequence[str], seeds: Sequence[int]
+              ) -> list[tuple[str, int]]:
+  """(variant, seed) pairs in run order: variant-major."""
+  return [(v, s) for v in grid for s in seeds]
+
+
+def select_runs(runs: Sequence[tuple[str, int]], only: Sequence[str] = (),
+                shard: Optional[tuple[int, int]] = None
+                ) -> list[tuple[str, int]]:
+  """--only keeps those variants; --shard i/n keeps every n-th from i."""
+  if only:
+    unknown = set(only) - {v for v, _ in runs}
+    if unknown:
+      raise ValueError(f'--only names variants not in --grid: {sorted(unknown)}')
+    runs = [r for r in runs if r[0] in only]
+  if shard is not None:
+    i, n = shard
+    if not 0 <= i < n:
+      raise ValueError(f'--shard {i}/{n}: need 0 <= i < n')
+    runs = list(runs)[i::n]
+  return list(runs)
+
+
+def run_dir(workdir: str, spec: str, seed: int) -> str:
+  return os.path.join(workdir, variant_dirname(spec), f'seed{seed}')
+
+
+def read_json(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Atomic (temp file + rename), so a kill never leaves half a file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def _jsonable(overrides: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: (list(v) if isinstance(v, tuple) else v)
+          for k, v in sorted(overrides.items())}
+
+
+def read_metrics(path: str) -> list[dict]:
+  """Rows of a training run's metrics.jsonl ([] when absent)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def train_time(rows: Sequence[Mapping[str, float]]) -> float:
+  """Seconds of training from metrics.jsonl: sum of step_time x steps per row.
+
+  Survives resumes (the training loop drops rows after the checkpoint it
+  resumes from); includes compilation, which sits in each process's first
+  window.
+  """
+  total, prev = 0.0, 0
+  for row in rows:
+    total += float(row.get('step_time', 0.0)) * (int(row['step']) - prev)
+    prev = int(row['step'])
+  return total
+
+
+def final_value(rows: Sequence[Mapping[str, float]], key: str,
+                fraction: float = 0.1) -> Optional[float]:
+  """Mean of `key` over the last `fraction` of the logged rows (>= 1 row)."""
+  values = [float(r[key]) for r in rows if key in r]
+  if not values:
+    return None
+  n = max(1, int(round(len(values) * fraction)))
+  return float(np.mean(values[-n:]))
+
+
+RunFn = Callable[[ml_collections.ConfigDict, str], dict[str, Any]]
+
+
+def train_and_score(config: ml_collections.ConfigDict, workdir: str
+                    ) -> dict[str, Any]:
+  """Trains one run to train.total_steps (resuming) and scores both heads.
+
+  Returns the run's numbers: s_* / t_* (AP, AP50, AP75 fractions), step,
+  train_time_s (from metrics.jsonl), final mimic cosines and loss, and the
+  wall time of this call's training and scoring.
+
+  Raises:
+    RuntimeError: training stopped before total_steps (SIGTERM/SIGINT: the
+      loop checkpoints and returns), so the run is not finished.
+  """
+  from mimicdet_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax import train_lib  # pylint: disable=g-import-not-at-top
+
+  total_steps = int(config.train.total_steps)
+  start = time.time()
+  state = train_lib.train_and_evaluate(config, workdir)
+  wall_train = time.time() - start
+  if int(state.step) < total_steps:
+    raise RuntimeError(f'{workdir}: training stopped at step '
+                       f'{int(state.step)} of {total_steps}')
+
+  variables, step = eval_lib.restore_variables(workdir, 'latest')
+  result = {'step': step}
+  start = time.time()
+  for head in ('s', 't'):
+    head_config = copy.deepcopy(config)
+    head_config.eval.head = head
+    resolved = eval_lib.resolve_config(head_config, workdir)
+    metrics = eval_lib.evaluate(resolved, variables, workdir, step, viz=0,
+                                out_dir=os.path.join(workdir, f'eval_{head}'))
+    for key in ('AP', 'AP50', 'AP75'):
+      result[f'{head}_{key}'] = float(metrics[key])
+  rows = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  result.update(
+      train_time_s=train_time(rows),
+      wall_train_s=wall_train,
+      wall_eval_s=time.time() - start,
+      final_loss=final_value(rows, 'loss'),
+      mimic_cos_cls=final_value(rows, 'mimic_cos_cls'),
+      mimic_cos_reg=final_value(rows, 'mimic_cos_reg'))
+  return result
+
+
+def run_grid(base: ml_collections.ConfigDict, workdir: str,
+             grid: Sequence[str], seeds: Sequence[int], *,
+             steps: Optional[int] = None,
+             global_overrides: Optional[Mapping[str, Any]] = None,
+             only: Sequence[str] = (),
+             shard: Optional[tuple[int, int]] = None,
+             reference: str = 'mimic_off',
+             command: str = '',
+             run_fn: RunFn = train_and_score,
+             log: Callable[[str], None] = print,
+             plot: bool = True) -> dict[str, Any]:
+  """Runs the selected (variant, seed) pairs that are not finished; reports.
+
+  Args:
+    base: the recipe config (not resolved).
+    workdir: the grid's folder.
+    grid, seeds: the whole grid (the report covers all of it).
+    steps: --steps (None: the recipe's schedule).
+    global_overrides: --config.key=value, for every run.
+    only, shard: which runs this process trains (`select_runs`).
+    reference: variant the table's paired differences are taken against.
+    command: the command line, recorded in the report.
+    run_fn: run_fn(config, run_workdir) -> numbers; `train_and_score`.
+    log: progress lines.
+    plot: draw DIR/ablation.png at the end.
+
+  Returns:
+    The report dict written to DIR/ablation.json.
+
+  Raises:
+    ValueError: a run folder holds a run with other settings (a different
+      --steps or overrides): use a new DIR rather than mixing them.
+  """
+  global_overrides = dict(global_overrides or {})
+  runs = grid_runs(grid, seeds)
+  for spec in grid:  # fail on a typo before training anything
+    variant_overrides(spec, base)
+  todo = select_runs(runs, only, shard)
+  for k, (spec, seed) in enumerate(todo):
+    rdir = run_dir(workdir, spec, seed)
+    config, overrides = run_config(base, spec, seed, steps, global_overrides)
+    record_path = os.path.join(rdir, RUN_FILE)
+    record = read_json(record_path)
+    settings = _jsonable(overrides)
+    if record is not None and record['overrides'] != settings:
+      raise ValueError(
+          f'{rdir} holds a run with other settings:\n  recorded '
+          f'{record["overrides"]}\n  requested {settings}\nUse a new --workdir.')
+    if record is not None and record.get('status') == 'done':
+      log(f'[{k + 1}/{len(todo)}] {spec} seed {seed}: done, skipped')
+      continue
+    log(f'[{k + 1}/{len(todo)}] {spec} seed {seed}: training in {rdir}')
+    started = (record or {}).get('started', time.time())
+    write_json(record_path, dict(variant=spec, seed=int(seed),
+                                 overrides=settings, status='running',
+                                 started=started))
+    result = run_fn(config, rdir)
+    write_json(record_path, dict(variant=spec, seed=int(seed),
+                                 overrides=settings, status='done',
+                                 started=started, finished=time.time(),
+                                 result=result))
+    # Table after every run; the plot (slow-ish) once at the end.
+    write_report(workdir, grid, seeds, reference=reference, command=command,
+                 steps=steps, global_overrides=global_overrides, plot=False)
+  return write_report(workdir, grid, seeds, reference=reference,
+                      command=command, steps=steps,
+                      global_overrides=global_overrides, plot=plot)
+
+
+# ------------------------------------------------------------------ report
+def spread(values: Sequence[float]) -> dict[str, Any]:
+  """n, mean, sample std (ddof 1; 0 for one value), min, max, the values."""
+  v = np.asarray([x for x in values if x is not None], np.float64)
+  if v.size == 0:
+    return dict(n=0, mean=None, std=None, min=None, max=None, values=[])
+  return dict(n=int(v.size), mean=float(v.mean()),
+              std=float(v.std(ddof=1)) if v.size > 1 else 0.0,
+              min=float(v.min()), max=float(v.max()), values=v.tolist())
+
+
+def summarize(records: Mapping[tuple[str, int], Mapping[str, Any]],
+              grid: Sequence[str], seeds: Sequence[int],
+              reference: str = 'mimic_off') -> dict[str, Any]:
+  """Per variant: `spread` of every SUMMARY_FIELDS number over its seeds.
+
+  With the reference variant in the grid, also the paired difference
+  (variant - reference, same seed: same data order, and the same
+  initialisation where the parameter trees agree) of S AP and T AP.
+  """
+  out = {}
+  for spec in grid:
+    done = {s: records[(spec, s)] for s in seeds if (spec, s) in records}
+    entry = {'seeds_done': sorted(done), 'seeds_pending':
+             [s for s in seeds if s not in done]}
+    for key, _, _ in SUMMARY_FIELDS:
+      entry[key] = spread([r.get(key) for r in done.values()])
+    if reference in grid and spec != reference:
+      for key in ('s_AP', 't_AP'):
+        diffs = [done[s][key] - records[(reference, s)][key] for s in done
+                 if (reference, s) in records]
+        entry[f'delta_{key}'] = spread(diffs)
+    out[spec] = entry
+  return out
+
+
+def _cell(stats: Mapping[str, Any], factor: float, digits: int = 1) -> str:
+  if not stats or not stats['n']:
+    return 'pending'
+  mean, std = stats['mean'] * factor, stats['std'] * factor
+  if stats['n'] == 1:
+    return f'{mean:.{digits}f}'
+  return f'{mean:.{digits}f} ± {std:.{digits}f}'
+
+
+def format_table(summary: Mapping[str, Any], seeds: Sequence[int],
+                 reference: str = 'mimic_off') -> str:
+  """Markdown table: mean ± sample std over the finished seeds."""
+  with_delta = any('delta_s_AP' in e for e in summary.values())
+  head = ['variant', 'seeds'] + [h for _, h, _ in SUMMARY_FIELDS]
+  if with_delta:
+    head += [f'Δ S AP vs {reference}', f'Δ T AP vs {reference}']
+  lines = ['| ' + ' | '.join(head) + ' |',
+           '|' + '|'.join(['---'] * len(head)) + '|']
+  for spec, entry in summary.items():
+    row = [f'`{spec}`', f'{len(entry["seeds_done"])}/{len(seeds)}']
+    for key, _, factor in SUMMARY_FIELDS:
+      digits = 0 if key == 'train_time_s' else (3 if factor == 1.0 else 1)
+      row.append(_cell(entry[key], factor, digits))
+    if with_delta:
+      for key in ('delta_s_AP', 'delta_t_AP'):
+        row.append(_cell(entry[key], 100.0) if key in entry else '—')
+    lines.append('| ' + ' | '.join(row) + ' |')
+  return '\n'.join(lines)
+
+
+def collect_records(workdir: str, grid: Sequence[str], seeds: Sequence[int]
+                    ) -> dict[tuple[str, int], dict[str, Any]]:
+  """{(variant, seed): run.json's result} for the finished runs of the grid."""
+  out = {}
+  for spec, seed in grid_runs(grid, seeds):
+    record = read_json(os.path.join(run_dir(workdir, spec, seed), RUN_FILE))
+    if record is not None and record.get('status') == 'done':
+      out[(spec, seed)] = record['result']
+  return out
+
+
+def _git_commit() -> str:
+  try:
+    return subprocess.run(
+        ['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10,
+        check=True).stdout.strip()
+  except Exception:  # pylint: disable=broad-except
+    return ''
+
+
+def write_report(workdir: str, grid: Sequence[str], seeds: Sequence[int], *,
+                 reference: str = 'mimic_off', command: str = '',
+                 steps: Optional[int] = None,
+                 global_overrides: Optional[Mapping[str, Any]] = None,
+                 plot: bool = True) -> dict[str, Any]:
+  """DIR/ablation.json, DIR/ablation.md and DIR/ablation.png from run.json files.
+
+  The plot is redrawn only with `plot`; the table links an existing one.
+  """
+  records = collect_records(workdir, grid, seeds)
+  summary = summarize(records, grid, seeds, reference)
+  report = dict(
+      command=command, git_commit=_git_commit(), steps=steps,
+      global_overrides=_jsonable(global_overrides or {}),
+      grid=list(grid), seeds=list(seeds), reference=reference,
+      variants={spec: _jsonable(variant_overrides_or_raw(spec))
+                for spec in grid},
+      summary=summary,
+      runs=[dict(variant=v, seed=s, **records[(v, s)])
+            for v, s in grid_runs(grid, seeds) if (v, s) in records],
+      written=time.time())
+  write_json(os.path.join(workdir, 'ablation.json'), report)
+  plot_path = os.path.join(workdir, 'ablation.png')
+  curves = {spec: {seed: read_metrics(os.path.join(
+      run_dir(workdir, spec, seed), 'metrics.jsonl')) for seed in seeds}
+            for spec in grid} if plot else {}
+  drew = plot_curves(curves, plot_path) if plot else os.path.exists(plot_path)
+  md = [f'# Ablation: {", ".join(grid)}', '',
+        f'Command: `{command}`' if command else '',
+        f'Commit: `{report["git_commit"]}`' if report['git_commit'] else '',
+        '',
+        'Mean ± sample std over the finished seeds. AP in percent (COCO '
+        'AP@[.5:.95], AP50) of the S-head (the detector, eval.head=s) and of '
+        'the T-head (the teacher, eval.head=t) on the same final checkpoint; '
+        'cos = mean cosine S vs T over the last 10% of the logged training '
+        'steps; train s = training seconds from metrics.jsonl (compilation '
+        'included). Δ = paired difference (same seed) to the reference.', '',
+        format_table(summary, seeds, reference), '']
+  if drew:
+    md += ['![loss terms and mimic cosine](ablation.png)', '']
+  md += ['Variants:', '']
+  for spec in grid:
+    md.append(f'- `{spec}`: ' + ', '.join(
+        f'{k}={v}' for k, v in variant_overrides_or_raw(spec).items()))
+  with open(os.path.join(workdir, 'ablation.md.tmp'), 'w') as f:
+    f.write('\n'.join(md) + '\n')
+  os.replace(os.path.join(workdir, 'ablation.md.tmp'),
+             os.path.join(workdir, 'ablation.md'))
+  return report
+
+
+def variant_overrides_or_raw(spec: str) -> dict[str, Any]:
+  """Overrides of a grid entry for the report (key=value parts kept as text)."""
+  out = {}
+  for part in spec.split('+'):
+    if '=' in part:
+      key, text = part.split('=', 1)
+      out[key] = text
+    elif part in VARIANTS:
+      out.update(VARIANTS[part])
+  return out
+
+
+def plot_curves(curves: Mapping[str, Mapping[int, Sequence[Mapping]]],
+                path: str, terms: Sequence[str] = PLOT_TERMS) -> bool:
+  """PNG: one panel per term; per variant thin lines per seed and the mean.
+
+  Args:
+    curves: {variant: {seed: metrics.jsonl rows}}.
+    path: output PNG.
+  Returns:
+    False (nothing written) when no run has logged a row yet.
+  """
+  if not any(rows for per_seed in curves.values() for rows in per_seed.values()):
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  cols = 5
+  nrows = -(-len(terms) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows),
+                           squeeze=False)
+  colors = plt.get_cmap('tab10' if len(curves) <= 10 else 'tab20')
+  for t, term in enumerate(terms):
+    ax = axes[t // cols][t % cols]
+    for v, (spec, per_seed) in enumerate(curves.items()):
+      color = colors(v % colors.N)
+      series = {}
+      for rows in per_seed.values():
+        pts = [(int(r['step']), float(r[term])) for r in rows if term in r]
+        if not pts:
+          continue
+        steps, values = zip(*pts)
+        ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
+        series[len(series)] = dict(pts)
+      if series:
+        common = sorted(set.intersection(*(set(s) for s in series.values())))
+        if common:
+          mean = [np.mean([s[x] for s in series.values()]) for x in common]
+          ax.plot(common, mean, color=color, linewidth=1.8, label=spec)
+    ax.set_title(term, fontsize=10)
+    ax.set_xlabel('step', fontsize=8)
+    ax.tick_params(labelsize=7)
+    if term.startswith('loss'):
+      ax.set_yscale('log', nonpositive='mask')  # mimic_off: no mimic curve
+  for t in range(len(terms), nrows * cols):
+    axes[t // cols][t % cols].axis('off')
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, labels, loc='upper center', ncol=min(len(labels), 8),
+               fontsize=9, frameon=False)
+  fig.tight_layout(rect=(0, 0, 1, 0.93))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path + '.tmp.png', dpi=90)
+  plt.close(fig)
+  os.replace(path + '.tmp.png', path)
+  return True
+
+
+# --------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  p = argparse.ArgumentParser(
+      prog='python -m mimicdet_jax.experiments.ablate',
+      description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--base', required=True, help='recipe config, configs/*.py')
+  p.add_argument('--grid', required=True,
+                 help='comma-separated variants: ' + ', '.join(VARIANTS) +
+                 ', key=value, or parts joined by +')
+  p.add_argument('--seeds', default='0,1', help='comma-separated seeds')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--steps', type=int, default=None,
+                 help='train.total_steps; the schedule is compressed with it')
+  p.add_argument('--only', default='', help='comma-separated variants to run')
+  p.add_argument('--shard', default='', help='i/n: every n-th run from i')
+  p.add_argument('--reference', default='mimic_off',
+                 help='variant the paired differences are taken against')
+  p.add_argument('--report_only', action='store_true',
+                 help='rebuild ablation.{json,md,png} without training')
+  return p.parse_known_args(argv)
+
+
+def _split(text: str) -> list[str]:
+  return [t.strip() for t in text.split(',') if t.strip()]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args, rest = parse_args(argv)
+  base = load_base(args.base)
+  global_overrides = parse_config_flags(rest, base)
+  grid = _split(args.grid)
+  if len(set(grid)) != len(grid):
+    raise SystemExit(f'--grid lists a variant twice: {grid}')
+  seeds = [int(s) for s in _split(args.seeds)]
+  shard = None
+  if args.shard:
+    i, n = args.shard.split('/')
+    shard = (int(i), int(n))
+  command = 'python -m mimicdet_jax.experiments.ablate ' + ' '.join(argv)
+  if args.report_only:
+    report = write_report(args.workdir, grid, seeds, reference=args.reference,
+                          command=command, steps=args.steps,
+                          global_overrides=global_overrides)
+  else:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.set_verbosity(logging.WARNING)  # orbax/train INFO per step
+    try:
+      report = run_grid(base, args.workdir, grid, seeds, steps=args.steps,
+                        global_overrides=global_overrides,
+                        only=_split(args.only), shard=shard,
+                        reference=args.reference, command=command)
+    except RuntimeError as e:  # SIGTERM/SIGINT: the run saved a checkpoint
+      raise SystemExit(f'{e}\ninterrupted: run the same command again to '
+                       'resume the grid') from e
+  print(format_table(report['summary'], seeds, args.reference))
+  print(f'written: {os.path.join(args.workdir, "ablation.md")}, '
+        'ablation.json, ablation.png')
+  return report
+
+
+if __name__ == '__main__':
+  main()

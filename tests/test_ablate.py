@@ -1,0 +1,292 @@
+"""The ablation grid runner: variants, schedule, shards, resume, report.
+
+The fast tests drive `run_grid` with a stand-in for the per-run work (the
+`run_fn` argument, which is `train_and_score` in real use) that writes a
+metrics.jsonl like training does; they check the grid logic, the resume and
+the report. The slow test runs the real CLI on a tiny synthetic set, kills it
+after its first run and checks that the re-run reuses that run.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import configs.demo
+from mimicdet_jax.experiments import ablate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- variants
+
+
+def test_named_adhoc_and_combined_variants():
+  base = configs.demo.get_config()
+  assert ablate.variant_overrides('mimic_off', base) == {'mimic.enabled': False}
+  assert ablate.variant_overrides('no_stagger+cls', base) == {
+      'model.staggered': False, 'mimic.paths': 'cls'}
+  got = ablate.variant_overrides(
+      'mimic.weight=2+model.staggered=false+mimic.distance=kl'
+      '+optim.decay_steps=(10,20)', base)
+  assert got == {'mimic.weight': 2.0, 'model.staggered': False,
+                 'mimic.distance': 'kl', 'optim.decay_steps': (10, 20)}
+  assert isinstance(got['mimic.weight'], float)
+  with pytest.raises(ValueError, match='unknown variant'):
+    ablate.variant_overrides('mimic_of', base)
+  with pytest.raises(KeyError, match='mimic.wieght'):
+    ablate.variant_overrides('mimic.wieght=2', base)
+  with pytest.raises(ValueError):
+    ablate.variant_overrides('model.staggered=maybe', base)
+  # Every named variant sets existing keys to allowed values.
+  from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  for name in ablate.VARIANTS:
+    config, _ = ablate.run_config(base, name, 0, None, {})
+    config_lib.resolve(config, 6)
+  assert ablate.variant_dirname('optim.decay_steps=(1, 2)') == (
+      'optim.decay_steps=_1__2_')
+
+
+def test_run_config_order_schedule_and_seed():
+  base = configs.demo.get_config()  # 1500 steps, warm-up 100, decay 1200/1400
+  config, overrides = ablate.run_config(
+      base, 'mimic.weight=3.0', 7, 300,
+      {'mimic.weight': 2.0, 'optim.base_lr': 0.01})
+  assert config.train.total_steps == 300
+  assert config.optim.warmup_steps == 20
+  assert tuple(config.optim.decay_steps) == (240, 280)
+  assert config.train.log_every == 6 and config.train.checkpoint_every == 100
+  assert config.mimic.weight == 3.0  # the variant wins over --config
+  assert config.optim.base_lr == 0.01
+  assert config.seed == 7 and overrides['seed'] == 7
+  assert not config.eval.at_end and config.train.eval_every == 0
+  assert base.train.total_steps == 1500 and base.mimic.weight == 1.0
+  # Without --steps the recipe's schedule is kept.
+  config, _ = ablate.run_config(base, 'both', 0, None, {})
+  assert config.train.total_steps == 1500
+  assert tuple(config.optim.decay_steps) == (1200, 1400)
+
+
+def test_config_flags():
+  base = configs.demo.get_config()
+  got = ablate.parse_config_flags(
+      ['--config.data.canvas_buckets=((128,128),)', '--config.eval.head', 't',
+       '--config.model.staggered=False', '--config.train.batch_size=2'], base)
+  assert got == {'data.canvas_buckets': ((128, 128),), 'eval.head': 't',
+                 'model.staggered': False, 'train.batch_size': 2}
+  with pytest.raises(KeyError):
+    ablate.parse_config_flags(['--config.nope=1'], base)
+
+
+def test_shards_partition_the_grid():
+  runs = ablate.grid_runs(['a', 'b', 'c'], [0, 1])
+  assert runs[:3] == [('a', 0), ('a', 1), ('b', 0)]
+  shards = [ablate.select_runs(runs, shard=(i, 4)) for i in range(4)]
+  assert sorted(r for s in shards for r in s) == sorted(runs)
+  assert sum(len(s) for s in shards) == len(runs)
+  assert ablate.select_runs(runs, only=['b']) == [('b', 0), ('b', 1)]
+  assert ablate.select_runs(runs, only=['c'], shard=(1, 2)) == [('c', 1)]
+  with pytest.raises(ValueError):
+    ablate.select_runs(runs, only=['z'])
+  with pytest.raises(ValueError):
+    ablate.select_runs(runs, shard=(2, 2))
+
+
+# ----------------------------------------------------------------- numbers
+
+
+def test_spread_and_paired_summary():
+  records = {('mimic_off', 0): dict(s_AP=0.20, t_AP=0.30),
+             ('mimic_off', 1): dict(s_AP=0.24, t_AP=0.31),
+             ('both', 0): dict(s_AP=0.25, t_AP=0.33),
+             ('both', 1): dict(s_AP=0.26, t_AP=0.30)}
+  s = ablate.summarize(records, ['mimic_off', 'both', 'cls'], [0, 1])
+  np.testing.assert_allclose(s['both']['s_AP']['mean'], 0.255)
+  # Sample standard deviation (ddof 1) of two values: |a - b| / sqrt(2).
+  np.testing.assert_allclose(s['both']['s_AP']['std'], 0.01 / np.sqrt(2))
+  np.testing.assert_allclose(s['both']['delta_s_AP']['values'], [0.05, 0.02])
+  np.testing.assert_allclose(s['both']['delta_t_AP']['mean'], 0.01)
+  assert 'delta_s_AP' not in s['mimic_off']
+  assert s['cls']['s_AP']['n'] == 0 and s['cls']['seeds_pending'] == [0, 1]
+  table = ablate.format_table(s, [0, 1])
+  assert '25.5 ± 0.7' in table and '2/2' in table and '0/2' in table
+  assert 'pending' in table.splitlines()[-1]
+  assert ablate.spread([0.5])['std'] == 0.0
+
+
+def test_train_time_and_final_value():
+  rows = [dict(step=2, step_time=5.0, c=0.0), dict(step=6, step_time=1.0, c=1.0),
+          dict(step=10, step_time=0.5, c=3.0)]
+  assert ablate.train_time(rows) == 2 * 5.0 + 4 * 1.0 + 4 * 0.5
+  assert ablate.final_value(rows, 'c') == 3.0
+  assert ablate.final_value(rows, 'c', fraction=1.0) == pytest.approx(4 / 3)
+  assert ablate.final_value(rows, 'missing') is None
+
+
+# ---------------------------------------------------- grid resume (stand-in)
+
+
+class Killed(Exception):
+  """Plays a kill of the grid process in the middle of a run."""
+
+
+class StandInRun:
+  """Per-run work without training: writes metrics.jsonl, returns numbers.
+
+  Raises at the run named `fail_at` to play a grid killed mid-way.
+  """
+
+  def __init__(self, fail_at=None):
+    self.calls = []
+    self.fail_at = fail_at
+
+  def __call__(self, config, workdir):
+    name = (os.path.basename(os.path.dirname(workdir)), config.seed)
+    self.calls.append(name)
+    if name == self.fail_at:
+      raise Killed()
+    os.makedirs(workdir, exist_ok=True)
+    ap = 0.1 * config.mimic.enabled + 0.01 * config.seed
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      for step in range(1, config.train.total_steps + 1):
+        f.write(json.dumps(dict(step=step, step_time=0.5, loss=1.0 / step,
+                                loss_mimic=0.1 / step, mimic_cos_cls=0.5,
+                                mimic_cos_reg=0.6)) + '\n')
+    return dict(s_AP=ap, s_AP50=2 * ap, t_AP=ap + 0.05, t_AP50=0.5, step=4,
+                train_time_s=ablate.train_time(ablate.read_metrics(
+                    os.path.join(workdir, 'metrics.jsonl'))),
+                mimic_cos_cls=0.5, mimic_cos_reg=0.6)
+
+
+def test_grid_resumes_without_redoing_finished_runs(tmp_path):
+  base = configs.demo.get_config()
+  grid, seeds = ['mimic_off', 'both'], [0, 1]
+  first = StandInRun(fail_at=('both', 0))
+  with pytest.raises(Killed):
+    ablate.run_grid(base, str(tmp_path), grid, seeds, steps=4, run_fn=first,
+                    log=lambda _: None)
+  assert first.calls == [('mimic_off', 0), ('mimic_off', 1), ('both', 0)]
+  done = ablate.read_json(str(tmp_path / 'mimic_off' / 'seed0' / 'run.json'))
+  assert done['status'] == 'done'
+  assert ablate.read_json(str(tmp_path / 'both' / 'seed0' / 'run.json'))[
+      'status'] == 'running'
+  partial = ablate.read_json(str(tmp_path / 'ablation.json'))
+  assert len(partial['runs']) == 2
+  assert 'pending' in (tmp_path / 'ablation.md').read_text()
+
+  second = StandInRun()
+  report = ablate.run_grid(base, str(tmp_path), grid, seeds, steps=4,
+                           run_fn=second, log=lambda _: None)
+  assert second.calls == [('both', 0), ('both', 1)]
+  assert ablate.read_json(str(tmp_path / 'mimic_off' / 'seed0' / 'run.json')
+                          ) == done  # untouched, finish time included
+  assert len(report['runs']) == 4
+  both = report['summary']['both']
+  np.testing.assert_allclose(both['s_AP']['mean'], 0.105)
+  np.testing.assert_allclose(both['delta_s_AP']['values'], [0.1, 0.1])
+  np.testing.assert_allclose(both['train_time_s']['mean'], 2.0)
+  md = (tmp_path / 'ablation.md').read_text()
+  assert 'pending' not in md and '| `both` | 2/2 | 10.5 ± 0.7 |' in md
+  assert (tmp_path / 'ablation.png').stat().st_size > 10000
+
+  # A third call has nothing to do; other settings in the same DIR refuse.
+  third = StandInRun()
+  ablate.run_grid(base, str(tmp_path), grid, seeds, steps=4, run_fn=third,
+                  log=lambda _: None, plot=False)
+  assert third.calls == []
+  with pytest.raises(ValueError, match='other settings'):
+    ablate.run_grid(base, str(tmp_path), grid, seeds, steps=8, run_fn=third,
+                    log=lambda _: None)
+
+
+def test_cli_report_only(tmp_path):
+  base = configs.demo.get_config()
+  ablate.run_grid(base, str(tmp_path), ['cls'], [3], steps=2,
+                  run_fn=StandInRun(), log=lambda _: None, plot=False)
+  os.remove(tmp_path / 'ablation.md')
+  report = ablate.main(['--base', 'configs/demo.py', '--grid', 'cls',
+                        '--seeds', '3', '--workdir', str(tmp_path),
+                        '--report_only'])
+  assert report['runs'][0]['variant'] == 'cls'
+  assert (tmp_path / 'ablation.md').exists()
+
+
+# -------------------------------------------------------- real CLI (slow)
+
+
+def _tiny_flags(data):
+  return [
+      f'--config.data.train_annotations={data}/annotations/train.json',
+      f'--config.data.train_images={data}/train',
+      f'--config.data.val_annotations={data}/annotations/val.json',
+      f'--config.data.val_images={data}/val',
+      '--config.data.train_min_sizes=(128,)', '--config.data.min_size=128',
+      '--config.data.max_size=128', '--config.data.canvas_buckets=((128,128),)',
+      '--config.model.fpn_channels=16', '--config.refine.channels=16',
+      '--config.s_head.channels=16', '--config.s_head.offset_hidden=(8,8)',
+      '--config.s_head.cls_dim=32', '--config.s_head.reg_dim=32',
+      '--config.t_head.fc_dim=32', '--config.t_head.conv_dim=16',
+      '--config.t_head.num_convs=1', '--config.t_head.num_samples=16',
+      '--config.s_head.ohem_samples=16',
+      '--config.proposals.pre_nms_topk=32',
+      '--config.proposals.num_proposals=32', '--config.eval.pre_nms_topk=32',
+      '--config.eval.max_detections=10', '--config.eval.batch_size=2',
+      '--config.train.batch_size=2']
+
+
+@pytest.mark.slow
+def test_cli_killed_after_first_run_resumes(tmp_path):
+  data, work = tmp_path / 'data', tmp_path / 'grid'
+  subprocess.run([sys.executable, '-m', 'mimicdet_jax.data.synthetic',
+                  str(data), '--num-train', '4', '--num-val', '2', '--seed', '0',
+                  '--min-size', '128', '--max-size', '128'], check=True,
+                 cwd=REPO)
+  cmd = [sys.executable, '-m', 'mimicdet_jax.experiments.ablate',
+         '--base', 'configs/demo.py', '--grid', 'mimic_off,both', '--seeds',
+         '0', '--workdir', str(work), '--steps', '2'] + _tiny_flags(data)
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  first = work / 'mimic_off' / 'seed0'
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, start_new_session=True)
+  try:
+    deadline = time.time() + 1500
+    while time.time() < deadline and proc.poll() is None:
+      record = ablate.read_json(str(first / 'run.json'))
+      if record and record['status'] == 'done':
+        break
+      time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read()[-3000:].decode()
+    os.killpg(proc.pid, signal.SIGKILL)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+  done = ablate.read_json(str(first / 'run.json'))
+  metrics_before = (first / 'metrics.jsonl').read_text()
+  second = ablate.read_json(str(work / 'both' / 'seed0' / 'run.json'))
+  assert second is None or second['status'] == 'running'
+  for head in ('s', 't'):
+    assert (first / f'eval_{head}' / 'metrics.json').exists()
+
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                     timeout=1800)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'mimic_off seed 0: done, skipped' in r.stdout
+  assert ablate.read_json(str(first / 'run.json')) == done
+  assert (first / 'metrics.jsonl').read_text() == metrics_before
+  report = json.loads((work / 'ablation.json').read_text())
+  assert [(x['variant'], x['seed']) for x in report['runs']] == [
+      ('mimic_off', 0), ('both', 0)]
+  for run in report['runs']:
+    assert run['step'] == 2
+    for key in ('s_AP', 's_AP50', 't_AP'):
+      assert 0.0 <= run[key] <= 1.0
+    assert run['train_time_s'] > 0
+  md = (work / 'ablation.md').read_text()
+  assert 'pending' not in md and '`both`' in md
+  assert (work / 'ablation.png').exists()
