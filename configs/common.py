@@ -125,6 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- optim
   c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = 'sgd'  # sgd (the paper) | adamw (the from-scratch CPU demo)
   c.optim.base_lr = 0.02
   c.optim.base_batch_size = 16  # lr scales linearly with train.batch_size / this
   c.optim.momentum = 0.9

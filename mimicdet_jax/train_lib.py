@@ -83,7 +83,7 @@ def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 def make_optimizer(config: ml_collections.ConfigDict,
                    frozen_mask: PyTree) -> optax.GradientTransformation:
-  """SGD with momentum, masked weight decay, optional clipping, frozen leaves.
+  """SGD with momentum (or AdamW), masked weight decay, clipping, frozen leaves.
 
   Per trainable leaf, PyTorch's SGD order: g <- clip(g) (global norm over
   trainable leaves, when optim.grad_clip_norm > 0); g <- g + wd * p for
@@ -99,12 +99,20 @@ def make_optimizer(config: ml_collections.ConfigDict,
   chain = []
   if o.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
-  if o.weight_decay > 0:
-    # A callable mask: inside multi_transform the tree carries MaskedNodes
-    # for the frozen leaves, which have no leaves of their own.
-    chain.append(optax.add_decayed_weights(
-        o.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
-  chain.append(optax.trace(decay=o.momentum, nesterov=False))
+  # A callable mask: inside multi_transform the tree carries MaskedNodes
+  # for the frozen leaves, which have no leaves of their own.
+  decay = optax.add_decayed_weights(
+      o.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+  if o.optimizer == 'sgd':  # the paper's recipe (SPEC section 5)
+    if o.weight_decay > 0:
+      chain.append(decay)
+    chain.append(optax.trace(decay=o.momentum, nesterov=False))
+  elif o.optimizer == 'adamw':  # from-scratch CPU demo: converges in fewer steps
+    chain.append(optax.scale_by_adam())
+    if o.weight_decay > 0:
+      chain.append(decay)  # decoupled, as optax.adamw
+  else:
+    raise ValueError(f"optim.optimizer={o.optimizer!r}; expected 'sgd' or 'adamw'")
   chain.append(optax.scale_by_learning_rate(make_lr_schedule(config)))
   labels = jax.tree.map(lambda f: 'frozen' if f else 'trainable', frozen_mask)
   return optax.multi_transform(
