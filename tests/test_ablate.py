@@ -96,6 +96,20 @@ def test_shards_partition_the_grid():
     ablate.select_runs(runs, shard=(2, 2))
 
 
+def test_val_subset_keeps_categories_and_only_kept_annotations(tmp_path):
+  src = tmp_path / 'val.json'
+  src.write_text(json.dumps(dict(
+      images=[dict(id=i, file_name=f'{i}.jpg') for i in (5, 2, 9)],
+      annotations=[dict(id=1, image_id=5), dict(id=2, image_id=9),
+                   dict(id=3, image_id=2), dict(id=4, image_id=2)],
+      categories=[dict(id=1, name='a'), dict(id=3, name='b')])))
+  dst = ablate.subset_annotations(str(src), str(tmp_path / 'sub.json'), 2)
+  sub = json.loads(open(dst).read())
+  assert [im['id'] for im in sub['images']] == [5, 2]
+  assert sorted(a['id'] for a in sub['annotations']) == [1, 3, 4]
+  assert sub['categories'] == json.loads(src.read_text())['categories']
+
+
 # ----------------------------------------------------------------- numbers
 
 
@@ -124,7 +138,8 @@ def test_train_time_and_final_value():
   assert ablate.train_time(rows) == 2 * 5.0 + 4 * 1.0 + 4 * 0.5
   assert ablate.final_value(rows, 'c') == 3.0
   assert ablate.final_value(rows, 'c', fraction=1.0) == pytest.approx(4 / 3)
-  assert ablate.final_value(rows, 'missing') is None
+  assert ablate.final_value(rows, "missing") is None
+  assert ablate.median_step_time(rows) == 1.0
 
 
 # ---------------------------------------------------- grid resume (stand-in)
@@ -159,6 +174,7 @@ class StandInRun:
     return dict(s_AP=ap, s_AP50=2 * ap, t_AP=ap + 0.05, t_AP50=0.5, step=4,
                 train_time_s=ablate.train_time(ablate.read_metrics(
                     os.path.join(workdir, 'metrics.jsonl'))),
+                step_time_s=0.5,
                 mimic_cos_cls=0.5, mimic_cos_reg=0.6)
 
 

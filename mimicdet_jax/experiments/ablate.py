@@ -3,7 +3,7 @@ r"""Ablation grid: one flag per design choice of the paper, one command per tabl
   python -m mimicdet_jax.experiments.ablate --base configs/demo.py \
       --grid mimic_off,cls,reg,both --seeds 0,1 --workdir DIR [--steps N] \
       [--config.key=value ...] [--only VARIANT[,..]] [--shard i/n] \
-      [--reference mimic_off] [--report_only]
+      [--val_images N] [--reference mimic_off] [--report_only]
 
 Each (variant, seed) is one ordinary training run in DIR/<variant>/seed<k>,
 trained by `train_lib.train_and_evaluate` and scored by `eval_lib.evaluate`
@@ -31,6 +31,15 @@ N / base total_steps; train.log_every becomes at most N/50 (enough points for
 the plot) and train.checkpoint_every at most N/3 (a killed run loses at most a
 third). `--config.key=value` overrides are applied after that and before the
 variant's own keys, which win.
+
+Evaluation. Both heads are scored on the validation set of the config;
+`--val_images N` scores on its first N images instead (a COCO JSON written
+to DIR/val_firstN.json), cheaper and noisier.
+
+Compilation. JAX's persistent compilation cache (DIR/jax_cache unless
+`--compilation_cache`) lets the seeds of a variant share their compiled train
+step, and every variant that leaves the model unchanged (all mimic.*
+switches) share the compiled inference; on a CPU compiling is minutes per run.
 
 Clusters. `--shard i/n` runs every n-th (variant, seed) pair starting at i,
 `--only a,b` only those variants; give every host the same DIR on a shared
@@ -89,6 +98,7 @@ SUMMARY_FIELDS = (
     ('mimic_cos_cls', 'cos cls', 1.0),
     ('mimic_cos_reg', 'cos reg', 1.0),
     ('train_time_s', 'train s', 1.0),
+    ('step_time_s', 'step s', 1.0),
 )
 
 RUN_FILE = 'run.json'
@@ -227,6 +237,23 @@ def load_base(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
+def subset_annotations(src: str, dst: str, num_images: int) -> str:
+  """Writes a COCO JSON with the first `num_images` images of `src` (file order).
+
+  Same categories (so labels and category ids do not change), only the
+  annotations of the kept images. For a cheaper, noisier evaluation.
+  """
+  with open(src) as f:
+    coco = json.load(f)
+  images = coco['images'][:num_images]
+  keep = {im['id'] for im in images}
+  subset = dict(coco, images=images, annotations=[
+      a for a in coco.get('annotations', []) if a['image_id'] in keep])
+  if read_json(dst) != subset:
+    write_json(dst, subset)
+  return dst
+
+
 def run_config(base: ml_collections.ConfigDict, spec: str, seed: int,
                steps: Optional[int], global_overrides: Mapping[str, Any]
                ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -293,8 +320,8 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def _jsonable(overrides: Mapping[str, Any]) -> dict[str, Any]:
-  return {k: (list(v) if isinstance(v, tuple) else v)
-          for k, v in sorted(overrides.items())}
+  """As it reads back from JSON (tuples at any depth become lists)."""
+  return json.loads(json.dumps(dict(sorted(overrides.items()))))
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -317,6 +344,13 @@ def train_time(rows: Sequence[Mapping[str, float]]) -> float:
     total += float(row.get('step_time', 0.0)) * (int(row['step']) - prev)
     prev = int(row['step'])
   return total
+
+
+def median_step_time(rows: Sequence[Mapping[str, float]]) -> Optional[float]:
+  """Median seconds per step over the logged windows (compile-free estimate:
+  only each process's first window holds compilation)."""
+  values = [float(r['step_time']) for r in rows if 'step_time' in r]
+  return float(np.median(values)) if values else None
 
 
 def final_value(rows: Sequence[Mapping[str, float]], key: str,
@@ -369,6 +403,7 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str
   rows = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   result.update(
       train_time_s=train_time(rows),
+      step_time_s=median_step_time(rows),
       wall_train_s=wall_train,
       wall_eval_s=time.time() - start,
       final_loss=final_value(rows, 'loss'),
@@ -484,7 +519,7 @@ def summarize(records: Mapping[tuple[str, int], Mapping[str, Any]],
 
 def _cell(stats: Mapping[str, Any], factor: float, digits: int = 1) -> str:
   if not stats or not stats['n']:
-    return 'pending'
+    return '—'
   mean, std = stats['mean'] * factor, stats['std'] * factor
   if stats['n'] == 1:
     return f'{mean:.{digits}f}'
@@ -502,8 +537,13 @@ def format_table(summary: Mapping[str, Any], seeds: Sequence[int],
            '|' + '|'.join(['---'] * len(head)) + '|']
   for spec, entry in summary.items():
     row = [f'`{spec}`', f'{len(entry["seeds_done"])}/{len(seeds)}']
+    if not entry['seeds_done']:
+      lines.append('| ' + ' | '.join(row + ['pending'] * (len(head) - 2)) +
+                   ' |')
+      continue
     for key, _, factor in SUMMARY_FIELDS:
-      digits = 0 if key == 'train_time_s' else (3 if factor == 1.0 else 1)
+      digits = {'train_time_s': 0, 'step_time_s': 2}.get(
+          key, 3 if factor == 1.0 else 1)
       row.append(_cell(entry[key], factor, digits))
     if with_delta:
       for key in ('delta_s_AP', 'delta_t_AP'):
@@ -569,7 +609,9 @@ def write_report(workdir: str, grid: Sequence[str], seeds: Sequence[int], *,
         'the T-head (the teacher, eval.head=t) on the same final checkpoint; '
         'cos = mean cosine S vs T over the last 10% of the logged training '
         'steps; train s = training seconds from metrics.jsonl (compilation '
-        'included). Δ = paired difference (same seed) to the reference.', '',
+        'included, unless the compilation cache already held it); step s = '
+        'median seconds per training step. Δ = paired difference (same '
+        'seed) to the reference.', '',
         format_table(summary, seeds, reference), '']
   if drew:
     md += ['![loss terms and mimic cosine](ablation.png)', '']
@@ -669,6 +711,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                  help='train.total_steps; the schedule is compressed with it')
   p.add_argument('--only', default='', help='comma-separated variants to run')
   p.add_argument('--shard', default='', help='i/n: every n-th run from i')
+  p.add_argument('--val_images', type=int, default=0,
+                 help='score on the first N validation images only (0: all)')
+  p.add_argument('--compilation_cache', default='',
+                 help="JAX persistent compilation cache folder (default "
+                 "DIR/jax_cache; 'none' disables): seeds of a variant, and "
+                 "variants with the same model, reuse compiled programs")
   p.add_argument('--reference', default='mimic_off',
                  help='variant the paired differences are taken against')
   p.add_argument('--report_only', action='store_true',
@@ -685,6 +733,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args, rest = parse_args(argv)
   base = load_base(args.base)
   global_overrides = parse_config_flags(rest, base)
+  if args.val_images:
+    # The subset file lives in DIR, so every shard of the grid shares it.
+    src = global_overrides.get('data.val_annotations',
+                               base.data.val_annotations)
+    global_overrides['data.val_annotations'] = subset_annotations(
+        src, os.path.join(os.path.abspath(args.workdir),
+                          f'val_first{args.val_images}.json'),
+        args.val_images)
   grid = _split(args.grid)
   if len(set(grid)) != len(grid):
     raise SystemExit(f'--grid lists a variant twice: {grid}')
@@ -700,7 +756,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                           global_overrides=global_overrides)
   else:
     from absl import logging  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
     logging.set_verbosity(logging.WARNING)  # orbax/train INFO per step
+    if args.compilation_cache != 'none':
+      jax.config.update('jax_compilation_cache_dir', args.compilation_cache or
+                        os.path.join(args.workdir, 'jax_cache'))
     try:
       report = run_grid(base, args.workdir, grid, seeds, steps=args.steps,
                         global_overrides=global_overrides,
