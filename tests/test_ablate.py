@@ -155,15 +155,18 @@ class StandInRun:
   Raises at the run named `fail_at` to play a grid killed mid-way.
   """
 
-  def __init__(self, fail_at=None):
+  def __init__(self, fail_at=None, diverge=()):
     self.calls = []
     self.fail_at = fail_at
+    self.diverge = diverge
 
   def __call__(self, config, workdir):
     name = (os.path.basename(os.path.dirname(workdir)), config.seed)
     self.calls.append(name)
     if name == self.fail_at:
       raise Killed()
+    if name in self.diverge:
+      return {'diverged': 'training stopped at step 3: 3 consecutive ...'}
     os.makedirs(workdir, exist_ok=True)
     ap = 0.1 * config.mimic.enabled + 0.01 * config.seed
     with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
@@ -217,6 +220,22 @@ def test_grid_resumes_without_redoing_finished_runs(tmp_path):
   with pytest.raises(ValueError, match='other settings'):
     ablate.run_grid(base, str(tmp_path), grid, seeds, steps=8, run_fn=third,
                     log=lambda _: None)
+
+
+def test_diverged_run_is_reported_and_not_retried(tmp_path):
+  base = configs.demo.get_config()
+  grid, seeds = ['mimic_off', 'l2'], [0, 1]
+  first = StandInRun(diverge=[('l2', 1)])
+  report = ablate.run_grid(base, str(tmp_path), grid, seeds, steps=2,
+                           run_fn=first, log=lambda _: None, plot=False)
+  l2 = report['summary']['l2']
+  assert l2['seeds_done'] == [0] and l2['seeds_diverged'] == [1]
+  assert l2['s_AP']['n'] == 1 and l2['delta_s_AP']['n'] == 1
+  assert '| `l2` | 1/2 (1 diverged) |' in (tmp_path / 'ablation.md').read_text()
+  second = StandInRun()
+  ablate.run_grid(base, str(tmp_path), grid, seeds, steps=2, run_fn=second,
+                  log=lambda _: None, plot=False)
+  assert second.calls == []
 
 
 def test_cli_report_only(tmp_path):

@@ -102,6 +102,8 @@ SUMMARY_FIELDS = (
 )
 
 RUN_FILE = 'run.json'
+# run.json statuses that end a run (skipped when the grid is re-run).
+FINISHED = ('done', 'diverged')
 
 
 # ------------------------------------------------------------------ variants
@@ -374,6 +376,10 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str
   train_time_s (from metrics.jsonl), final mimic cosines and loss, and the
   wall time of this call's training and scoring.
 
+  A run that stops on train.max_consecutive_nonfinite non-finite losses is
+  a result too (the variant diverges): {'diverged': the first line of the
+  error}, not scored.
+
   Raises:
     RuntimeError: training stopped before total_steps (SIGTERM/SIGINT: the
       loop checkpoints and returns), so the run is not finished.
@@ -383,7 +389,10 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str
 
   total_steps = int(config.train.total_steps)
   start = time.time()
-  state = train_lib.train_and_evaluate(config, workdir)
+  try:
+    state = train_lib.train_and_evaluate(config, workdir)
+  except train_lib.NonFiniteLossError as e:
+    return {'diverged': str(e).splitlines()[0]}
   wall_train = time.time() - start
   if int(state.step) < total_steps:
     raise RuntimeError(f'{workdir}: training stopped at step '
@@ -460,8 +469,9 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str,
       raise ValueError(
           f'{rdir} holds a run with other settings:\n  recorded '
           f'{record["overrides"]}\n  requested {settings}\nUse a new --workdir.')
-    if record is not None and record.get('status') == 'done':
-      log(f'[{k + 1}/{len(todo)}] {spec} seed {seed}: done, skipped')
+    if record is not None and record.get('status') in FINISHED:
+      log(f'[{k + 1}/{len(todo)}] {spec} seed {seed}: {record["status"]}, '
+          'skipped')
       continue
     log(f'[{k + 1}/{len(todo)}] {spec} seed {seed}: training in {rdir}')
     started = (record or {}).get('started', time.time())
@@ -469,8 +479,10 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str,
                                  overrides=settings, status='running',
                                  started=started))
     result = run_fn(config, rdir)
+    status = 'diverged' if 'diverged' in result else 'done'
+    log(f'[{k + 1}/{len(todo)}] {spec} seed {seed}: {status}')
     write_json(record_path, dict(variant=spec, seed=int(seed),
-                                 overrides=settings, status='done',
+                                 overrides=settings, status=status,
                                  started=started, finished=time.time(),
                                  result=result))
     # Table after every run; the plot (slow-ish) once at the end.
@@ -497,21 +509,27 @@ def summarize(records: Mapping[tuple[str, int], Mapping[str, Any]],
               reference: str = 'mimic_off') -> dict[str, Any]:
   """Per variant: `spread` of every SUMMARY_FIELDS number over its seeds.
 
+  Args:
+    records: {(variant, seed): run result}; a result with a 'diverged' key
+      counts as diverged, not in the numbers.
   With the reference variant in the grid, also the paired difference
   (variant - reference, same seed: same data order, and the same
   initialisation where the parameter trees agree) of S AP and T AP.
   """
+  diverged = {k for k, r in records.items() if 'diverged' in r}
+  scored = {k: r for k, r in records.items() if k not in diverged}
   out = {}
   for spec in grid:
-    done = {s: records[(spec, s)] for s in seeds if (spec, s) in records}
-    entry = {'seeds_done': sorted(done), 'seeds_pending':
-             [s for s in seeds if s not in done]}
+    done = {s: scored[(spec, s)] for s in seeds if (spec, s) in scored}
+    entry = {'seeds_done': sorted(done),
+             'seeds_diverged': [s for s in seeds if (spec, s) in diverged],
+             'seeds_pending': [s for s in seeds if (spec, s) not in records]}
     for key, _, _ in SUMMARY_FIELDS:
       entry[key] = spread([r.get(key) for r in done.values()])
     if reference in grid and spec != reference:
       for key in ('s_AP', 't_AP'):
-        diffs = [done[s][key] - records[(reference, s)][key] for s in done
-                 if (reference, s) in records]
+        diffs = [done[s][key] - scored[(reference, s)][key] for s in done
+                 if (reference, s) in scored]
         entry[f'delta_{key}'] = spread(diffs)
     out[spec] = entry
   return out
@@ -536,10 +554,13 @@ def format_table(summary: Mapping[str, Any], seeds: Sequence[int],
   lines = ['| ' + ' | '.join(head) + ' |',
            '|' + '|'.join(['---'] * len(head)) + '|']
   for spec, entry in summary.items():
-    row = [f'`{spec}`', f'{len(entry["seeds_done"])}/{len(seeds)}']
+    seeds_cell = f'{len(entry["seeds_done"])}/{len(seeds)}'
+    if entry['seeds_diverged']:
+      seeds_cell += f' ({len(entry["seeds_diverged"])} diverged)'
+    row = [f'`{spec}`', seeds_cell]
     if not entry['seeds_done']:
-      lines.append('| ' + ' | '.join(row + ['pending'] * (len(head) - 2)) +
-                   ' |')
+      empty = 'diverged' if entry['seeds_diverged'] else 'pending'
+      lines.append('| ' + ' | '.join(row + [empty] * (len(head) - 2)) + ' |')
       continue
     for key, _, factor in SUMMARY_FIELDS:
       digits = {'train_time_s': 0, 'step_time_s': 2}.get(
@@ -558,7 +579,7 @@ def collect_records(workdir: str, grid: Sequence[str], seeds: Sequence[int]
   out = {}
   for spec, seed in grid_runs(grid, seeds):
     record = read_json(os.path.join(run_dir(workdir, spec, seed), RUN_FILE))
-    if record is not None and record.get('status') == 'done':
+    if record is not None and record.get('status') in FINISHED:
       out[(spec, seed)] = record['result']
   return out
 
