@@ -17,8 +17,9 @@ on CPU, where compiling the jitted initialisers takes minutes). Reports:
     included), timed as one window ending in block_until_ready; training
     images/s = global batch x steps / window;
   * recompiles: XLA compilations during the timed window (must be 0);
-  * step FLOPs: XLA cost analysis of the compiled step (per device: forward,
-    backward, losses, targets, optimiser), per image and MFU against
+  * model FLOPs: convolutions and matrix products of the step's jaxpr
+    (forward and backward, per device; benchmarks/common.matmul_flops), per
+    image, and MFU = those FLOPs / step time / peak, against
     `--peak_tflops` (defaults: H100/H200 989 bf16 / 494 f32 (TF32), A100 312 /
     156; none on CPU, so MFU is n/a there unless given);
   * memory: the device allocator's peak (device.memory_stats()) where JAX has
@@ -80,9 +81,11 @@ def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
   """The real training step, its replicated state and one device batch.
 
   Returns:
-    (p_step, rstate, batch): the pmapped train_lib step, the step-0 state
-    replicated over the local devices, and a synthetic batch already laid
-    out over them ([local_devices, per_device_batch, ...]).
+    (p_step, rstate, batch, flops): the pmapped train_lib step, the step-0
+    state replicated over the local devices, a synthetic batch already laid
+    out over them ([local_devices, per_device_batch, ...]), and the model
+    FLOPs of one device's step (convolutions and matmuls of the forward and
+    backward pass, from the step's jaxpr).
   """
   model = mimicdet.MimicDet(config)
   variables = bench.init_variables(config, model, init, seed)
@@ -90,16 +93,23 @@ def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
       variables['params'], config.model.backbone.frozen_stages)
   state, tx = train_lib.create_train_state(
       config, variables, frozen_mask, jax.random.PRNGKey(seed))
-  p_step = train_lib.pmap_train_step(train_lib.make_train_step(
+  train_step = train_lib.make_train_step(
       total.make_loss_fn(model, config), tx, frozen_mask,
       loss_per_image=config.train.loss_per_image,
-      lr_schedule=train_lib.make_lr_schedule(config)))
+      lr_schedule=train_lib.make_lr_schedule(config))
   ndev = jax.local_device_count()
   examples = bench.synthetic_examples(
       config, (ndev, per_device_batch), boxes_per_image=boxes_per_image,
       seed=seed)
   batch = jax.tree.map(_shard, examples)
-  return p_step, train_lib.replicate(state), batch
+  # Model FLOPs of one device's step, from its jaxpr (see bench.matmul_flops).
+  shapes = lambda tree: jax.tree.map(  # pylint: disable=g-long-lambda
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
+  flops = bench.matmul_flops(jax.make_jaxpr(
+      train_step, axis_env=[(train_lib.AXIS, ndev)])(
+          shapes(state), shapes(jax.tree.map(lambda x: x[0], examples))))
+  return (train_lib.pmap_train_step(train_step), train_lib.replicate(state),
+          batch, flops)
 
 
 def _shard(x: np.ndarray):
@@ -121,7 +131,7 @@ def benchmark(config, per_device_batch: int, *, steps: int, warmup: int,
   global_batch = ndev * per_device_batch
 
   t0 = time.perf_counter()
-  p_step, rstate, batch = build_step(config, per_device_batch,
+  p_step, rstate, batch, flops = build_step(config, per_device_batch,
                                      boxes_per_image=boxes_per_image,
                                      init=init)
   build_s = time.perf_counter() - t0
@@ -134,10 +144,11 @@ def benchmark(config, per_device_batch: int, *, steps: int, warmup: int,
   counter.stop()
   first_compiles, first_compile_s = counter.count, counter.seconds
 
-  # The executable the calls above use (lowering the same shapes hits the
-  # compilation cache), for XLA's cost and memory analyses.
+  # The executable the calls above use (same shapes: a compilation cache
+  # hit), for XLA's memory analysis and its own FLOP count (which on GPU
+  # misses the convolutions that became cuDNN calls).
   compiled = p_step.lower(rstate, batch).compile()
-  cost = bench.cost_analysis(compiled)
+  compiled_cost = bench.cost_analysis(compiled)
   static_memory = bench.memory_analysis(compiled)
 
   for _ in range(max(warmup - 1, 0)):
@@ -154,11 +165,9 @@ def benchmark(config, per_device_batch: int, *, steps: int, warmup: int,
 
   last = train_lib.first_replica(metrics)
   step_s = window_s / max(steps, 1)
-  flops = cost['flops']
   dtype = config.model.dtype
   peak = peak_tflops or bench.default_peak_tflops(dtype)
-  mfu = (flops / step_s / (peak * 1e12)
-         if flops is not None and peak else None)
+  mfu = flops / step_s / (peak * 1e12) if peak else None
   return dict(
       benchmark='train_step',
       arch=config.model.backbone.arch,
@@ -177,9 +186,10 @@ def benchmark(config, per_device_batch: int, *, steps: int, warmup: int,
       images_per_s=global_batch / step_s,
       recompiles_in_window=counter.count,
       step_flops_per_device=flops,
-      step_flops_per_image=(flops / per_device_batch
-                            if flops is not None else None),
-      step_bytes_accessed_per_device=cost['bytes_accessed'],
+      step_flops_per_image=flops / per_device_batch,
+      compiled_flops_per_image=(
+          compiled_cost['flops'] / per_device_batch
+          if compiled_cost['flops'] is not None else None),
       peak_tflops=peak,
       mfu=mfu,
       peak_memory=bench.peak_memory(),
@@ -191,6 +201,7 @@ def benchmark(config, per_device_batch: int, *, steps: int, warmup: int,
 
 def report(r: dict) -> str:
   flops = r['step_flops_per_image']
+  cflops = r['compiled_flops_per_image']
   lines = [
       f"train_step  {r['arch']}  canvas {r['canvas'][0]}x{r['canvas'][1]}  "
       f"{r['dtype']}  batch {r['per_device_batch']}/device x "
@@ -201,8 +212,9 @@ def report(r: dict) -> str:
       f"{r['images_per_s']:.2f} images/s  ({r['steps']} steps after "
       f"{r['warmup']} warm-up)",
       f"  recompiles in the timed window: {r['recompiles_in_window']}",
-      '  step FLOPs/image (XLA cost analysis): ' +
-      (f'{flops / 1e9:.1f} GFLOP' if flops is not None else 'n/a'),
+      f'  model FLOPs/image (convs + matmuls, fwd + bwd): {flops / 1e9:.1f} '
+      'GFLOP' + (f' (XLA compiled cost analysis: {cflops / 1e9:.1f})'
+                 if cflops else ''),
       '  MFU: ' + (f"{100 * r['mfu']:.1f} % of {r['peak_tflops']:g} TFLOP/s"
                    if r['mfu'] is not None else
                    'n/a (no peak for this device; pass --peak_tflops)'),

@@ -139,6 +139,33 @@ def test_cost_analysis_flops_of_a_matmul():
   assert flops == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
 
 
+def test_matmul_flops_counts_grouped_convs_dots_and_their_gradients():
+  # Closed forms: a grouped 3x3 conv [2,8,8,4] -> [2,8,8,6] with 2 groups
+  # does 2*8*8*6 outputs x (3*3*2) MACs; y @ m does 2*8*8 x 6 x 5 MACs; a
+  # scan repeats its body; the backward pass doubles each (input and weight
+  # gradient), the remat'd matmul is linear so it is not recomputed.
+  conv = 2 * (2 * 8 * 8 * 6) * (3 * 3 * 2)
+  dot = 2 * (2 * 8 * 8) * 6 * 5
+
+  def f(x, w, m):
+    y = jax.lax.conv_general_dilated(
+        x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=2)
+    y = jax.checkpoint(lambda y: y @ m)(y)
+    return jnp.sum(y ** 2)
+
+  args = (jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 2, 6)), jnp.ones((6, 5)))
+  assert bench.matmul_flops(jax.make_jaxpr(f)(*args)) == conv + dot
+  grads = jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(*args)
+  assert bench.matmul_flops(grads) == 3 * (conv + dot)
+
+  def scanned(x, m):
+    return jax.lax.scan(lambda c, _: (c @ m, None), x, None, length=4)[0]
+
+  assert bench.matmul_flops(jax.make_jaxpr(scanned)(
+      jnp.ones((3, 5)), jnp.ones((5, 5)))) == 4 * 2 * 3 * 5 * 5
+
+
 def test_peer_ratios_are_ours_over_theirs():
   result = dict(
       args=dict(batch=2),
@@ -179,7 +206,7 @@ def test_train_step_script_on_two_devices(tmp_path):
   assert r['first_step_compiles'] >= 1
   assert r['last_step_finite']
   assert r['images_per_s'] == pytest.approx(2 / r['step_s'])
-  assert r['step_flops_per_image'] > 1e7
+  assert r['step_flops_per_image'] > 1e7  # convs + matmuls, fwd + bwd
   assert r['mfu'] is None  # no peak known for a CPU
   assert r['peak_memory']['bytes'] > 0
   assert 'images/s' in stdout and 'recompiles in the timed window: 0' in stdout
