@@ -141,36 +141,79 @@ def probe_batch():
       box_mask=jnp.asarray(mask), is_crowd=jnp.zeros((1, g), bool))
 
 
-# The loss functions run op by op (no jit): every variant shares almost all
-# primitives, so after the first call each variant costs about a second,
-# where a jit compile of each variant costs tens of seconds on a 2-core CPU.
+# Every variant's loss is traced into ONE jitted program (one for the forward
+# terms, one for the gradients): XLA merges the parts the variants share, so
+# nine variants compile in about the time of two. Low backend optimisation:
+# these programs run once, compiling is what costs.
+FAST_COMPILE = {'xla_backend_optimization_level': 0,
+                'xla_llvm_disable_expensive_passes': True}
+TEMPERATURE = 2.0
+FORWARD_VARIANTS = {
+    'default': {},  # both paths, cosine, stopped teacher, all samples
+    'off': {'mimic.enabled': False},
+    'cls': {'mimic.paths': 'cls'},
+    'reg': {'mimic.paths': 'reg'},
+    'foreground': {'mimic.samples': 'foreground'},
+    'l2': {'mimic.distance': 'l2'},
+    'smooth_l1': {'mimic.distance': 'smooth_l1'},
+    'kl': {'mimic.distance': 'kl', 'mimic.temperature': TEMPERATURE},
+}
+GRAD_VARIANTS = {
+    'default': {},
+    'off': {'mimic.enabled': False},
+    'flowing': {'mimic.teacher_grad': 'flowing'},
+}
 
 
-def loss_and_grads(config):
-  """params -> (aux, grad of total loss, grad of the mimic term), eager."""
-  loss_fn = total.make_loss_fn(ProbeDetector(), config)
+def _loss_fn(overrides):
+  loss_fn = total.make_loss_fn(ProbeDetector(), probe_config(**overrides))
   batch = probe_batch()
 
-  def term(p, name):
+  def fn(p):
     loss, aux = loss_fn(p, {}, batch, jax.random.PRNGKey(0))
-    return (loss if name == 'loss' else aux[name]), dict(aux, loss=loss)
+    return dict(aux, loss=loss)
 
-  def run(p):
-    g_total, aux = jax.grad(term, has_aux=True)(p, 'loss')
-    g_mimic, _ = jax.grad(term, has_aux=True)(p, 'loss_mimic')
-    return aux, g_total, g_mimic
-
-  return run
-
-
-def forward(config):
-  loss_fn = total.make_loss_fn(ProbeDetector(), config)
-  batch = probe_batch()
-  return lambda p: loss_fn(p, {}, batch, jax.random.PRNGKey(0))
+  return fn
 
 
 def _np(tree):
   return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+S_KEYS = ('s_cls', 's_reg', 's_deltas')
+T_KEYS = ('t_fg_cls', 't_bg_cls', 't_fg_reg', 't_bg_reg', 't_deltas')
+
+
+def _perturb_teacher(params):
+  p = dict(params)
+  for k in T_KEYS:
+    p[k] = params[k] + 0.37
+  return p
+
+
+@pytest.fixture(scope='module')
+def aux_of():
+  """{variant: every loss term and diagnostic}, same params, key and batch."""
+  fns = {name: _loss_fn(o) for name, o in FORWARD_VARIANTS.items()}
+  run = jax.jit(lambda p: {name: fn(p) for name, fn in fns.items()},
+                compiler_options=FAST_COMPILE)
+  return _np(run(probe_params()))
+
+
+@pytest.fixture(scope='module')
+def grads_of():
+  """{variant: (grad of the total, grad of the mimic term)}, for the probe
+  params and for the same params with every T-head parameter moved."""
+  fns = {name: _loss_fn(o) for name, o in GRAD_VARIANTS.items()}
+
+  def grads(p):
+    return {name: (jax.grad(lambda q: fn(q)['loss'])(p),
+                   jax.grad(lambda q: fn(q)['loss_mimic'])(p))
+            for name, fn in fns.items()}
+
+  run = jax.jit(grads, compiler_options=FAST_COMPILE)
+  params = probe_params()
+  return _np(run(params)), _np(run(_perturb_teacher(params)))
 
 
 def np_cos_dist(a, b):
@@ -188,120 +231,107 @@ def np_smooth_l1(a, b):
   return np.mean(np.where(d < 1.0, 0.5 * d * d, d - 0.5))
 
 
-S_KEYS = ('s_cls', 's_reg', 's_deltas')
-T_KEYS = ('t_fg_cls', 't_bg_cls', 't_fg_reg', 't_bg_reg', 't_deltas')
+def np_l2(a, b):
+  return np.mean((a - b)**2)
 
 
-def _perturb_teacher(params):
-  p = dict(params)
-  for k in T_KEYS:
-    p[k] = params[k] + 0.37
-  return p
-
-
-@pytest.fixture(scope='module')
-def default_run():
-  """Default mimic (both paths, cosine, stopped teacher, all samples)."""
-  run = loss_and_grads(probe_config())
-  params = probe_params()
-  return run, params, _np(run(params)), _np(run(_perturb_teacher(params)))
-
-
-def _bg_fraction(aux, config):
+def _bg_fraction(aux):
+  """Share of background among the T-head samples (the only non-zero ones)."""
+  n = probe_config().t_head.num_samples
   # Enough valid proposals that every T-head sample slot is filled.
-  assert aux['num_proposals'] >= config.t_head.num_samples
-  fg = aux['t_num_fg']
-  assert 0 < fg < config.t_head.num_samples  # both kinds are sampled
-  return 1.0 - fg / config.t_head.num_samples
+  assert aux['num_proposals'] >= n
+  assert 0 < aux['t_num_fg'] < n  # both kinds are sampled
+  return 1.0 - aux['t_num_fg'] / n
 
 
-def test_default_mimic_closed_form_and_weight(default_run):
-  _, _, (aux, _, _), _ = default_run
-  frac_bg = _bg_fraction(aux, probe_config())
+OTHER_TERMS = ('loss_refine_cls', 'loss_refine_reg', 'loss_s_cls',
+               'loss_s_reg', 'loss_t_cls', 'loss_t_reg')
+
+
+def test_default_mimic_closed_form_and_weight(aux_of):
+  aux = aux_of['default']
+  frac_bg = _bg_fraction(aux)
   np.testing.assert_allclose(aux['loss_mimic_cls'],
                              frac_bg * np_cos_dist(S_CLS, BG_CLS), rtol=1e-5)
   np.testing.assert_allclose(aux['loss_mimic_reg'],
                              frac_bg * np_cos_dist(S_REG, BG_REG), rtol=1e-5)
-  others = sum(aux[k] for k in ('loss_refine_cls', 'loss_refine_reg',
-                                'loss_s_cls', 'loss_s_reg', 'loss_t_cls',
-                                'loss_t_reg'))
   # mimic.weight = 0.5 scales the mimic term in the total.
-  np.testing.assert_allclose(aux['loss'], others + 0.5 * aux['loss_mimic'],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      aux['loss'], sum(aux[k] for k in OTHER_TERMS) + 0.5 * aux['loss_mimic'],
+      rtol=1e-5)
 
 
-def test_stopped_teacher_gets_no_mimic_gradient_student_does(default_run):
-  _, _, (_, _, g_mimic), _ = default_run
+def test_stopped_teacher_gets_no_mimic_gradient_student_does(grads_of):
+  (grads, _) = grads_of
+  _, g_mimic = grads['default']
   for k in T_KEYS:
     assert not g_mimic[k].any(), k
   assert np.abs(g_mimic['s_cls']).sum() > 0
   assert np.abs(g_mimic['s_reg']).sum() > 0
 
 
-def test_mimic_on_student_gradient_depends_on_teacher(default_run):
-  _, _, (_, g, _), (_, g_perturbed, _) = default_run
-  assert not np.allclose(g['s_cls'], g_perturbed['s_cls'])
-  assert not np.allclose(g['s_reg'], g_perturbed['s_reg'])
+def test_mimic_on_student_gradient_depends_on_teacher(grads_of):
+  grads, moved = grads_of
+  g, g_moved = grads['default'][0], moved['default'][0]
+  assert not np.allclose(g['s_cls'], g_moved['s_cls'])
+  assert not np.allclose(g['s_reg'], g_moved['s_reg'])
 
 
-def test_mimic_off_no_term_and_no_teacher_signal_in_student_gradient():
-  config = probe_config(**{'mimic.enabled': False})
-  run = loss_and_grads(config)
-  params = probe_params()
-  aux, g, _ = _np(run(params))
-  _, g_perturbed, _ = _np(run(_perturb_teacher(params)))
+def test_mimic_off_no_term_and_no_teacher_signal_in_student_gradient(
+    aux_of, grads_of):
+  aux = aux_of['off']
   assert 'loss_mimic_cls' not in aux and 'loss_mimic_reg' not in aux
   assert aux['loss_mimic'] == 0.0
-  np.testing.assert_allclose(
-      aux['loss'], sum(aux[k] for k in (
-          'loss_refine_cls', 'loss_refine_reg', 'loss_s_cls', 'loss_s_reg',
-          'loss_t_cls', 'loss_t_reg')), rtol=1e-6)
-  # The S-head's gradient is the same whatever the T-head computes.
+  np.testing.assert_allclose(aux['loss'], sum(aux[k] for k in OTHER_TERMS),
+                             rtol=1e-6)
+  # Everything but the mimic term is the default's.
+  for k in OTHER_TERMS:
+    np.testing.assert_allclose(aux[k], aux_of['default'][k], rtol=1e-6)
+  grads, moved = grads_of
+  g, g_moved = grads['off'][0], moved['off'][0]
+  # The S-head's gradient is the same whatever the T-head computes ...
   for k in S_KEYS:
-    np.testing.assert_array_equal(g[k], g_perturbed[k])
+    np.testing.assert_array_equal(g[k], g_moved[k])
   # ... and it is not zero: the S-head still learns from its own loss.
   assert np.abs(g['s_cls']).sum() > 0
 
 
-def test_flowing_teacher_gets_mimic_gradient():
-  run = loss_and_grads(probe_config(**{'mimic.teacher_grad': 'flowing'}))
-  _, _, g_mimic = _np(run(probe_params()))
-  # Only background samples have a non-zero distance: bg teacher moves.
+def test_flowing_teacher_gets_mimic_gradient(grads_of):
+  _, g_mimic = grads_of[0]['flowing']
+  # Only background samples have a non-zero distance: the bg teacher moves,
+  # the fg teacher (distance 0 at its minimum) does not.
   assert np.abs(g_mimic['t_bg_cls']).sum() > 0
   assert np.abs(g_mimic['t_bg_reg']).sum() > 0
   assert np.abs(g_mimic['s_cls']).sum() > 0
 
 
 @pytest.mark.parametrize('paths', ['cls', 'reg'])
-def test_single_path(paths, default_run):
-  _, _, (default_aux, _, _), _ = default_run
-  aux = _np(forward(probe_config(**{'mimic.paths': paths}))(probe_params())[1])
+def test_single_path(paths, aux_of):
+  aux = aux_of[paths]
   other = 'reg' if paths == 'cls' else 'cls'
   assert f'loss_mimic_{other}' not in aux
   # Same key, same samples: the kept path equals its value with both paths.
   np.testing.assert_allclose(aux['loss_mimic'],
-                             default_aux[f'loss_mimic_{paths}'], rtol=1e-5)
+                             aux_of['default'][f'loss_mimic_{paths}'],
+                             rtol=1e-5)
 
 
-def test_foreground_samples_only():
+def test_foreground_samples_only(aux_of):
   # The foreground teacher equals the student: distance 0 on every fg sample,
   # so only background samples made the default's mimic term non-zero.
-  aux = _np(forward(probe_config(**{'mimic.samples': 'foreground'}))(
-      probe_params())[1])
-  assert aux['t_num_fg'] > 0
+  aux = aux_of['foreground']
+  assert aux['t_num_fg'] > 0 and aux_of['default']['loss_mimic'] > 0.1
   assert abs(aux['loss_mimic']) < 1e-6
   np.testing.assert_allclose(aux['mimic_cos_cls'], 1.0, rtol=1e-5)
   np.testing.assert_allclose(aux['mimic_cos_reg'], 1.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize('distance', ['l2', 'smooth_l1', 'kl'])
-def test_distance(distance):
-  config = probe_config(**{'mimic.distance': distance,
-                           'mimic.temperature': 2.0})
-  aux = _np(forward(config)(probe_params())[1])
-  frac_bg = _bg_fraction(aux, config)
-  want = {'l2': lambda a, b: np.mean((a - b)**2), 'smooth_l1': np_smooth_l1,
-          'kl': lambda s, t: np_kl(s, t, 2.0)}[distance]
+def test_distance(distance, aux_of):
+  aux = aux_of[distance]
+  frac_bg = _bg_fraction(aux)
+  want = {'l2': np_l2, 'smooth_l1': np_smooth_l1,
+          'kl': lambda s, t: np_kl(s, t, TEMPERATURE)}[distance]
   np.testing.assert_allclose(aux['loss_mimic_cls'],
                              frac_bg * want(S_CLS, BG_CLS), rtol=1e-4)
   # KL compares class distributions: the reg path keeps cosine.
@@ -362,7 +392,8 @@ def test_staggered_switch_sets_the_levels_the_t_head_reads(staggered):
   boxes = jnp.array([[[40.0, 40.0, 56.0, 56.0], [0.0, 0.0, 1800.0, 1800.0]]])
   params = {'params': {'t_head_net': np_fill(
       variables['params']['t_head_net'])}}
-  t_head = jax.jit(lambda v, f: model.apply(v, f, boxes, method='t_head')[0])
+  t_head = jax.jit(lambda v, f: model.apply(v, f, boxes, method='t_head')[0],
+                   compiler_options=FAST_COMPILE)
   base = np.asarray(t_head(params, feats))
   reads = {}
   for level in want:
@@ -396,7 +427,8 @@ def test_deformable_switch(deformable):
   # np_fill also fills the offset layer (zero at init), so offsets move.
   params = np_fill(jax.eval_shape(head.init, jax.random.PRNGKey(0), feats,
                                   deltas))
-  apply = jax.jit(lambda d: head.apply(params, feats, d)[3][0])
+  apply = jax.jit(lambda d: head.apply(params, feats, d)[3][0],
+                  compiler_options=FAST_COMPILE)
   moved = apply({l: d + 1.0 for l, d in deltas.items()})
   changed = float(jnp.max(jnp.abs(moved - apply(deltas))))
   assert (changed > 1e-4) == deformable, changed
