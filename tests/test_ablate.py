@@ -286,21 +286,24 @@ def test_cli_killed_after_first_run_resumes(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=1')
   first = work / 'mimic_off' / 'seed0'
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, start_new_session=True)
-  try:
-    deadline = time.time() + 1500
-    while time.time() < deadline and proc.poll() is None:
-      record = ablate.read_json(str(first / 'run.json'))
-      if record and record['status'] == 'done':
-        break
-      time.sleep(0.5)
-    assert proc.poll() is None, proc.stderr.read()[-3000:].decode()
-    os.killpg(proc.pid, signal.SIGKILL)
-  finally:
-    if proc.poll() is None:
+  log = tmp_path / 'first.log'  # a file: a full pipe would block the child
+  with open(log, 'w') as out:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=out,
+                            start_new_session=True)
+    try:
+      deadline = time.time() + 1500
+      while time.time() < deadline and proc.poll() is None:
+        record = ablate.read_json(str(first / 'run.json'))
+        if record and record['status'] == 'done':
+          break
+        time.sleep(0.5)
+      # Still running: killed between its first and second run.
+      assert proc.poll() is None, log.read_text()[-3000:]
       os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    finally:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
   done = ablate.read_json(str(first / 'run.json'))
   metrics_before = (first / 'metrics.jsonl').read_text()
   second = ablate.read_json(str(work / 'both' / 'seed0' / 'run.json'))

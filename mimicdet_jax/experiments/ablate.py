@@ -59,7 +59,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ml_collections
 import numpy as np
