@@ -150,15 +150,17 @@ def synthetic_examples(config, batch_shape: tuple[int, ...], *,
 
 # --------------------------------------------------------------- variables
 INITS = ('auto', 'model', 'numpy')
+HEAD_INIT_STD = 0.01  # as models/heads.py DENSE_INIT_STD
 
 
 def init_variables(config, model, init: str = 'auto', seed: int = 0) -> dict:
   """Model variables {'params', 'frozen'} for a benchmark.
 
-  init='model': train_lib.init_variables, the real initialisers (and the
-  backbone of model.backbone_init when set). init='numpy': the same tree and
-  shapes (jax.eval_shape, nothing compiled) filled by NumPy: He-normal
-  kernels, zero biases, unit norm scales, identity frozen BatchNorm. XLA's
+  init='model': train_lib.init_variables, the real initialisers.
+  init='numpy': the same tree and shapes (jax.eval_shape, nothing compiled)
+  filled by NumPy at the real initialisers' scales (He fan-out normal in the
+  backbone, 1/fan_in in the pyramid, N(0, 0.01) in the heads), zero biases,
+  unit norm scales, identity frozen BatchNorm. XLA's
   CPU compile of the jitted model.init (one threefry per parameter) takes
   minutes on a loaded 2-core machine and the values do not change the cost
   of a step, so 'auto' picks 'numpy' on CPU and 'model' elsewhere.
@@ -185,9 +187,18 @@ def init_variables(config, model, init: str = 'auto', seed: int = 0) -> dict:
       return np.ones(leaf.shape, leaf.dtype)
     if collection == 'frozen' or name == 'bias' or len(leaf.shape) < 2:
       return np.zeros(leaf.shape, leaf.dtype)
-    fan_in = int(np.prod(leaf.shape[:-1]))
-    return (rng.standard_normal(leaf.shape) *
-            np.sqrt(2.0 / fan_in)).astype(leaf.dtype)
+    # The real initialisers' scales: He fan-out in the backbone, Xavier-like
+    # 1/fan_in in the pyramid, N(0, 0.01) in the heads. Scale matters: He
+    # fan-in everywhere blew the R50 activations up to inf (identity frozen
+    # BatchNorm), and NaN boxes make NMS exit early, understating its cost.
+    top = path[1].key if len(path) > 1 else ''
+    if top == 'backbone':
+      std = np.sqrt(2.0 / (np.prod(leaf.shape[:-2]) * leaf.shape[-1]))
+    elif top == 'fpn':
+      std = np.sqrt(1.0 / np.prod(leaf.shape[:-1]))
+    else:
+      std = HEAD_INIT_STD
+    return (rng.standard_normal(leaf.shape) * std).astype(leaf.dtype)
 
   return dict(jax.tree_util.tree_map_with_path(fill, dict(shapes)))
 

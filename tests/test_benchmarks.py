@@ -108,11 +108,23 @@ def test_numpy_init_has_the_model_tree_and_sane_scales():
     name = path[-1].key
     np.testing.assert_array_equal(leaf, 1.0 if name in ('scale', 'var')
                                   else 0.0)
-  # He-normal kernels: std close to sqrt(2 / fan_in) for large kernels.
-  for leaf in jax.tree.leaves(variables['params']):
-    if leaf.ndim >= 2 and leaf.size >= 4096:
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      assert abs(np.std(leaf) / math.sqrt(2.0 / fan_in) - 1) < 0.1
+  # The real initialisers' scales, checked on the large kernels: He
+  # fan-out in the backbone, 1/fan_in in the pyramid, 0.01 in the heads.
+  checked = set()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      variables['params'])[0]:
+    if leaf.ndim < 2 or leaf.size < 4096:
+      continue
+    top = path[0].key
+    if top == 'backbone':
+      want = math.sqrt(2.0 / (np.prod(leaf.shape[:-2]) * leaf.shape[-1]))
+    elif top == 'fpn':
+      want = math.sqrt(1.0 / np.prod(leaf.shape[:-1]))
+    else:
+      want = 0.01
+    assert abs(np.std(leaf) / want - 1) < 0.1, (path, np.std(leaf), want)
+    checked.add(top)
+  assert {'backbone', 'fpn', 's_head_net', 't_head_net'} <= checked
 
 
 def test_compile_counter_sees_new_compiles_only():
