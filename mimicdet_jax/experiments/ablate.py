@@ -640,10 +640,10 @@ def write_report(workdir: str, grid: Sequence[str], seeds: Sequence[int], *,
   for spec in grid:
     md.append(f'- `{spec}`: ' + ', '.join(
         f'{k}={v}' for k, v in variant_overrides_or_raw(spec).items()))
-  with open(os.path.join(workdir, 'ablation.md.tmp'), 'w') as f:
+  md_path = os.path.join(workdir, 'ablation.md')
+  with open(f'{md_path}.tmp{os.getpid()}', 'w') as f:  # shards write too
     f.write('\n'.join(md) + '\n')
-  os.replace(os.path.join(workdir, 'ablation.md.tmp'),
-             os.path.join(workdir, 'ablation.md'))
+  os.replace(f'{md_path}.tmp{os.getpid()}', md_path)
   return report
 
 
@@ -710,9 +710,10 @@ def plot_curves(curves: Mapping[str, Mapping[int, Sequence[Mapping]]],
                fontsize=9, frameon=False)
   fig.tight_layout(rect=(0, 0, 1, 0.93))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path + '.tmp.png', dpi=90)
+  tmp = f'{path}.tmp{os.getpid()}.png'
+  fig.savefig(tmp, dpi=90)
   plt.close(fig)
-  os.replace(path + '.tmp.png', path)
+  os.replace(tmp, path)
   return True
 
 
