@@ -66,6 +66,11 @@ def main(argv):
   else:
     train_lib.train_and_evaluate(config, workdir)
   train_minutes = (time.time() - start) / 60
+  steps = eval_lib.checkpoint_steps(workdir)
+  if not steps or steps[-1] < total:
+    print(f'training stopped at step {steps[-1] if steps else 0} of {total} '
+          '(interrupted); run the same command again to resume')
+    return
 
   metrics = _saved_metrics(workdir, total)
   if metrics is None:
