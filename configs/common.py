@@ -16,10 +16,11 @@ def base_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()
   c.data.source = 'coco_json'  # coco_json | tfds
-  c.data.train_annotations = ''  # COCO-format JSON
-  c.data.train_images = ''  # folder the JSON's file_name entries are relative to
-  c.data.val_annotations = ''
-  c.data.val_images = ''
+  # COCO 2017 where the README puts it; any COCO-format JSON + folder works.
+  c.data.train_annotations = 'data/coco/annotations/instances_train2017.json'
+  c.data.train_images = 'data/coco/train2017'  # file_name entries are relative to it
+  c.data.val_annotations = 'data/coco/annotations/instances_val2017.json'
+  c.data.val_images = 'data/coco/val2017'
   c.data.tfds_name = 'coco/2017'
   c.data.tfds_data_dir = ''  # '' = TFDS default (~/tensorflow_datasets)
   c.data.tfds_train_split = 'train'

@@ -4,10 +4,6 @@ from configs import common
 
 def get_config():
   c = common.base_config()
-  c.data.train_annotations = 'data/coco/annotations/instances_train2017.json'
-  c.data.train_images = 'data/coco/train2017'
-  c.data.val_annotations = 'data/coco/annotations/instances_val2017.json'
-  c.data.val_images = 'data/coco/val2017'
   c.model.dtype = 'bfloat16'
   c.model.backbone.arch = 'resnet101'
   c.model.backbone_init = 'weights/resnet101'
