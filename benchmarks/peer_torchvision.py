@@ -39,11 +39,15 @@ are not resized. Our side runs on the canvas `--ours_size` (default: HxW
 rounded up to multiples of 128, what our pipeline pads 800x1333 images to:
 896x1408), so the comparison is per image of the same size.
 
+CPU: torch runs with OMP_WAIT_POLICY=PASSIVE unless the variable is set;
+with spinning OpenMP threads its steps were ~10x slower on a shared 2-core
+machine. `--threads` sets torch's thread count.
+
 Score threshold: library defaults (0.05 for both peers) unless
 `--score_thresh`. With random weights almost nothing passes 0.05 for them,
 while every pair passes our 0.005 (worst-case NMS for us); pass
-`--score_thresh 0` for their worst case, or `--ours_args
---config.eval.score_threshold=0.05`.
+`--score_thresh 0` for their worst case, or
+`--ours_args=--config.eval.score_threshold=0.05` for a lighter one of ours.
 """
 import argparse
 import json
