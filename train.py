@@ -10,7 +10,6 @@ r"""Trains MimicDet; restarting the same command resumes from the last checkpoin
 Writes DIR/config.json (the resolved config), DIR/checkpoints/<step>/,
 DIR/metrics.jsonl and DIR/tensorboard/. See docs/TRAINING.md.
 """
-import logging as std_logging
 import sys
 
 from absl import app
@@ -37,18 +36,10 @@ _PROCESS_ID = flags.DEFINE_integer(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries:
-  """Drops INFO lines of orbax (dozens per checkpoint) from the log."""
-
-  def filter(self, record) -> bool:
-    return (record.levelno >= std_logging.WARNING or
-            '/orbax/' not in record.pathname)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  train_lib.quiet_library_logs()
   train_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                    _PROCESS_ID.value)
   try:

@@ -55,6 +55,7 @@ def _saved_metrics(workdir: str, step: int):
 
 def main(argv):
   del argv
+  train_lib.quiet_library_logs()
   config, workdir = _CONFIG.value, _WORKDIR.value
   _data_paths(config, _DATA.value)
   config.eval.at_end = False  # evaluated below, once, with the pictures

@@ -23,6 +23,7 @@ whole per-device batch and the key folded with the device index.
 import functools
 import importlib
 import json
+import logging as std_logging
 import os
 import signal
 import time
@@ -446,6 +447,19 @@ class _PreemptionSync:
 
 
 # ---------------------------------------------------------------- the loop
+class _QuietLibraries:
+  """Drops INFO lines of orbax (dozens per checkpoint) from the log."""
+
+  def filter(self, record) -> bool:
+    return (record.levelno >= std_logging.WARNING or
+            '/orbax/' not in record.pathname)
+
+
+def quiet_library_logs() -> None:
+  """Keeps orbax's per-checkpoint INFO lines out of the absl log."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 def write_config(config: Any, workdir: str) -> None:
   """DIR/config.json: the resolved config, as plain JSON."""
   if jax.process_index() != 0:
