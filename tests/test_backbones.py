@@ -296,3 +296,37 @@ def test_unknown_arch_raises():
   with pytest.raises(ValueError, match='resnet_tiny'):
     jax.eval_shape(bb.ResNet('resnet18').init, jax.random.key(0),
                    jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize('hw', [(16, 16), (15, 9)])
+def test_max_pool_matches_reduce_window_values_and_gradient(hw):
+  """The nine-tap stem max pool equals XLA's reduce_window max pool (flax),
+  values and gradient, on tie-free data (odd sizes: -inf padding counts)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.permutation(2 * hw[0] * hw[1] * 3).reshape(
+      2, *hw, 3).astype(np.float32) / 7.0 - 5.0)  # distinct values: no ties
+  ref = lambda v: nn.max_pool(v, (3, 3), strides=(2, 2),
+                              padding=((1, 1), (1, 1)))
+  w = jnp.asarray(rng.normal(size=ref(x).shape).astype(np.float32))
+  np.testing.assert_array_equal(bb.max_pool_3x3_s2(x), ref(x))
+  g_ours = jax.grad(lambda v: jnp.sum(bb.max_pool_3x3_s2(v) * w))(x)
+  g_ref = jax.grad(lambda v: jnp.sum(ref(v) * w))(x)
+  np.testing.assert_allclose(g_ours, g_ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('stride,hw', [(1, (6, 5)), (2, (7, 6))])
+def test_conv1x1_matches_strided_conv(stride, hw):
+  """layers.Conv1x1 (used for every 1x1 backbone conv) equals nn.Conv 1x1
+  with the same kernel, stride and no padding (torchvision's shortcut)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.models.layers import Conv1x1  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, *hw, 5)),
+                  jnp.float32)
+  ours = Conv1x1(4, use_bias=False, stride=stride)
+  params = ours.init(jax.random.PRNGKey(0), x)
+  ref = nn.Conv(4, (1, 1), strides=(stride, stride), padding='VALID',
+                use_bias=False)
+  y = ours.apply(params, x)
+  assert y.shape == (2, -(-hw[0] // stride), -(-hw[1] // stride), 4)
+  np.testing.assert_allclose(y, ref.apply(params, x), rtol=1e-5, atol=1e-6)
