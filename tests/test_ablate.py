@@ -52,7 +52,12 @@ def test_named_adhoc_and_combined_variants():
 
 
 def test_run_config_order_schedule_and_seed():
-  base = configs.demo.get_config()  # 1500 steps, warm-up 100, decay 1200/1400
+  base = configs.demo.get_config()
+  base.train.total_steps = 1500  # a schedule fixed here, not the demo's
+  base.optim.warmup_steps = 100
+  base.optim.decay_steps = (1200, 1400)
+  base.train.log_every = 50
+  base.train.checkpoint_every = 500
   config, overrides = ablate.run_config(
       base, 'mimic.weight=3.0', 7, 300,
       {'mimic.weight': 2.0, 'optim.base_lr': 0.01})
