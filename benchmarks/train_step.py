@@ -36,17 +36,14 @@ import time
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import common as bench
+from benchmarks import step as step_lib
 from mimicdet_jax import config_lib
 from mimicdet_jax import train_lib
-from mimicdet_jax.losses import total
-from mimicdet_jax.models import backbones
-from mimicdet_jax.models import mimicdet
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -76,52 +73,6 @@ _JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
 flags.mark_flags_as_required(['config'])
 
 
-def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
-               init: str = 'auto', seed: int = 0):
-  """The real training step, its replicated state and one device batch.
-
-  Returns:
-    (p_step, rstate, batch, flops): the pmapped train_lib step, the step-0
-    state replicated over the local devices, a synthetic batch already laid
-    out over them ([local_devices, per_device_batch, ...]), and the model
-    FLOPs of one device's step (convolutions and matmuls of the forward and
-    backward pass, from the step's jaxpr).
-  """
-  model = mimicdet.MimicDet(config)
-  variables = bench.init_variables(config, model, init, seed)
-  frozen_mask = backbones.frozen_param_mask(
-      variables['params'], config.model.backbone.frozen_stages)
-  state, tx = train_lib.create_train_state(
-      config, variables, frozen_mask, jax.random.PRNGKey(seed))
-  train_step = train_lib.make_train_step(
-      total.make_loss_fn(model, config), tx, frozen_mask,
-      loss_per_image=config.train.loss_per_image,
-      lr_schedule=train_lib.make_lr_schedule(config))
-  ndev = jax.local_device_count()
-  examples = bench.synthetic_examples(
-      config, (ndev, per_device_batch), boxes_per_image=boxes_per_image,
-      seed=seed)
-  batch = jax.tree.map(_shard, examples)
-  # Model FLOPs of one device's step, from its jaxpr (see bench.matmul_flops).
-  shapes = lambda tree: jax.tree.map(  # pylint: disable=g-long-lambda
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
-  flops = bench.matmul_flops(jax.make_jaxpr(
-      train_step, axis_env=[(train_lib.AXIS, ndev)])(
-          shapes(state), shapes(jax.tree.map(lambda x: x[0], examples))))
-  return (train_lib.pmap_train_step(train_step), train_lib.replicate(state),
-          batch, flops)
-
-
-def _shard(x: np.ndarray):
-  """[local_devices, ...] host array -> one slice per device, laid out as
-  train_lib.replicate lays out the state (so the step compiles once)."""
-  devices = jax.local_devices()
-  sharding = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.array(devices), (train_lib.AXIS,)),
-      jax.sharding.PartitionSpec(train_lib.AXIS))
-  return jax.device_put(x, sharding)
-
-
 def benchmark(config, per_device_batch: int, *, steps: int, warmup: int,
               peak_tflops: float = 0.0, boxes_per_image: int = 5,
               init: str = 'auto') -> dict:
@@ -131,7 +82,7 @@ def benchmark(config, per_device_batch: int, *, steps: int, warmup: int,
   global_batch = ndev * per_device_batch
 
   t0 = time.perf_counter()
-  p_step, rstate, batch, flops = build_step(config, per_device_batch,
+  p_step, rstate, batch, flops = step_lib.build_step(config, per_device_batch,
                                      boxes_per_image=boxes_per_image,
                                      init=init)
   build_s = time.perf_counter() - t0

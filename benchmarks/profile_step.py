@@ -1,0 +1,221 @@
+r"""Where the training step's time goes: a jax.profiler trace, summed per op.
+
+  JAX_PLATFORMS=cpu python benchmarks/profile_step.py --config configs/demo.py
+  python benchmarks/profile_step.py --config configs/mimicdet_r50_fpn_1x.py \
+      --batch 2 --dtype bf16 --size 896x1408 --trace_dir /tmp/r50_trace  # GPU
+
+Builds the same step as benchmarks/train_step.py (benchmarks/step.py:
+train_lib's pmapped step on random in-memory batches), runs `--warmup` steps, then traces `--steps` steps
+with `jax.profiler` and reads the trace back (`jax.profiler.ProfileData`): the
+XLA op events (the CPU thunk executor's worker threads, or a GPU's "XLA Ops"
+line), summed per op and per op kind (the name without its numeric suffix),
+per step. Each op is named with the JAX source op that made it (the HLO
+`op_name` metadata of the compiled step), e.g.
+`s_head_net/p3_conv/jit(_take)/gather`, so a line of the table points at a
+line of the model. The trace stays in `--trace_dir` for TensorBoard /
+Perfetto.
+
+On a CPU the summed op time of the two worker threads exceeds the wall time
+(ops run concurrently); `covered` is the wall time during which at least one
+op ran, the rest is dispatch and waiting.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Iterable, Optional
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common as bench
+from benchmarks import step as step_lib
+from mimicdet_jax import config_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Recipe config file (configs/*.py).', lock_config=True)
+_BATCH = flags.DEFINE_integer(
+    'batch', 0, 'Per-device batch; 0 = train.batch_size / local devices.')
+_DTYPE = flags.DEFINE_enum('dtype', None, sorted(bench.DTYPES),
+                           "Compute dtype (default: the config's).")
+_SIZE = flags.DEFINE_string('size', None, 'Canvas HxW (default: the config).')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Traced steps.')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untraced steps first.')
+_TOP = flags.DEFINE_integer('top', 30, 'Rows of the per-op table.')
+_NUM_CLASSES = flags.DEFINE_integer(
+    'num_classes', -1, 'Classes (default: from the config, or COCO 80).')
+_JSON = flags.DEFINE_string('json', None, 'Also write the summary here.')
+_TRACE_DIR = flags.DEFINE_string('trace_dir', None,
+                                 'Where the trace goes (default: a temp dir).')
+
+_SUFFIX = re.compile(r'\.\d+$')
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Instruction name -> (result shape, JAX op_name) from compiled HLO text.
+
+  A fusion has no op_name of its own: it gets the first one found in the
+  computation it calls.
+  """
+  defs: dict[str, str] = {}
+  bodies: dict[str, list[str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    head = re.match(r'%?([\w.\-]+) .*\{\s*$', line)
+    if head and not line.startswith(' '):
+      current = head.group(1)
+      bodies[current] = []
+      continue
+    inst = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+)', line)
+    if inst:
+      defs.setdefault(inst.group(1), line)
+      if current is not None:
+        bodies[current].append(line)
+  out = {}
+  for name, line in defs.items():
+    shape = re.match(r'\s*(?:ROOT )?%?[\w.\-]+ = (\S+)', line).group(1)
+    meta = re.search(r'op_name="([^"]*)"', line)
+    called = re.search(r'calls=%?([\w.\-]+)', line)
+    if not meta and called:
+      for body_line in bodies.get(called.group(1), ()):
+        meta = re.search(r'op_name="([^"]*)"', body_line)
+        if meta:
+          break
+    out[name] = (shape, meta.group(1) if meta else '')
+  return out
+
+
+def op_events(profile: 'jax.profiler.ProfileData'
+              ) -> list[tuple[str, int, int]]:
+  """(op name, start ns, duration ns) of every XLA op event in the trace.
+
+  XLA:CPU: events on the '/host:CPU' plane's tf_XLA* worker-thread lines,
+  without the executor's own ThunkExecutor spans; GPU/TPU: the device
+  planes' 'XLA Ops' lines.
+  """
+  events = []
+  for plane in profile.planes:
+    for line in plane.lines:
+      on_cpu = plane.name == '/host:CPU' and line.name.startswith('tf_XLA')
+      on_device = plane.name.startswith('/device:') and line.name == 'XLA Ops'
+      if not (on_cpu or on_device):
+        continue
+      for ev in line.events:
+        if ev.name.startswith(('ThunkExecutor', 'ThreadpoolListener',
+                               'SlinkyThreadPool', 'end: ')):
+          continue
+        events.append((ev.name, int(ev.start_ns), int(ev.duration_ns)))
+  return events
+
+
+def summarize(events: Iterable[tuple[str, int, int]], steps: int) -> dict:
+  """Per-step totals: by op, by op kind, the summed and the covered time.
+
+  covered = the length of the union of the event intervals (wall time in
+  which some op ran), span = first start to last end; all in ms per step.
+  """
+  events = list(events)
+  by_op = collections.Counter()
+  by_kind = collections.Counter()
+  for name, _, dur in events:
+    by_op[name] += dur / 1e6 / steps
+    by_kind[_SUFFIX.sub('', name)] += dur / 1e6 / steps
+  intervals = sorted((start, start + dur) for _, start, dur in events)
+  covered = 0
+  if intervals:
+    lo, hi = intervals[0]
+    for start, end in intervals[1:]:
+      if start > hi:
+        covered += hi - lo
+        lo, hi = start, end
+      else:
+        hi = max(hi, end)
+    covered += hi - lo
+  span = (max(e for _, e in intervals) - intervals[0][0]) if intervals else 0
+  return dict(by_op=by_op, by_kind=by_kind,
+              summed_ms=sum(by_op.values()), covered_ms=covered / 1e6 / steps,
+              span_ms=span / 1e6 / steps, events_per_step=len(events) / steps)
+
+
+def report(summary: dict, names: dict[str, tuple[str, str]], step_ms: float,
+           top: int) -> str:
+  lines = [
+      f"step {step_ms:.1f} ms (untraced); traced ops per step: summed "
+      f"{summary['summed_ms']:.1f} ms, covered {summary['covered_ms']:.1f} ms "
+      f"of a {summary['span_ms']:.1f} ms span, "
+      f"{summary['events_per_step']:.0f} op events", '', 'by op kind (ms/step):']
+  for kind, ms in summary['by_kind'].most_common(12):
+    lines.append(f'  {ms:8.2f}  {kind}')
+  lines += ['', f'top {top} ops (ms/step, result shape, JAX source op):']
+  for name, ms in summary['by_op'].most_common(top):
+    shape, source = names.get(name, ('?', ''))
+    lines.append(f'  {ms:8.2f}  {name:30s} {shape[:40]:40s} {source[-90:]}')
+  return '\n'.join(lines)
+
+
+def profile(config, per_device_batch: int, *, steps: int, warmup: int,
+            trace_dir: Optional[str]) -> tuple[dict, dict, float, str]:
+  """Traces the step; returns (summary, op names, untraced step ms, dir)."""
+  p_step, rstate, batch, _ = step_lib.build_step(config, per_device_batch)
+  for _ in range(max(warmup, 1)):
+    rstate, metrics = p_step(rstate, batch)
+  jax.block_until_ready((rstate, metrics))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    rstate, metrics = p_step(rstate, batch)
+  jax.block_until_ready((rstate, metrics))
+  step_ms = (time.perf_counter() - t0) / steps * 1e3
+  names = hlo_op_names(p_step.lower(rstate, batch).compile().as_text())
+  trace_dir = trace_dir or tempfile.mkdtemp(prefix='mimicdet_trace_')
+  jax.profiler.start_trace(trace_dir)
+  for _ in range(steps):
+    rstate, metrics = p_step(rstate, batch)
+  jax.block_until_ready((rstate, metrics))
+  jax.profiler.stop_trace()
+  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'),
+                           recursive=True), key=os.path.getmtime)
+  if not files:
+    raise RuntimeError(f'jax.profiler wrote no .xplane.pb under {trace_dir}')
+  data = jax.profiler.ProfileData.from_file(files[-1])
+  return summarize(op_events(data), steps), names, step_ms, trace_dir
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  raw = _CONFIG.value
+  ndev = jax.local_device_count()
+  per_device = _BATCH.value or max(raw.train.batch_size // ndev, 1)
+  config = bench.resolve_config(raw, size=_SIZE.value, dtype=_DTYPE.value,
+                                num_classes=_NUM_CLASSES.value,
+                                batch_size=per_device * ndev)
+  summary, names, step_ms, trace_dir = profile(
+      config, per_device, steps=_STEPS.value, warmup=_WARMUP.value,
+      trace_dir=_TRACE_DIR.value)
+  print(report(summary, names, step_ms, _TOP.value))
+  print(f'\ntrace: {trace_dir} (tensorboard --logdir, or Perfetto)')
+  top = summary['by_op'].most_common(_TOP.value)
+  bench.write_json(_JSON.value, dict(
+      benchmark='profile_step', command=' '.join(sys.argv), step_ms=step_ms,
+      trace_dir=trace_dir, device=bench.device_summary(),
+      **{k: summary[k] for k in ('summed_ms', 'covered_ms', 'span_ms',
+                                 'events_per_step')},
+      by_kind=dict(summary['by_kind'].most_common()),
+      top_ops=[dict(op=n, ms=ms, shape=names.get(n, ('?', ''))[0],
+                    source=names.get(n, ('?', ''))[1]) for n, ms in top]))
+
+
+if __name__ == '__main__':
+  config_lib.check_override_keys(sys.argv)
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
