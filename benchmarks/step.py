@@ -19,6 +19,19 @@ from mimicdet_jax.models import mimicdet
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
+def step_config(raw, *, batch: int, size, dtype, num_classes: int):
+  """(resolved config, per-device batch) from the step scripts' flags.
+
+  batch 0 = train.batch_size split over the local devices.
+  """
+  ndev = jax.local_device_count()
+  per_device = batch or max(raw.train.batch_size // ndev, 1)
+  config = bench.resolve_config(raw, size=size, dtype=dtype,
+                                num_classes=num_classes,
+                                batch_size=per_device * ndev)
+  return config, per_device
+
+
 def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
                init: str = 'auto', seed: int = 0):
   """The real training step, its replicated state and one device batch.

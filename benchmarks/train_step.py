@@ -186,12 +186,9 @@ def report(r: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  raw = _CONFIG.value
-  ndev = jax.local_device_count()
-  per_device = _BATCH.value or max(raw.train.batch_size // ndev, 1)
-  config = bench.resolve_config(raw, size=_SIZE.value, dtype=_DTYPE.value,
-                                num_classes=_NUM_CLASSES.value,
-                                batch_size=per_device * ndev)
+  config, per_device = step_lib.step_config(
+      _CONFIG.value, batch=_BATCH.value, size=_SIZE.value, dtype=_DTYPE.value,
+      num_classes=_NUM_CLASSES.value)
   result = benchmark(config, per_device, steps=_STEPS.value,
                      warmup=_WARMUP.value, peak_tflops=_PEAK_TFLOPS.value,
                      boxes_per_image=_BOXES.value, init=_INIT.value)

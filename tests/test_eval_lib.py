@@ -10,6 +10,7 @@ from configs import common
 from mimicdet_jax import config_lib
 from mimicdet_jax import eval_lib
 from mimicdet_jax.models import anchors as anchors_lib
+from tests import np_refs
 
 
 # ------------------------------------------------------------ NumPy reference
@@ -33,15 +34,6 @@ def np_clip(boxes, h, w):
   return out
 
 
-def np_iou(a, b):
-  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = iw * ih
-  union = ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) -
-           inter)
-  return inter / union if union > 0 else 0.0
-
-
 def np_select(boxes, probs, thr, nms_thr, max_det):
   """Per image: threshold, greedy NMS per class, top max_det by score."""
   n, k = probs.shape
@@ -52,7 +44,7 @@ def np_select(boxes, probs, thr, nms_thr, max_det):
     cand.sort(key=lambda i: -probs[i, c])
     chosen = []
     for i in cand:
-      if all(np_iou(boxes[i], boxes[j]) <= nms_thr for j in chosen):
+      if all(np_refs.iou(boxes[i], boxes[j]) <= nms_thr for j in chosen):
         chosen.append(i)
     kept += [(probs[i, c], i, c + 1) for i in chosen]
   kept.sort(key=lambda t: -t[0])

@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 
 from mimicdet_jax import ops
+from tests import np_refs
 
 _REFS = os.path.join(os.path.dirname(__file__), 'data', 'torchvision_ops.npz')
-
-
-def _iou(a, b):
-  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = iw * ih
-  union = ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) -
-           inter)
-  return inter / union if union > 0 else 0.0
 
 
 def _nms_ref(boxes, scores, thr, valid=None, classes=None):
@@ -34,7 +26,7 @@ def _nms_ref(boxes, scores, thr, valid=None, classes=None):
     keep.append(i)
     for j in order[pos + 1:]:
       same = classes is None or classes[i] == classes[j]
-      if same and _iou(boxes[i], boxes[j]) > thr:
+      if same and np_refs.iou(boxes[i], boxes[j]) > thr:
         suppressed.add(j)
   return keep
 
