@@ -1,5 +1,8 @@
 """NumPy reference loops shared by several test files (written for clarity,
 not speed): the independent references the JAX ops are checked against."""
+import math
+
+import numpy as np
 
 
 def iou(a, b) -> float:
@@ -10,3 +13,14 @@ def iou(a, b) -> float:
   union = ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) -
            inter)
   return inter / union if union > 0 else 0.0
+
+
+def encode(box, ref, stds):
+  """Box-regression deltas of `box` against `ref` ([x1, y1, x2, y2]): centre
+  offsets over the ref's size and log size ratios, divided by `stds`."""
+  w, h = box[2] - box[0], box[3] - box[1]
+  rw, rh = ref[2] - ref[0], ref[3] - ref[1]
+  d = [((box[0] + box[2]) / 2 - (ref[0] + ref[2]) / 2) / rw,
+       ((box[1] + box[3]) / 2 - (ref[1] + ref[3]) / 2) / rh,
+       math.log(w / rw), math.log(h / rh)]
+  return np.array(d) / np.array(stds)

@@ -8,6 +8,7 @@ import numpy as np
 
 from mimicdet_jax.models import anchors as anchors_lib
 from mimicdet_jax.targets import proposals
+from tests import np_refs
 
 LEVELS = (3, 4, 5, 6, 7)
 CANVAS = (128, 128)
@@ -19,14 +20,6 @@ def _np_decode(d, a):
   cx, cy = a[0] + w / 2 + d[0] * w, a[1] + h / 2 + d[1] * h
   w2, h2 = w * math.exp(min(d[2], CLIP)), h * math.exp(min(d[3], CLIP))
   return np.array([cx - w2 / 2, cy - h2 / 2, cx + w2 / 2, cy + h2 / 2])
-
-
-def _np_iou(a, b):
-  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = iw * ih
-  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-  return inter / union
 
 
 def _np_proposals(logits, deltas, anchor_boxes, image_hw, topk, thr, num):
@@ -44,7 +37,7 @@ def _np_proposals(logits, deltas, anchor_boxes, image_hw, topk, thr, num):
   cand.sort(key=lambda i: -logits[i])
   kept = []
   for i in cand:
-    if all(_np_iou(boxes[i], boxes[j]) <= thr for j in kept):
+    if all(np_refs.iou(boxes[i], boxes[j]) <= thr for j in kept):
       kept.append(i)
   return kept[:num], boxes
 

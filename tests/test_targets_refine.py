@@ -8,6 +8,7 @@ import pytest
 
 from mimicdet_jax.models import anchors as anchors_lib
 from mimicdet_jax.targets import refine
+from tests import np_refs
 
 LEVELS = (3, 4, 5, 6, 7)
 CANVAS = (128, 128)
@@ -46,15 +47,6 @@ def _flat_index(level, y, x):
   raise ValueError(level)
 
 
-def _np_encode(box, ref, stds):
-  w, h = box[2] - box[0], box[3] - box[1]
-  rw, rh = ref[2] - ref[0], ref[3] - ref[1]
-  d = [((box[0] + box[2]) / 2 - (ref[0] + ref[2]) / 2) / rw,
-       ((box[1] + box[3]) / 2 - (ref[1] + ref[3]) / 2) / rh,
-       math.log(w / rw), math.log(h / rh)]
-  return np.array(d) / np.array(stds)
-
-
 @pytest.mark.parametrize('size,expected', [
     (4.0, 3), (32.0, 3), (45.0, 3), (46.0, 4), (64.0, 4), (100.0, 5),
     (300.0, 6), (512.0, 7), (2000.0, 7)])
@@ -89,7 +81,7 @@ def test_single_gt_exact_positive_positions():
   a = _anchors()
   for i in np.flatnonzero(expected):
     np.testing.assert_allclose(t['delta_targets'][i],
-                               _np_encode(gt, a['boxes'][i], STDS), atol=1e-5)
+                               np_refs.encode(gt, a['boxes'][i], STDS), atol=1e-5)
   np.testing.assert_array_equal(t['delta_targets'][~expected], 0.0)
   # Origin of the gt: the level-4 cell nearest the centre (64, 64); cells
   # (3,3), (3,4), (4,3), (4,4) tie, the first in flat order wins.
@@ -153,7 +145,7 @@ def test_tiny_gt_gets_nearest_cell():
   assert t['gt_origin'][0] == _flat_index(3, 3, 3)
   a = _anchors()
   np.testing.assert_allclose(t['delta_targets'][_flat_index(3, 3, 3)],
-                             _np_encode(gt, a['boxes'][_flat_index(3, 3, 3)],
+                             np_refs.encode(gt, a['boxes'][_flat_index(3, 3, 3)],
                                         STDS), atol=1e-5)
 
 

@@ -1,31 +1,14 @@
 """IoU labelling and balanced sampling against hand-computed answers."""
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mimicdet_jax.targets import roi_sampling
+from tests import np_refs
 
 STDS = (0.1, 0.1, 0.2, 0.2)
-
-
-def _np_iou(a, b):
-  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = iw * ih
-  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-  return inter / union if union > 0 else 0.0
-
-
-def _np_encode(box, ref, stds):
-  w, h = box[2] - box[0], box[3] - box[1]
-  rw, rh = ref[2] - ref[0], ref[3] - ref[1]
-  d = [((box[0] + box[2]) / 2 - (ref[0] + ref[2]) / 2) / rw,
-       ((box[1] + box[3]) / 2 - (ref[1] + ref[3]) / 2) / rh,
-       math.log(w / rw), math.log(h / rh)]
-  return np.array(d) / np.array(stds)
 
 
 GT = np.array([[0, 0, 10, 10], [50, 50, 70, 90], [0, 0, 0, 0]], np.float32)
@@ -50,7 +33,7 @@ def test_label_boxes_known_ious():
   np.testing.assert_array_equal(lab['labels'], [2, 0, 0, 1, 1, 0, 0])
   np.testing.assert_array_equal(lab['foreground'],
                                 [True, False, False, True, True, False, False])
-  ref_iou = [max(_np_iou(b, g) for g, m in zip(GT, GT_MASK) if m) for b in BOXES]
+  ref_iou = [max(np_refs.iou(b, g) for g, m in zip(GT, GT_MASK) if m) for b in BOXES]
   np.testing.assert_allclose(lab['iou'], ref_iou, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(lab['matched'])[[0, 3, 4]],
                                 [0, 1, 1])
@@ -129,7 +112,7 @@ def test_t_head_targets_with_gt_appended():
     gt = GT[0] if all_labels[j] == 2 else GT[1]
     if t['foreground'][i]:
       np.testing.assert_allclose(t['delta_targets'][i],
-                                 _np_encode(gt, all_boxes[j], STDS), atol=1e-5)
+                                 np_refs.encode(gt, all_boxes[j], STDS), atol=1e-5)
       assert t['iou'][i] >= 0.5
     else:
       np.testing.assert_array_equal(t['delta_targets'][i], 0.0)
@@ -155,7 +138,7 @@ def test_s_head_targets_label_every_proposal():
   # fg_iou 0.7: box 0 (IoU 0.5) is now background.
   np.testing.assert_array_equal(s['labels'], [0, 0, 0, 1, 1, 0, 0])
   np.testing.assert_allclose(s['delta_targets'][4],
-                             _np_encode(GT[1], BOXES[4], STDS), atol=1e-5)
+                             np_refs.encode(GT[1], BOXES[4], STDS), atol=1e-5)
   np.testing.assert_allclose(s['delta_targets'][3], 0.0, atol=1e-6)
   np.testing.assert_array_equal(s['delta_targets'][[0, 1, 2, 5, 6]], 0.0)
 
