@@ -64,9 +64,10 @@ def main(argv):
   start = time.time()
   if total in eval_lib.checkpoint_steps(workdir):
     print(f'{workdir} already holds the step-{total} checkpoint: not training again')
+    train_minutes = None
   else:
     train_lib.train_and_evaluate(config, workdir)
-  train_minutes = (time.time() - start) / 60
+    train_minutes = (time.time() - start) / 60
   steps = eval_lib.checkpoint_steps(workdir)
   if not steps or steps[-1] < total:
     print(f'training stopped at step {steps[-1] if steps else 0} of {total} '
@@ -90,9 +91,12 @@ def main(argv):
   met = metrics['AP50'] >= TARGET_AP50 and metrics['AP'] >= TARGET_AP
   print(f'  target AP50 >= {TARGET_AP50}, AP >= {TARGET_AP}: '
         f'{"met" if met else "NOT met"}')
-  print(f'  this run: training {train_minutes:.1f} min (compile included)'
-        + (f', scoring and pictures {eval_minutes:.1f} min'
-           if eval_minutes is not None else ''))
+  spent = ([f'training {train_minutes:.1f} min (compile included)']
+           if train_minutes is not None else []) + (
+               [f'scoring and pictures {eval_minutes:.1f} min']
+               if eval_minutes is not None else [])
+  print('  this run: ' + (', '.join(spent) or 'reused the saved checkpoint '
+                          'and metrics'))
   print('\nPictures:')
   print(f'  detections (gt green, detections red): {os.path.join(workdir, "eval", "viz")}')
   print(f'  training data with its boxes:          {os.path.join(_DATA.value, "viz")}')
