@@ -21,14 +21,12 @@ op ran, the rest is dispatch and waiting.
 """
 from __future__ import annotations
 
-import collections
 import glob
 import os
-import re
 import sys
 import tempfile
 import time
-from typing import Iterable, Optional
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -38,6 +36,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import common as bench
+from benchmarks import profiling
 from benchmarks import step as step_lib
 from mimicdet_jax import config_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -57,95 +56,6 @@ _NUM_CLASSES = flags.DEFINE_integer(
 _JSON = flags.DEFINE_string('json', None, 'Also write the summary here.')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', None,
                                  'Where the trace goes (default: a temp dir).')
-
-_SUFFIX = re.compile(r'\.\d+$')
-
-
-def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """Instruction name -> (result shape, JAX op_name) from compiled HLO text.
-
-  A fusion has no op_name of its own: it gets the first one found in the
-  computation it calls.
-  """
-  defs: dict[str, str] = {}
-  bodies: dict[str, list[str]] = {}
-  current = None
-  for line in hlo_text.splitlines():
-    head = re.match(r'%?([\w.\-]+) .*\{\s*$', line)
-    if head and not line.startswith(' '):
-      current = head.group(1)
-      bodies[current] = []
-      continue
-    inst = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+)', line)
-    if inst:
-      defs.setdefault(inst.group(1), line)
-      if current is not None:
-        bodies[current].append(line)
-  out = {}
-  for name, line in defs.items():
-    shape = re.match(r'\s*(?:ROOT )?%?[\w.\-]+ = (\S+)', line).group(1)
-    meta = re.search(r'op_name="([^"]*)"', line)
-    called = re.search(r'calls=%?([\w.\-]+)', line)
-    if not meta and called:
-      for body_line in bodies.get(called.group(1), ()):
-        meta = re.search(r'op_name="([^"]*)"', body_line)
-        if meta:
-          break
-    out[name] = (shape, meta.group(1) if meta else '')
-  return out
-
-
-def op_events(profile: 'jax.profiler.ProfileData'
-              ) -> list[tuple[str, int, int]]:
-  """(op name, start ns, duration ns) of every XLA op event in the trace.
-
-  XLA:CPU: events on the '/host:CPU' plane's tf_XLA* worker-thread lines,
-  without the executor's own ThunkExecutor spans; GPU/TPU: the device
-  planes' 'XLA Ops' lines.
-  """
-  events = []
-  for plane in profile.planes:
-    for line in plane.lines:
-      on_cpu = plane.name == '/host:CPU' and line.name.startswith('tf_XLA')
-      on_device = plane.name.startswith('/device:') and line.name == 'XLA Ops'
-      if not (on_cpu or on_device):
-        continue
-      for ev in line.events:
-        if ev.name.startswith(('ThunkExecutor', 'ThreadpoolListener',
-                               'SlinkyThreadPool', 'end: ')):
-          continue
-        events.append((ev.name, int(ev.start_ns), int(ev.duration_ns)))
-  return events
-
-
-def summarize(events: Iterable[tuple[str, int, int]], steps: int) -> dict:
-  """Per-step totals: by op, by op kind, the summed and the covered time.
-
-  covered = the length of the union of the event intervals (wall time in
-  which some op ran), span = first start to last end; all in ms per step.
-  """
-  events = list(events)
-  by_op = collections.Counter()
-  by_kind = collections.Counter()
-  for name, _, dur in events:
-    by_op[name] += dur / 1e6 / steps
-    by_kind[_SUFFIX.sub('', name)] += dur / 1e6 / steps
-  intervals = sorted((start, start + dur) for _, start, dur in events)
-  covered = 0
-  if intervals:
-    lo, hi = intervals[0]
-    for start, end in intervals[1:]:
-      if start > hi:
-        covered += hi - lo
-        lo, hi = start, end
-      else:
-        hi = max(hi, end)
-    covered += hi - lo
-  span = (max(e for _, e in intervals) - intervals[0][0]) if intervals else 0
-  return dict(by_op=by_op, by_kind=by_kind,
-              summed_ms=sum(by_op.values()), covered_ms=covered / 1e6 / steps,
-              span_ms=span / 1e6 / steps, events_per_step=len(events) / steps)
-
 
 def report(summary: dict, names: dict[str, tuple[str, str]], step_ms: float,
            top: int) -> str:
@@ -175,7 +85,7 @@ def profile(config, per_device_batch: int, *, steps: int, warmup: int,
     rstate, metrics = p_step(rstate, batch)
   jax.block_until_ready((rstate, metrics))
   step_ms = (time.perf_counter() - t0) / steps * 1e3
-  names = hlo_op_names(p_step.lower(rstate, batch).compile().as_text())
+  names = profiling.hlo_op_names(p_step.lower(rstate, batch).compile().as_text())
   trace_dir = trace_dir or tempfile.mkdtemp(prefix='mimicdet_trace_')
   jax.profiler.start_trace(trace_dir)
   for _ in range(steps):
@@ -187,7 +97,7 @@ def profile(config, per_device_batch: int, *, steps: int, warmup: int,
   if not files:
     raise RuntimeError(f'jax.profiler wrote no .xplane.pb under {trace_dir}')
   data = jax.profiler.ProfileData.from_file(files[-1])
-  return summarize(op_events(data), steps), names, step_ms, trace_dir
+  return profiling.summarize(profiling.op_events(data), steps), names, step_ms, trace_dir
 
 
 def main(argv):

@@ -240,11 +240,11 @@ def test_inference_script_s_and_t_heads(tmp_path):
 # ------------------------------------------------------------ profile_step
 def test_profile_summary_union_of_intervals():
   """covered = union of the op intervals, summed = their total (per step)."""
-  from benchmarks import profile_step  # pylint: disable=g-import-not-at-top
+  from benchmarks import profiling  # pylint: disable=g-import-not-at-top
   ms = 1_000_000
   events = [('dot.1', 0, 4 * ms), ('gather.2', 2 * ms, 4 * ms),  # overlap
             ('dot.3', 10 * ms, 2 * ms)]  # after a 4 ms gap
-  s = profile_step.summarize(events, steps=2)
+  s = profiling.summarize(events, steps=2)
   assert s['summed_ms'] == pytest.approx(5.0)  # (4 + 4 + 2) / 2 steps
   assert s['covered_ms'] == pytest.approx(4.0)  # ([0, 6] + [10, 12]) / 2
   assert s['span_ms'] == pytest.approx(6.0)  # [0, 12] / 2
@@ -255,7 +255,7 @@ def test_profile_summary_union_of_intervals():
 def test_profile_trace_names_ops_by_their_jax_source(tmp_path):
   """A real jax.profiler trace of a jitted function: its XLA ops are found
   and the compiled HLO maps them back to the JAX ops that made them."""
-  from benchmarks import profile_step  # pylint: disable=g-import-not-at-top
+  from benchmarks import profiling  # pylint: disable=g-import-not-at-top
 
   def f(x, w):
     return jnp.tanh(jnp.dot(x, w)).sum()
@@ -270,13 +270,13 @@ def test_profile_trace_names_ops_by_their_jax_source(tmp_path):
   jax.profiler.stop_trace()
   files = list(tmp_path.rglob('*.xplane.pb'))
   assert files
-  events = profile_step.op_events(
+  events = profiling.op_events(
       jax.profiler.ProfileData.from_file(str(files[0])))
   assert events, 'no XLA op events in the trace'
-  names = profile_step.hlo_op_names(step.lower(x, w).compile().as_text())
+  names = profiling.hlo_op_names(step.lower(x, w).compile().as_text())
   sources = {names[n][1] for n, _, _ in events if n in names}
   assert any('dot_general' in src for src in sources), sources
-  s = profile_step.summarize(events, steps=2)
+  s = profiling.summarize(events, steps=2)
   assert 0 < s['covered_ms'] <= s['span_ms'] + 1e-9
 
 
