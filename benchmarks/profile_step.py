@@ -5,8 +5,9 @@ r"""Where the training step's time goes: a jax.profiler trace, summed per op.
       --batch 2 --dtype bf16 --size 896x1408 --trace_dir /tmp/r50_trace  # GPU
 
 Builds the same step as benchmarks/train_step.py (benchmarks/step.py:
-train_lib's pmapped step on random in-memory batches), runs `--warmup` steps, then traces `--steps` steps
-with `jax.profiler` and reads the trace back (`jax.profiler.ProfileData`): the
+train_lib's pmapped step on random in-memory batches), runs `--warmup`
+steps, then traces `--steps` steps with `jax.profiler` and reads the trace
+back (benchmarks/profiling.py) (`jax.profiler.ProfileData`): the
 XLA op events (the CPU thunk executor's worker threads, or a GPU's "XLA Ops"
 line), summed per op and per op kind (the name without its numeric suffix),
 per step. Each op is named with the JAX source op that made it (the HLO
@@ -57,6 +58,17 @@ _JSON = flags.DEFINE_string('json', None, 'Also write the summary here.')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', None,
                                  'Where the trace goes (default: a temp dir).')
 
+
+def top_ops(summary: dict, names: dict[str, tuple[str, str]],
+            top: int) -> list[dict]:
+  """The `top` costliest ops: name, ms per step, result shape, JAX source."""
+  rows = []
+  for name, ms in summary['by_op'].most_common(top):
+    shape, source = names.get(name, ('?', ''))
+    rows.append(dict(op=name, ms=ms, shape=shape, source=source))
+  return rows
+
+
 def report(summary: dict, names: dict[str, tuple[str, str]], step_ms: float,
            top: int) -> str:
   lines = [
@@ -67,16 +79,17 @@ def report(summary: dict, names: dict[str, tuple[str, str]], step_ms: float,
   for kind, ms in summary['by_kind'].most_common(12):
     lines.append(f'  {ms:8.2f}  {kind}')
   lines += ['', f'top {top} ops (ms/step, result shape, JAX source op):']
-  for name, ms in summary['by_op'].most_common(top):
-    shape, source = names.get(name, ('?', ''))
-    lines.append(f'  {ms:8.2f}  {name:30s} {shape[:40]:40s} {source[-90:]}')
+  for r in top_ops(summary, names, top):
+    lines.append(f"  {r['ms']:8.2f}  {r['op']:30s} {r['shape'][:40]:40s} "
+                 f"{r['source'][-90:]}")
   return '\n'.join(lines)
 
 
 def profile(config, per_device_batch: int, *, steps: int, warmup: int,
             trace_dir: Optional[str]) -> tuple[dict, dict, float, str]:
   """Traces the step; returns (summary, op names, untraced step ms, dir)."""
-  p_step, rstate, batch, _ = step_lib.build_step(config, per_device_batch)
+  p_step, rstate, batch, _ = step_lib.build_step(config, per_device_batch,
+                                                 count_flops=False)
   for _ in range(max(warmup, 1)):
     rstate, metrics = p_step(rstate, batch)
   jax.block_until_ready((rstate, metrics))
@@ -97,7 +110,8 @@ def profile(config, per_device_batch: int, *, steps: int, warmup: int,
   if not files:
     raise RuntimeError(f'jax.profiler wrote no .xplane.pb under {trace_dir}')
   data = jax.profiler.ProfileData.from_file(files[-1])
-  return profiling.summarize(profiling.op_events(data), steps), names, step_ms, trace_dir
+  summary = profiling.summarize(profiling.op_events(data), steps)
+  return summary, names, step_ms, trace_dir
 
 
 def main(argv):
@@ -111,15 +125,13 @@ def main(argv):
       trace_dir=_TRACE_DIR.value)
   print(report(summary, names, step_ms, _TOP.value))
   print(f'\ntrace: {trace_dir} (tensorboard --logdir, or Perfetto)')
-  top = summary['by_op'].most_common(_TOP.value)
   bench.write_json(_JSON.value, dict(
       benchmark='profile_step', command=' '.join(sys.argv), step_ms=step_ms,
       trace_dir=trace_dir, device=bench.device_summary(),
       **{k: summary[k] for k in ('summed_ms', 'covered_ms', 'span_ms',
                                  'events_per_step')},
       by_kind=dict(summary['by_kind'].most_common()),
-      top_ops=[dict(op=n, ms=ms, shape=names.get(n, ('?', ''))[0],
-                    source=names.get(n, ('?', ''))[1]) for n, ms in top]))
+      top_ops=top_ops(summary, names, _TOP.value)))
 
 
 if __name__ == '__main__':

@@ -21,7 +21,7 @@ def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
   A fusion has no op_name of its own: it gets the first one found in the
   computation it calls.
   """
-  defs: dict[str, str] = {}
+  defs: dict[str, tuple[str, str]] = {}  # name -> (shape, line)
   bodies: dict[str, list[str]] = {}
   current = None
   for line in hlo_text.splitlines():
@@ -32,12 +32,11 @@ def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
       continue
     inst = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+)', line)
     if inst:
-      defs.setdefault(inst.group(1), line)
+      defs.setdefault(inst.group(1), (inst.group(2), line))
       if current is not None:
         bodies[current].append(line)
   out = {}
-  for name, line in defs.items():
-    shape = re.match(r'\s*(?:ROOT )?%?[\w.\-]+ = (\S+)', line).group(1)
+  for name, (shape, line) in defs.items():
     meta = re.search(r'op_name="([^"]*)"', line)
     called = re.search(r'calls=%?([\w.\-]+)', line)
     if not meta and called:

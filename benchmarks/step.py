@@ -33,7 +33,7 @@ def step_config(raw, *, batch: int, size, dtype, num_classes: int):
 
 
 def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
-               init: str = 'auto', seed: int = 0):
+               init: str = 'auto', seed: int = 0, count_flops: bool = True):
   """The real training step, its replicated state and one device batch.
 
   Returns:
@@ -41,7 +41,8 @@ def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
     state replicated over the local devices, a synthetic batch already laid
     out over them ([local_devices, per_device_batch, ...]), and the model
     FLOPs of one device's step (convolutions and matmuls of the forward and
-    backward pass, from the step's jaxpr).
+    backward pass, from the step's jaxpr; None when not count_flops, which
+    saves tracing the whole step once more).
   """
   model = mimicdet.MimicDet(config)
   variables = bench.init_variables(config, model, init, seed)
@@ -58,12 +59,14 @@ def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
       config, (ndev, per_device_batch), boxes_per_image=boxes_per_image,
       seed=seed)
   batch = jax.tree.map(_shard, examples)
-  # Model FLOPs of one device's step, from its jaxpr (see bench.matmul_flops).
-  shapes = lambda tree: jax.tree.map(  # pylint: disable=g-long-lambda
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
-  flops = bench.matmul_flops(jax.make_jaxpr(
-      train_step, axis_env=[(train_lib.AXIS, ndev)])(
-          shapes(state), shapes(jax.tree.map(lambda x: x[0], examples))))
+  flops = None
+  if count_flops:
+    # Model FLOPs of one device's step, from its jaxpr (bench.matmul_flops).
+    shapes = lambda tree: jax.tree.map(  # pylint: disable=g-long-lambda
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
+    flops = bench.matmul_flops(jax.make_jaxpr(
+        train_step, axis_env=[(train_lib.AXIS, ndev)])(
+            shapes(state), shapes(jax.tree.map(lambda x: x[0], examples))))
   return (train_lib.pmap_train_step(train_step), train_lib.replicate(state),
           batch, flops)
 

@@ -91,10 +91,11 @@ def main(argv):
   met = metrics['AP50'] >= TARGET_AP50 and metrics['AP'] >= TARGET_AP
   print(f'  target AP50 >= {TARGET_AP50}, AP >= {TARGET_AP}: '
         f'{"met" if met else "NOT met"}')
-  spent = ([f'training {train_minutes:.1f} min (compile included)']
-           if train_minutes is not None else []) + (
-               [f'scoring and pictures {eval_minutes:.1f} min']
-               if eval_minutes is not None else [])
+  spent = []
+  if train_minutes is not None:
+    spent.append(f'training {train_minutes:.1f} min (compile included)')
+  if eval_minutes is not None:
+    spent.append(f'scoring and pictures {eval_minutes:.1f} min')
   print('  this run: ' + (', '.join(spent) or 'reused the saved checkpoint '
                           'and metrics'))
   print('\nPictures:')
