@@ -17,6 +17,7 @@ import pytest
 
 import configs.demo
 from mimicdet_jax.losses import total
+from tests import standin
 
 CANVAS = 128
 LEVELS = (3, 4, 5, 6, 7)
@@ -39,12 +40,7 @@ class TinyDetector(nn.Module):
 
   def __call__(self, images, train=False):
     del train
-    x = nn.relu(self.stem(images))
-    b, h, w, c = x.shape
-    pooled = {l: x.reshape(b, h >> l, 2**l, w >> l, 2**l, c).mean((2, 4))
-              for l in LEVELS}
-    flat = jnp.concatenate(
-        [p.reshape(p.shape[0], -1, p.shape[-1]) for p in pooled.values()], 1)
+    pooled, flat = standin.pooled_levels(nn.relu(self.stem(images)), LEVELS)
     r = self.refine(flat)
     reg = nn.relu(self.s_reg(flat))
     if self.is_initializing():

@@ -26,6 +26,7 @@ from mimicdet_jax.losses import total
 from mimicdet_jax.models import heads
 from mimicdet_jax.models import mimicdet
 from mimicdet_jax.ops import boxes as box_ops
+from tests import standin
 
 CANVAS = 128
 LEVELS = (3, 4, 5, 6, 7)
@@ -58,14 +59,9 @@ class ProbeDetector(nn.Module):
 
   def __call__(self, images, train=False):
     del train
-    x = nn.relu(self.stem(images))
-    b, h, w, c = x.shape
-    pooled = {l: x.reshape(b, h >> l, 2**l, w >> l, 2**l, c).mean((2, 4))
-              for l in LEVELS}
-    flat = jnp.concatenate(
-        [p.reshape(b, -1, c) for p in pooled.values()], 1)
+    pooled, flat = standin.pooled_levels(nn.relu(self.stem(images)), LEVELS)
     r = self.refine(flat)
-    a = flat.shape[1]
+    b, a = flat.shape[:2]
     s = self.s
     return dict(t_features=pooled, refine_logits=r[..., 0],
                 refine_deltas=0.1 * r[..., 1:],
