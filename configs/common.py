@@ -73,11 +73,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.proposals.pre_nms_topk = 1000  # per level
   c.proposals.nms_threshold = 0.8
   c.proposals.num_proposals = 2000  # per image, padded, with a validity mask
+  # Top-k (training proposals and inference) over cells inside the image only;
+  # False lets canvas-padding cells compete (the behaviour before SPEC's fix).
+  c.proposals.inside_image = True
 
   # --------------------------------------------------------------- T-head
   c.t_head = ml_collections.ConfigDict()
   c.t_head.roi_size = 7
   c.t_head.sampling_ratio = 2
+  # Level each T-head box is pooled from: staggered = one level finer than its
+  # origin (P_l -> P_(l-1)); fpn = FPN rule floor(4 + log2(sqrt(wh)/224)).
+  c.t_head.level_rule = 'staggered'  # staggered | fpn
   c.t_head.canonical_size = 224.0  # FPN level rule k = floor(4 + log2(sqrt(wh)/224))
   c.t_head.canonical_level = 4
   c.t_head.fc_dim = 1024
@@ -114,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mimic.temperature = 1.0  # kl
   c.mimic.teacher_grad = 'stopped'  # stopped | flowing
   c.mimic.samples = 'all'  # all | foreground
+  # Appended gt boxes have no anchor origin: left out of the mimic by default.
+  c.mimic.include_gt = False
   c.mimic.weight = 1.0
 
   c.loss_weights = ml_collections.ConfigDict()

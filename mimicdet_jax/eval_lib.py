@@ -29,6 +29,8 @@ import numpy as np
 
 from mimicdet_jax import ops
 from mimicdet_jax.models import anchors as anchors_lib
+from mimicdet_jax.models import mimicdet
+from mimicdet_jax.targets import proposals as proposals_lib
 
 Array = jnp.ndarray
 
@@ -109,11 +111,12 @@ def select_detections(boxes: Array, probs: Array, *, score_threshold: float,
 
 def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
                 image_size: Array, config,
-                t_head_fn: Optional[Callable[[Array], tuple]] = None
-                ) -> dict[str, Array]:
+                t_head_fn: Optional[Callable[..., tuple]] = None,
+                anchor_level: Optional[Array] = None) -> dict[str, Array]:
   """SPEC section 4 on the model's dense outputs.
 
-  Top `eval.pre_nms_topk` positions by objectness -> refined boxes (anchor +
+  Top `eval.pre_nms_topk` positions by objectness (cells inside the image
+  only, with `proposals.inside_image`) -> refined boxes (anchor +
   refinement deltas, clipped to the image) -> class probabilities and boxes
   from the S-head (deltas on the refined boxes), the T-head on the same boxes,
   or the mean of both (`eval.head`) -> optional score x objectness ->
@@ -127,14 +130,22 @@ def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
       clipped to it.
     config: the resolved config (reads eval.*, refine.stds, s_head.stds,
       t_head.stds, box.scale_clip).
-    t_head_fn: refined boxes [B, N, 4] -> (t_cls_logits [B, N, L], _,
-      t_deltas [B, N, 4]); needed when eval.head is 't' or 'both'.
+    t_head_fn: (refined boxes [B, N, 4], box_levels [B, N] or None) ->
+      (t_cls_logits [B, N, L], _, t_deltas [B, N, 4]); needed when eval.head
+      is 't' or 'both'.
+    anchor_level: int [A] level of each position; needed for the T-head
+      under `t_head.level_rule=staggered`.
   Returns:
     `select_detections`' dict, boxes in canvas pixels.
   """
   ev = config.eval
   scale_clip = config.box.scale_clip
-  idx, objectness = select_positions(outputs['refine_logits'], ev.pre_nms_topk)
+  refine_logits = outputs['refine_logits'].astype(jnp.float32)
+  if config.proposals.inside_image:
+    inside = proposals_lib.cells_inside_image(
+        jnp.asarray(anchor_boxes, jnp.float32), image_size)
+    refine_logits = jnp.where(inside, refine_logits, -jnp.inf)
+  idx, objectness = select_positions(refine_logits, ev.pre_nms_topk)
   refined = ops.decode_deltas(
       _gather(outputs['refine_deltas'], idx).astype(jnp.float32),
       jnp.asarray(anchor_boxes, jnp.float32)[idx], config.refine.stds,
@@ -151,7 +162,12 @@ def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
   if ev.head in ('t', 'both'):
     if t_head_fn is None:
       raise ValueError(f'eval.head={ev.head!r} needs t_head_fn')
-    t_cls_logits, _, t_deltas = t_head_fn(refined)
+    box_levels = None
+    if config.t_head.level_rule != 'fpn':
+      if anchor_level is None:
+        raise ValueError('the staggered T-head level rule needs anchor_level')
+      box_levels = mimicdet.t_head_box_levels(config, anchor_level, idx)
+    t_cls_logits, _, t_deltas = t_head_fn(refined, box_levels)
     heads.append((t_cls_logits, t_deltas, config.t_head.stds))
   if not heads:
     raise ValueError(f'eval.head={ev.head!r}; expected s, t or both')
@@ -166,6 +182,9 @@ def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
   boxes = boxes / len(heads)
   if ev.score_times_objectness:
     probs = probs * objectness[..., None]
+  # Padding cells picked only because fewer than topk cells are inside the
+  # image (objectness -inf -> 0) are no detections.
+  probs = jnp.where(objectness[..., None] > 0, probs, 0.0)
   return select_detections(boxes, probs, score_threshold=ev.score_threshold,
                            nms_threshold=ev.nms_threshold,
                            max_detections=ev.max_detections)
@@ -187,14 +206,15 @@ def make_predict_fn(model, config) -> Callable[..., dict[str, Array]]:
       image_size = jnp.broadcast_to(jnp.asarray(canvas_hw, jnp.int32),
                                     (images.shape[0], 2))
     outputs = model.apply(variables, images, train=False)
-    anchor_boxes = anchors_lib.dense_anchors(
-        canvas_hw, config.model.s_levels, config.model.anchor_scale)['boxes']
+    anchors = anchors_lib.dense_anchors(
+        canvas_hw, config.model.s_levels, config.model.anchor_scale)
 
-    def t_head_fn(boxes):
-      return model.apply(variables, outputs['t_features'], boxes,
+    def t_head_fn(boxes, box_levels):
+      return model.apply(variables, outputs['t_features'], boxes, box_levels,
                          method='t_head')
 
-    return postprocess(outputs, anchor_boxes, image_size, config, t_head_fn)
+    return postprocess(outputs, anchors['boxes'], image_size, config,
+                       t_head_fn, anchor_level=anchors['level'])
 
   return jax.jit(predict)
 

@@ -138,30 +138,44 @@ def test_postprocess_matches_numpy(head, times_obj):
   rng = np.random.default_rng(1)
   b = 2
   outputs = hand_built_outputs(rng, b, canvas, config.model.s_levels, 4)
-  anchor_boxes = anchors_lib.dense_anchors(canvas, config.model.s_levels,
-                                           config.model.anchor_scale)['boxes']
+  anchors = anchors_lib.dense_anchors(canvas, config.model.s_levels,
+                                      config.model.anchor_scale)
+  anchor_boxes = anchors['boxes']
   image_size = np.array([[100, 120], [128, 70]], np.int32)
+  # The best cells lie in the canvas padding: they must not be picked.
+  centre = (anchor_boxes[:, :2] + anchor_boxes[:, 2:]) / 2  # (x, y)
+  for i in range(b):
+    h, w = image_size[i]
+    padding = (centre[:, 0] >= w) | (centre[:, 1] >= h)
+    assert padding.any()
+    outputs['refine_logits'][i][padding] += 10.0
   t_cls = rng.normal(0, 2, (b, topk, 4)).astype(np.float32)
   t_deltas = rng.normal(0, 1, (b, topk, 4)).astype(np.float32)
-  seen_boxes = []
+  seen = []
 
-  def t_head_fn(boxes):
-    seen_boxes.append(boxes)
+  def t_head_fn(boxes, box_levels):
+    seen.append((boxes, box_levels))
     return jnp.asarray(t_cls), None, jnp.asarray(t_deltas)
 
   out = eval_lib.postprocess({k: jnp.asarray(v) for k, v in outputs.items()},
                              jnp.asarray(anchor_boxes), jnp.asarray(image_size),
-                             config, t_head_fn)
+                             config, t_head_fn, anchor_level=anchors['level'])
   out = {key: np.asarray(v) for key, v in out.items()}
   for i in range(b):
     h, w = image_size[i]
-    order = np.argsort(-outputs['refine_logits'][i], kind='stable')[:topk]
+    inside = (centre[:, 0] < w) & (centre[:, 1] < h)
+    logits = np.where(inside, outputs['refine_logits'][i], -np.inf)
+    order = np.argsort(-logits, kind='stable')[:topk]
+    assert inside[order].all()
     obj = sigmoid(outputs['refine_logits'][i][order])
     refined = np_clip(np_decode(outputs['refine_deltas'][i][order],
                                 anchor_boxes[order], (1, 1, 1, 1)), h, w)
     if head in ('t', 'both'):
-      np.testing.assert_allclose(np.asarray(seen_boxes[0])[i], refined,
+      np.testing.assert_allclose(np.asarray(seen[0][0])[i], refined,
                                  rtol=1e-5, atol=1e-3)
+      # Staggered rule: pooled one level finer than the origin's level.
+      np.testing.assert_array_equal(np.asarray(seen[0][1])[i],
+                                    anchors['level'][order] - 1)
     heads = []
     if head in ('s', 'both'):
       heads.append((outputs['s_cls_logits'][i][order],

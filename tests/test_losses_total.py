@@ -49,7 +49,7 @@ class TinyDetector(nn.Module):
                 refine_deltas=0.1 * r[..., 1:], s_cls_logits=self.s_cls(flat),
                 s_reg_feature=reg, s_deltas=0.1 * self.s_delta(reg))
 
-  def t_head(self, t_features, boxes):
+  def t_head(self, t_features, boxes, box_levels=None):
     g = jnp.mean(t_features[3], axis=(1, 2))[:, None, :]
     g = jnp.broadcast_to(g, boxes.shape[:2] + g.shape[-1:])
     h = nn.relu(self.t_fc(jnp.concatenate([g, boxes / CANVAS], -1)))
@@ -127,7 +127,8 @@ EXPECTED_AUX = {
     'loss_refine_cls', 'loss_refine_reg', 'loss_t_cls', 'loss_t_reg',
     'loss_s_cls', 'loss_s_reg', 'loss_mimic', 'loss_mimic_cls',
     'loss_mimic_reg', 'num_positives', 'proposal_recall', 'num_proposals',
-    't_num_fg', 't_fg_iou', 'mimic_cos_cls', 'mimic_cos_reg'}
+    't_num_fg', 't_fg_iou', 'mimic_num_samples', 'mimic_cos_cls',
+    'mimic_cos_reg'}
 
 
 WEIGHTS = {'loss_weights.refine': 0.5, 'loss_weights.s_head': 2.0,

@@ -25,6 +25,7 @@ from mimicdet_jax import eval_lib
 from mimicdet_jax.losses import total
 from mimicdet_jax.models import heads
 from mimicdet_jax.models import mimicdet
+from mimicdet_jax.models import anchors as anchors_lib
 from mimicdet_jax.ops import boxes as box_ops
 from tests import standin
 
@@ -69,7 +70,7 @@ class ProbeDetector(nn.Module):
                 s_reg_feature=jnp.broadcast_to(s['reg'], (b, a, REG_DIM)),
                 s_deltas=jnp.broadcast_to(s['deltas'], (b, a, 4)))
 
-  def t_head(self, t_features, boxes):
+  def t_head(self, t_features, boxes, box_levels=None):
     del t_features
     iou = box_ops.box_iou(boxes, jnp.asarray(GTS)[None])  # [B, N, G]
     fg = (jnp.max(iou, -1) >= 0.5)[..., None]
@@ -150,6 +151,7 @@ FORWARD_VARIANTS = {
     'cls': {'mimic.paths': 'cls'},
     'reg': {'mimic.paths': 'reg'},
     'foreground': {'mimic.samples': 'foreground'},
+    'with_gt': {'mimic.include_gt': True},
     'l2': {'mimic.distance': 'l2'},
     'smooth_l1': {'mimic.distance': 'smooth_l1'},
     'kl': {'mimic.distance': 'kl', 'mimic.temperature': TEMPERATURE},
@@ -240,13 +242,22 @@ def _bg_fraction(aux):
   return 1.0 - aux['t_num_fg'] / n
 
 
+def _mimic_bg_fraction(aux):
+  """Share of background among the mimic samples: every background sample is
+  a proposal, but the appended gts (all foreground) are left out."""
+  n = probe_config().t_head.num_samples
+  assert aux['mimic_num_samples'] < n  # gts were sampled and left out
+  return (n - aux['t_num_fg']) / aux['mimic_num_samples']
+
+
 OTHER_TERMS = ('loss_refine_cls', 'loss_refine_reg', 'loss_s_cls',
                'loss_s_reg', 'loss_t_cls', 'loss_t_reg')
 
 
 def test_default_mimic_closed_form_and_weight(aux_of):
   aux = aux_of['default']
-  frac_bg = _bg_fraction(aux)
+  frac_bg = _mimic_bg_fraction(aux)
+  assert frac_bg > _bg_fraction(aux)
   np.testing.assert_allclose(aux['loss_mimic_cls'],
                              frac_bg * np_cos_dist(S_CLS, BG_CLS), rtol=1e-5)
   np.testing.assert_allclose(aux['loss_mimic_reg'],
@@ -255,6 +266,16 @@ def test_default_mimic_closed_form_and_weight(aux_of):
   np.testing.assert_allclose(
       aux['loss'], sum(aux[k] for k in OTHER_TERMS) + 0.5 * aux['loss_mimic'],
       rtol=1e-5)
+
+
+def test_include_gt_puts_appended_gts_back_into_the_mimic(aux_of):
+  aux = aux_of['with_gt']
+  assert aux['mimic_num_samples'] == probe_config().t_head.num_samples
+  frac_bg = _bg_fraction(aux)
+  np.testing.assert_allclose(aux['loss_mimic_cls'],
+                             frac_bg * np_cos_dist(S_CLS, BG_CLS), rtol=1e-5)
+  np.testing.assert_allclose(aux['loss_mimic_reg'],
+                             frac_bg * np_cos_dist(S_REG, BG_REG), rtol=1e-5)
 
 
 def test_stopped_teacher_gets_no_mimic_gradient_student_does(grads_of):
@@ -325,7 +346,7 @@ def test_foreground_samples_only(aux_of):
 @pytest.mark.parametrize('distance', ['l2', 'smooth_l1', 'kl'])
 def test_distance(distance, aux_of):
   aux = aux_of[distance]
-  frac_bg = _bg_fraction(aux)
+  frac_bg = _mimic_bg_fraction(aux)
   want = {'l2': np_l2, 'smooth_l1': np_smooth_l1,
           'kl': lambda s, t: np_kl(s, t, TEMPERATURE)}[distance]
   np.testing.assert_allclose(aux['loss_mimic_cls'],
@@ -404,6 +425,53 @@ def test_staggered_switch_sets_the_levels_the_t_head_reads(staggered):
         assert reads[level][box] == 0.0, (box, level, reads)
 
 
+@pytest.mark.parametrize('rule', ['staggered', 'fpn'])
+def test_level_rule_sets_the_level_a_proposal_is_pooled_from(rule):
+  # A 64 px proposal refined from a P4 anchor: the staggered rule pools it
+  # from P3 (one level finer), the FPN rule from floor(4 + log2(64 / 224))
+  # = P2. Perturb one level at a time and see which one the T-head reads.
+  config = small_config(**{'t_head.level_rule': rule})
+  model, variables = _model_shapes(config)
+  levels = mimicdet.t_head_levels(config)
+  anchors = anchors_lib.dense_anchors((CANVAS, CANVAS), config.model.s_levels,
+                                      config.model.anchor_scale)
+  origin = int(np.flatnonzero(anchors['level'] == 4)[0])
+  box_levels = mimicdet.t_head_box_levels(config, anchors['level'],
+                                          jnp.array([[origin]]))
+  assert (box_levels is None) == (rule == 'fpn')
+  feats = {l: jnp.asarray(np.random.default_rng(l).normal(
+      size=(1, CANVAS >> l, CANVAS >> l, 8)), jnp.float32) for l in levels}
+  boxes = jnp.array([[[8.0, 8.0, 72.0, 72.0]]])
+  params = {'params': {'t_head_net': np_fill(
+      variables['params']['t_head_net'])}}
+  t_head = jax.jit(
+      lambda v, f: model.apply(v, f, boxes, box_levels, method='t_head')[0],
+      compiler_options=FAST_COMPILE)
+  base = np.asarray(t_head(params, feats))
+  read = []
+  for level in levels:
+    moved = dict(feats)
+    moved[level] = feats[level] + 1.0
+    if np.abs(np.asarray(t_head(params, moved)) - base).max() > 1e-4:
+      read.append(level)
+  assert read == [{'staggered': 3, 'fpn': 2}[rule]]
+
+
+def test_t_head_box_levels_staggered_and_unstaggered():
+  anchors = anchors_lib.dense_anchors((CANVAS, CANVAS), (3, 4, 5, 6, 7), 4.0)
+  origin = jnp.asarray([[int(np.flatnonzero(anchors['level'] == l)[0])
+                         for l in (3, 4, 5, 6, 7)]])
+  staggered = mimicdet.t_head_box_levels(small_config(), anchors['level'],
+                                         origin)
+  np.testing.assert_array_equal(staggered, [[2, 3, 4, 5, 6]])
+  # model.staggered=False: the T-head reads P3..P7, each box at its origin.
+  same = mimicdet.t_head_box_levels(
+      small_config(**{'model.staggered': False}), anchors['level'], origin)
+  np.testing.assert_array_equal(same, [[3, 4, 5, 6, 7]])
+  with pytest.raises(ValueError, match='t_head.level_rule'):
+    small_config(**{'t_head.level_rule': 'x'})
+
+
 @pytest.mark.parametrize('deformable', [True, False])
 def test_deformable_switch(deformable):
   config = small_config(**{'s_head.deformable': deformable})
@@ -468,14 +536,16 @@ def test_eval_head_switch(head):
                  s_deltas=jnp.asarray(s_deltas, jnp.float32))
   calls = []
 
-  def t_head_fn(boxes):
-    calls.append(boxes)
+  def t_head_fn(boxes, box_levels):
+    calls.append(box_levels)
     return (jnp.asarray(t_cls, jnp.float32), None,
             jnp.asarray(t_deltas, jnp.float32))
 
   dets = jax.tree.map(np.asarray, eval_lib.postprocess(
       outputs, jnp.asarray(anchors, jnp.float32), jnp.array([[128, 128]]),
-      config, t_head_fn))
+      config, t_head_fn, anchor_level=np.array([4, 3], np.int32)))
+  if calls:  # the position from P4 is pooled from P3 (staggered rule)
+    np.testing.assert_array_equal(np.asarray(calls[0]), [[3]])
   assert bool(calls) == (head != 's')  # the T-head runs only when asked
   refined = anchors[:1]  # zero refinement deltas: the anchor itself
   s_box = _np_decode(s_deltas[0, :1], refined, config.s_head.stds)[0]

@@ -22,16 +22,21 @@ def _np_decode(d, a):
   return np.array([cx - w2 / 2, cy - h2 / 2, cx + w2 / 2, cy + h2 / 2])
 
 
-def _np_proposals(logits, deltas, anchor_boxes, image_hw, topk, thr, num):
+def _np_proposals(logits, deltas, anchor_boxes, image_hw, topk, thr, num,
+                  inside_image=True):
   boxes = np.array([_np_decode(d, a) for d, a in zip(deltas, anchor_boxes)])
   boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, image_hw[1])
   boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, image_hw[0])
   cand, start = [], 0
   for l in LEVELS:
-    n = (CANVAS[0] // 2**l) * (CANVAS[1] // 2**l)
-    order = np.argsort(-logits[start:start + n], kind='stable')[:topk]
-    cand += (order + start).tolist()
-    start += n
+    rows, cols = CANVAS[0] // 2**l, CANVAS[1] // 2**l
+    order = np.argsort(-logits[start:start + rows * cols], kind='stable')
+    if inside_image:  # cell centre (x + 0.5) * stride inside the image
+      y, x = order // cols, order % cols
+      order = order[((y + 0.5) * 2**l < image_hw[0]) &
+                    ((x + 0.5) * 2**l < image_hw[1])]
+    cand += (order[:topk] + start).tolist()
+    start += rows * cols
   cand = [i for i in cand
           if boxes[i, 2] > boxes[i, 0] and boxes[i, 3] > boxes[i, 1]]
   cand.sort(key=lambda i: -logits[i])
@@ -42,22 +47,29 @@ def _np_proposals(logits, deltas, anchor_boxes, image_hw, topk, thr, num):
   return kept[:num], boxes
 
 
-def _run(seed, image_hw, topk, num, thr=0.5):
+def _run(seed, image_hw, topk, num, thr=0.5, inside_image=True,
+         padding_boost=0.0):
   a = anchors_lib.dense_anchors(CANVAS, LEVELS, 4.0)
   rng = np.random.default_rng(seed)
   n = len(a['boxes'])
   logits = rng.normal(size=n).astype(np.float32)
+  # Cells of the canvas padding (centre outside the image) made the most
+  # confident: they must not win the top-k unless inside_image is off.
+  centre = (a['boxes'][:, :2] + a['boxes'][:, 2:]) / 2
+  padding = (centre[:, 0] >= image_hw[1]) | (centre[:, 1] >= image_hw[0])
+  logits[padding] += padding_boost
   deltas = (0.3 * rng.normal(size=(n, 4))).astype(np.float32)
   deltas[:5, 0] = 40.0  # pushed far right: zero width after clipping
   fn = jax.jit(functools.partial(
       proposals.generate_proposals,
       sizes=proposals.level_sizes(CANVAS, LEVELS), stds=(1.0, 1.0, 1.0, 1.0),
       scale_clip=CLIP, pre_nms_topk=topk, nms_threshold=thr,
-      num_proposals=num))
+      num_proposals=num, inside_image=inside_image))
   out = {k: np.asarray(v) for k, v in
          fn(logits, deltas, a['boxes'], jnp.array(image_hw)).items()}
   kept, boxes = _np_proposals(logits, deltas, a['boxes'], image_hw, topk, thr,
-                              num)
+                              num, inside_image)
+  out['padding'] = padding
   return out, kept, boxes, logits
 
 
@@ -75,6 +87,19 @@ def test_matches_numpy_reference_full_set():
   np.testing.assert_allclose(out['boxes'], boxes[kept], rtol=1e-5, atol=1e-3)
   np.testing.assert_allclose(out['scores'], logits[kept], rtol=1e-6)
   assert (out['boxes'][:, 2] <= 120).all() and (out['boxes'][:, 3] <= 100).all()
+
+
+def test_padding_cells_never_proposals():
+  out, kept, _, _ = _run(2, (64, 100), topk=20, num=25, thr=0.7,
+                         padding_boost=5.0)
+  assert out['valid'].sum() == len(kept) > 0
+  np.testing.assert_array_equal(out['origin'][:len(kept)], kept)
+  assert not out['padding'][out['origin'][out['valid']]].any()
+  # The old behaviour (proposals.inside_image=False): they win the top-k.
+  old, kept_old, _, _ = _run(2, (64, 100), topk=20, num=25, thr=0.7,
+                             padding_boost=5.0, inside_image=False)
+  np.testing.assert_array_equal(old['origin'][:len(kept_old)], kept_old)
+  assert old['padding'][old['origin'][old['valid']]].any()
 
 
 def test_matches_numpy_reference_padded():

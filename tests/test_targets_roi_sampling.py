@@ -108,6 +108,7 @@ def test_t_head_targets_with_gt_appended():
     assert len(j) == 1, 'every sample is one candidate, origin carried along'
     j = j[0]
     assert j != 6 and j != 9
+    assert t['is_proposal'][i] == (j < 7)  # appended gts are not proposals
     assert t['labels'][i] == all_labels[j]
     gt = GT[0] if all_labels[j] == 2 else GT[1]
     if t['foreground'][i]:
@@ -117,6 +118,7 @@ def test_t_head_targets_with_gt_appended():
     else:
       np.testing.assert_array_equal(t['delta_targets'][i], 0.0)
   np.testing.assert_array_equal(t['boxes'][~t['valid']], 0.0)
+  assert not t['is_proposal'][~t['valid']].any()
 
 
 def test_t_head_targets_fg_fraction_over_keys():

@@ -27,6 +27,7 @@ import ml_collections
 from mimicdet_jax.losses import detection
 from mimicdet_jax.losses import mimic as mimic_lib
 from mimicdet_jax.models import anchors as anchors_lib
+from mimicdet_jax.models import mimicdet
 from mimicdet_jax.ops import boxes as box_ops
 from mimicdet_jax.targets import proposals as proposals_lib
 from mimicdet_jax.targets import refine as refine_lib
@@ -61,6 +62,22 @@ def proposal_recall(proposal_boxes: jax.Array, proposal_valid: jax.Array,
   return jnp.sum(hit) / jnp.maximum(jnp.sum(gt_mask), 1).astype(jnp.float32)
 
 
+def mimic_sample_mask(t_samples: dict, *, samples: str,
+                      include_gt: bool) -> jax.Array:
+  """Which T-head samples enter the mimic loss, [B, S] bool (SPEC 3, "Mimic").
+
+  `mimic.samples`: all valid samples or foreground only. Appended gt boxes
+  are left out unless `mimic.include_gt`: a gt has no anchor of its own, and
+  the cell the S-head would be read at (`gt_origin`) carries that cell's own
+  refined box, possibly also a proposal's origin, so one student vector would
+  be pulled toward two teachers.
+  """
+  mask = t_samples['valid'] if samples == 'all' else t_samples['foreground']
+  if not include_gt:
+    mask = mask & t_samples['is_proposal']
+  return mask
+
+
 def _f32(x) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
 
@@ -84,6 +101,7 @@ def make_loss_fn(model: nn.Module,
     diagnostics num_positives (refinement positives per image),
     proposal_recall (IoU 0.5), num_proposals (valid, per image), t_num_fg
     (T-head foreground samples per image), t_fg_iou (their mean IoU),
+    mimic_num_samples (T-head samples in the mimic, per image),
     mimic_cos_cls / mimic_cos_reg (mean cosine S vs T on the mimic samples,
     whatever the distance).
   """
@@ -141,7 +159,8 @@ def make_loss_fn(model: nn.Module,
         stds=tuple(c.refine.stds), scale_clip=c.box.scale_clip,
         pre_nms_topk=c.proposals.pre_nms_topk,
         nms_threshold=c.proposals.nms_threshold,
-        num_proposals=c.proposals.num_proposals), in_axes=(0, 0, None, 0))(
+        num_proposals=c.proposals.num_proposals,
+        inside_image=c.proposals.inside_image), in_axes=(0, 0, None, 0))(
             out['refine_logits'], out['refine_deltas'], anchors['boxes'],
             batch['image_size'])
 
@@ -149,8 +168,10 @@ def make_loss_fn(model: nn.Module,
     ts = t_head_targets(jax.random.split(t_key, batch_size), props['boxes'],
                         props['valid'], props['origin'], gt_boxes, gt_classes,
                         gt_mask, rt['gt_origin'])
+    box_levels = mimicdet.t_head_box_levels(c, anchors['level'], ts['origin'])
     t_cls_logits, t_reg_feature, t_deltas = model.apply(
-        variables, out['t_features'], ts['boxes'], method='t_head')
+        variables, out['t_features'], ts['boxes'], box_levels,
+        method='t_head')
     t_loss = detection.t_head_loss(t_cls_logits, t_deltas, ts['labels'],
                                    ts['delta_targets'], ts['valid'])
 
@@ -166,7 +187,8 @@ def make_loss_fn(model: nn.Module,
     student = dict(cls=gather_at(out['s_cls_logits'], ts['origin']),
                    reg=gather_at(out['s_reg_feature'], ts['origin']))
     teacher = dict(cls=t_cls_logits, reg=t_reg_feature)
-    mimic_mask = ts['valid'] if c.mimic.samples == 'all' else ts['foreground']
+    mimic_mask = mimic_sample_mask(ts, samples=c.mimic.samples,
+                                   include_gt=c.mimic.include_gt)
     aux = {}
     if c.mimic.enabled:
       mimic_loss, per_path = mimic_lib.mimic_loss(
@@ -199,6 +221,7 @@ def make_loss_fn(model: nn.Module,
                                         gt_boxes, gt_mask),
         num_proposals=_f32(jnp.sum(props['valid'])) / batch_size,
         t_num_fg=_f32(num_fg) / batch_size,
+        mimic_num_samples=_f32(jnp.sum(mimic_mask)) / batch_size,
         t_fg_iou=jnp.sum(jnp.where(ts['foreground'], ts['iou'], 0.0)) /
         jnp.maximum(num_fg, 1).astype(jnp.float32),
         mimic_cos_cls=mimic_lib.mean_cosine(student['cls'], teacher['cls'],

@@ -7,7 +7,7 @@ RetinaNet/RPN for the dense convs, detectron2's FastRCNNConvFCHead for the
 T-head, zero for the last offset layer of the S-head's micro-network.
 """
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -79,8 +79,10 @@ class THead(nn.Module):
   cls: flatten -> fc fc_dim -> ReLU -> fc fc_dim -> ReLU -> fc num_logits.
   reg: num_convs x (3x3 conv conv_dim + ReLU) -> flatten -> fc fc_dim -> ReLU
        (the reg mimic feature) -> fc 4 (class-agnostic deltas, t_head.stds).
-  Each box is pooled from one level of `levels`, chosen by the FPN rule
-  floor(canonical_level + log2(sqrt(wh) / canonical_size)) clamped to levels.
+  Each box is pooled from one level of `levels`: the one given per box
+  (`box_levels`, the staggered rule of `mimicdet.t_head_box_levels`), or by
+  default the FPN rule floor(canonical_level + log2(sqrt(wh) /
+  canonical_size)) clamped to levels.
   """
   levels: Sequence[int]
   num_logits: int
@@ -94,11 +96,13 @@ class THead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, features: Mapping[int, jax.Array], boxes: jax.Array
+  def __call__(self, features: Mapping[int, jax.Array], boxes: jax.Array,
+               box_levels: Optional[jax.Array] = None
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Args:
       features: {level: [B, H_l, W_l, C]} containing at least `levels`.
       boxes: float32 [B, N, 4], x1y1x2y2 canvas pixels (no gradient needed).
+      box_levels: optional int [B, N] level of each box (None: FPN rule).
 
     Returns:
       t_cls_logits [B, N, num_logits], t_reg_feature [B, N, fc_dim],
@@ -111,7 +115,8 @@ class THead(nn.Module):
         features, boxes, levels, output_size=(self.roi_size, self.roi_size),
         sampling_ratio=self.sampling_ratio, aligned=True,
         canonical_size=self.canonical_size,
-        canonical_level=self.canonical_level)  # [B, N, r, r, C]
+        canonical_level=self.canonical_level,
+        box_levels=box_levels)  # [B, N, r, r, C]
     rois = rois.reshape((batch * num_boxes,) + rois.shape[2:]).astype(self.dtype)
 
     dense = lambda n, init, name: nn.Dense(  # pylint: disable=g-long-lambda

@@ -6,6 +6,8 @@ returns the dict of docs/ARCHITECTURE.md ("Model outputs");
 T-head on given boxes. Inference only uses the first call, so the T-head costs
 nothing at test time.
 """
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -22,6 +24,44 @@ def t_head_levels(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   """Levels the T-head reads: model.t_levels, or model.s_levels if not staggered."""
   model = config.model
   return tuple(model.t_levels if model.staggered else model.s_levels)
+
+
+T_HEAD_LEVEL_RULES = ('staggered', 'fpn')
+
+
+def t_head_box_levels(config: ml_collections.ConfigDict,
+                      anchor_level: jax.Array,
+                      origin: jax.Array) -> Optional[jax.Array]:
+  """Pyramid level the T-head pools each box from (SPEC 2, "T-head input").
+
+  `t_head.level_rule`:
+    staggered (default): one level finer than the box's origin, i.e. P_l of
+      the S-head's set -> P_(l-1) of the T-head's (the shift is
+      min(s_levels) - min(t_levels): 1 when staggered, 0 when
+      `model.staggered` is False, where the T-head reads the S-head's levels).
+      An appended gt box's origin is the position of its refinement level
+      (targets.refine `gt_origin`), so it is pooled from that level - 1.
+    fpn: None, and `THead` applies the FPN rule
+      floor(4 + log2(sqrt(wh) / 224)) to the box itself.
+
+  Args:
+    config: reads t_head.level_rule, model.s_levels, model.t_levels,
+      model.staggered.
+    anchor_level: int [A], `anchors.dense_anchors(...)['level']`.
+    origin: int [B, N] flat dense index each box came from.
+  Returns:
+    int32 [B, N] levels within the T-head's levels, or None (fpn rule).
+  """
+  rule = config.t_head.level_rule
+  if rule == 'fpn':
+    return None
+  if rule != 'staggered':
+    raise ValueError(f't_head.level_rule={rule!r}; expected one of '
+                     f'{T_HEAD_LEVEL_RULES}')
+  t_levels = t_head_levels(config)
+  shift = min(config.model.s_levels) - min(t_levels)
+  level = jnp.asarray(anchor_level, jnp.int32)[origin] - shift
+  return jnp.clip(level, min(t_levels), max(t_levels)).astype(jnp.int32)
 
 
 def flatten_levels(per_level: list[jax.Array]) -> jax.Array:
@@ -118,10 +158,14 @@ class MimicDet(nn.Module):
         s_reg_feature=gather(s_out, 1),
         s_deltas=gather(s_out, 2))
 
-  def t_head(self, t_features: dict, boxes: jax.Array):
+  def t_head(self, t_features: dict, boxes: jax.Array,
+             box_levels: Optional[jax.Array] = None):
     """T-head on boxes [B, N, 4] (x1y1x2y2 canvas pixels).
+
+    box_levels: int [B, N] pyramid level to pool each box from
+    (`t_head_box_levels`); None applies the FPN rule to the box size.
 
     Returns (t_cls_logits [B, N, num_classes + 1], t_reg_feature
     [B, N, t_head.fc_dim], t_deltas [B, N, 4]), float32.
     """
-    return self.t_head_net(t_features, boxes)
+    return self.t_head_net(t_features, boxes, box_levels)

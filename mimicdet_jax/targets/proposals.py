@@ -7,6 +7,11 @@ class-agnostic NMS (`proposals.nms_threshold`) over all levels and keep exactly
 proposal's origin (its flat dense index; models.anchors.dense_anchors maps it
 to level, y, x). Zero-area boxes (e.g. wholly outside the image before
 clipping) are invalid. No gradient flows through the proposals.
+
+With `proposals.inside_image` (default) only positions whose cell centre lies
+inside the image compete in the top-k: cells of the canvas padding are never
+proposals (SPEC 3). False restores the old behaviour, where a padding cell
+with a high objectness could take a slot.
 """
 from typing import Sequence
 
@@ -25,11 +30,26 @@ def level_sizes(canvas_hw: Sequence[int], levels: Sequence[int]) -> tuple[int, .
                                   for l in levels))
 
 
+def cells_inside_image(anchor_boxes: jax.Array,
+                       image_size: jax.Array) -> jax.Array:
+  """Positions whose cell centre lies inside the image, [..., A] bool.
+
+  Anchors are centred on their cell, so the anchor centre is the cell centre.
+  anchor_boxes [A, 4] canvas pixels; image_size [..., 2] (h, w).
+  """
+  cx = 0.5 * (anchor_boxes[:, 0] + anchor_boxes[:, 2])
+  cy = 0.5 * (anchor_boxes[:, 1] + anchor_boxes[:, 3])
+  h = image_size[..., 0:1].astype(jnp.float32)
+  w = image_size[..., 1:2].astype(jnp.float32)
+  return (cx < w) & (cy < h)
+
+
 def generate_proposals(refine_logits: jax.Array, refine_deltas: jax.Array,
                        anchor_boxes: jax.Array, image_size: jax.Array, *,
                        sizes: Sequence[int], stds, scale_clip: float,
                        pre_nms_topk: int, nms_threshold: float,
-                       num_proposals: int) -> dict[str, jax.Array]:
+                       num_proposals: int,
+                       inside_image: bool = True) -> dict[str, jax.Array]:
   """Proposals of one image.
 
   Args:
@@ -40,7 +60,7 @@ def generate_proposals(refine_logits: jax.Array, refine_deltas: jax.Array,
       clipped to it.
     sizes: static positions per level (level_sizes), summing to A.
     stds, scale_clip: `refine.stds`, `box.scale_clip`.
-    pre_nms_topk, nms_threshold, num_proposals: `proposals.*`.
+    pre_nms_topk, nms_threshold, num_proposals, inside_image: `proposals.*`.
 
   Returns:
     dict with `boxes` [P, 4] (zeros where invalid), `scores` [P] objectness
@@ -55,6 +75,9 @@ def generate_proposals(refine_logits: jax.Array, refine_deltas: jax.Array,
   boxes = box_ops.decode_deltas(refine_deltas, anchor_boxes, stds,
                                 scale_clip=scale_clip)
   boxes = box_ops.clip_boxes(boxes, image_size)
+  if inside_image:
+    inside = cells_inside_image(anchor_boxes, image_size)
+    refine_logits = jnp.where(inside, refine_logits, -jnp.inf)
 
   starts = np.cumsum((0,) + tuple(sizes))[:-1]
   candidates = []

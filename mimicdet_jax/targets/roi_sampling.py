@@ -127,9 +127,12 @@ def t_head_targets(key: jax.Array, proposal_boxes: jax.Array,
   Returns:
     dict of [S] arrays (S = num_samples): `boxes` [S, 4], `origin`, `labels`
     (0 = background), `delta_targets` [S, 4] (zero for background), `valid`,
-    `foreground`, `iou` (best IoU with any gt).
+    `foreground`, `iou` (best IoU with any gt), `is_proposal` (the sample is
+    a proposal, i.e. has a real anchor origin; False for appended gts and
+    padding).
   """
   boxes, valid, origin = proposal_boxes, proposal_valid, proposal_origin
+  num_proposals = proposal_boxes.shape[0]
   if append_gt:
     boxes = jnp.concatenate([boxes, gt_boxes.astype(boxes.dtype)])
     valid = jnp.concatenate([valid, gt_mask])
@@ -148,7 +151,8 @@ def t_head_targets(key: jax.Array, proposal_boxes: jax.Array,
                                    stds),
       valid=s_valid,
       foreground=fg,
-      iou=jnp.where(s_valid, lab['iou'][idx], 0.0))
+      iou=jnp.where(s_valid, lab['iou'][idx], 0.0),
+      is_proposal=s_valid & (idx < num_proposals))
 
 
 def s_head_targets(proposal_boxes: jax.Array, proposal_valid: jax.Array,
