@@ -18,6 +18,7 @@ import pytest
 
 import configs.demo
 from mimicdet_jax.experiments import ablate
+from mimicdet_jax.experiments import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,7 +135,7 @@ def test_spread_and_paired_summary():
   table = ablate.format_table(s, [0, 1])
   assert '25.5 ± 0.7' in table and '2/2' in table and '0/2' in table
   assert 'pending' in table.splitlines()[-1]
-  assert ablate.spread([0.5])['std'] == 0.0
+  assert report.spread([0.5])['std'] == 0.0
 
 
 def test_train_time_and_final_value():

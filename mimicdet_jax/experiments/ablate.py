@@ -64,6 +64,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import ml_collections
 import numpy as np
 
+from mimicdet_jax.experiments.report import format_table
+from mimicdet_jax.experiments.report import PLOT_TERMS  # pylint: disable=unused-import
+from mimicdet_jax.experiments.report import plot_curves
+from mimicdet_jax.experiments.report import summarize
+
 # name -> config overrides. Every switch is one key of configs/common.py; the
 # defaults (SPEC) are: mimic on, both paths, cosine, stopped teacher, all
 # sampled boxes, staggered pyramid, deformable S-head.
@@ -82,24 +87,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'no_stagger': {'model.staggered': False},
     'no_deform': {'s_head.deformable': False},
 }
-
-# Curves drawn in DIR/ablation.png, one panel each (metrics.jsonl keys).
-PLOT_TERMS = ('loss', 'loss_refine_cls', 'loss_refine_reg', 'loss_t_cls',
-              'loss_t_reg', 'loss_s_cls', 'loss_s_reg', 'loss_mimic',
-              'mimic_cos_cls', 'mimic_cos_reg')
-
-# Per-run numbers summarised over seeds: (key in run.json, table header,
-# factor for the table). APs are fractions in the JSON, percent in the table.
-SUMMARY_FIELDS = (
-    ('s_AP', 'S AP', 100.0),
-    ('s_AP50', 'S AP50', 100.0),
-    ('t_AP', 'T AP', 100.0),
-    ('t_AP50', 'T AP50', 100.0),
-    ('mimic_cos_cls', 'cos cls', 1.0),
-    ('mimic_cos_reg', 'cos reg', 1.0),
-    ('train_time_s', 'train s', 1.0),
-    ('step_time_s', 'step s', 1.0),
-)
 
 RUN_FILE = 'run.json'
 # run.json statuses that end a run (skipped when the grid is re-run).
@@ -494,85 +481,6 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str,
 
 
 # ------------------------------------------------------------------ report
-def spread(values: Sequence[float]) -> dict[str, Any]:
-  """n, mean, sample std (ddof 1; 0 for one value), min, max, the values."""
-  v = np.asarray([x for x in values if x is not None], np.float64)
-  if v.size == 0:
-    return dict(n=0, mean=None, std=None, min=None, max=None, values=[])
-  return dict(n=int(v.size), mean=float(v.mean()),
-              std=float(v.std(ddof=1)) if v.size > 1 else 0.0,
-              min=float(v.min()), max=float(v.max()), values=v.tolist())
-
-
-def summarize(records: Mapping[tuple[str, int], Mapping[str, Any]],
-              grid: Sequence[str], seeds: Sequence[int],
-              reference: str = 'mimic_off') -> dict[str, Any]:
-  """Per variant: `spread` of every SUMMARY_FIELDS number over its seeds.
-
-  Args:
-    records: {(variant, seed): run result}; a result with a 'diverged' key
-      counts as diverged, not in the numbers.
-  With the reference variant in the grid, also the paired difference
-  (variant - reference, same seed: same data order, and the same
-  initialisation where the parameter trees agree) of S AP and T AP.
-  """
-  diverged = {k for k, r in records.items() if 'diverged' in r}
-  scored = {k: r for k, r in records.items() if k not in diverged}
-  out = {}
-  for spec in grid:
-    done = {s: scored[(spec, s)] for s in seeds if (spec, s) in scored}
-    entry = {'seeds_done': sorted(done),
-             'seeds_diverged': [s for s in seeds if (spec, s) in diverged],
-             'seeds_pending': [s for s in seeds if (spec, s) not in records]}
-    for key, _, _ in SUMMARY_FIELDS:
-      entry[key] = spread([r.get(key) for r in done.values()])
-    if reference in grid and spec != reference:
-      for key in ('s_AP', 't_AP'):
-        diffs = [done[s][key] - scored[(reference, s)][key] for s in done
-                 if (reference, s) in scored]
-        entry[f'delta_{key}'] = spread(diffs)
-    out[spec] = entry
-  return out
-
-
-def _cell(stats: Mapping[str, Any], factor: float, digits: int = 1) -> str:
-  if not stats or not stats['n']:
-    return '—'
-  mean, std = stats['mean'] * factor, stats['std'] * factor
-  if stats['n'] == 1:
-    return f'{mean:.{digits}f}'
-  return f'{mean:.{digits}f} ± {std:.{digits}f}'
-
-
-def format_table(summary: Mapping[str, Any], seeds: Sequence[int],
-                 reference: str = 'mimic_off') -> str:
-  """Markdown table: mean ± sample std over the finished seeds."""
-  with_delta = any('delta_s_AP' in e for e in summary.values())
-  head = ['variant', 'seeds'] + [h for _, h, _ in SUMMARY_FIELDS]
-  if with_delta:
-    head += [f'Δ S AP vs {reference}', f'Δ T AP vs {reference}']
-  lines = ['| ' + ' | '.join(head) + ' |',
-           '|' + '|'.join(['---'] * len(head)) + '|']
-  for spec, entry in summary.items():
-    seeds_cell = f'{len(entry["seeds_done"])}/{len(seeds)}'
-    if entry['seeds_diverged']:
-      seeds_cell += f' ({len(entry["seeds_diverged"])} diverged)'
-    row = [f'`{spec}`', seeds_cell]
-    if not entry['seeds_done']:
-      empty = 'diverged' if entry['seeds_diverged'] else 'pending'
-      lines.append('| ' + ' | '.join(row + [empty] * (len(head) - 2)) + ' |')
-      continue
-    for key, _, factor in SUMMARY_FIELDS:
-      digits = {'train_time_s': 0, 'step_time_s': 2}.get(
-          key, 3 if factor == 1.0 else 1)
-      row.append(_cell(entry[key], factor, digits))
-    if with_delta:
-      for key in ('delta_s_AP', 'delta_t_AP'):
-        row.append(_cell(entry[key], 100.0) if key in entry else '—')
-    lines.append('| ' + ' | '.join(row) + ' |')
-  return '\n'.join(lines)
-
-
 def collect_records(workdir: str, grid: Sequence[str], seeds: Sequence[int]
                     ) -> dict[tuple[str, int], dict[str, Any]]:
   """{(variant, seed): run.json's result} for the finished runs of the grid."""
@@ -632,7 +540,9 @@ def write_report(workdir: str, grid: Sequence[str], seeds: Sequence[int], *,
         'steps; train s = training seconds from metrics.jsonl (compilation '
         'included, unless the compilation cache already held it); step s = '
         'median seconds per training step. Δ = paired difference (same '
-        'seed) to the reference.', '',
+        'seed) to the reference: mean [95 % t interval] and a verdict, '
+        'higher or lower only when the interval excludes zero, else '
+        'unresolved (experiments/report.py).', '',
         format_table(summary, seeds, reference), '']
   if drew:
     md += ['![loss terms and mimic cosine](ablation.png)', '']
@@ -657,64 +567,6 @@ def variant_overrides_or_raw(spec: str) -> dict[str, Any]:
     elif part in VARIANTS:
       out.update(VARIANTS[part])
   return out
-
-
-def plot_curves(curves: Mapping[str, Mapping[int, Sequence[Mapping]]],
-                path: str, terms: Sequence[str] = PLOT_TERMS) -> bool:
-  """PNG: one panel per term; per variant thin lines per seed and the mean.
-
-  Args:
-    curves: {variant: {seed: metrics.jsonl rows}}.
-    path: output PNG.
-  Returns:
-    False (nothing written) when no run has logged a row yet.
-  """
-  if not any(rows for per_seed in curves.values() for rows in per_seed.values()):
-    return False
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  cols = 5
-  nrows = -(-len(terms) // cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows),
-                           squeeze=False)
-  colors = plt.get_cmap('tab10' if len(curves) <= 10 else 'tab20')
-  for t, term in enumerate(terms):
-    ax = axes[t // cols][t % cols]
-    for v, (spec, per_seed) in enumerate(curves.items()):
-      color = colors(v % colors.N)
-      series = {}
-      for rows in per_seed.values():
-        pts = [(int(r['step']), float(r[term])) for r in rows if term in r]
-        if not pts:
-          continue
-        steps, values = zip(*pts)
-        ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
-        series[len(series)] = dict(pts)
-      if series:
-        common = sorted(set.intersection(*(set(s) for s in series.values())))
-        if common:
-          mean = [np.mean([s[x] for s in series.values()]) for x in common]
-          ax.plot(common, mean, color=color, linewidth=1.8, label=spec)
-    ax.set_title(term, fontsize=10)
-    ax.set_xlabel('step', fontsize=8)
-    ax.tick_params(labelsize=7)
-    if term.startswith('loss'):
-      ax.set_yscale('log', nonpositive='mask')  # mimic_off: no mimic curve
-  for t in range(len(terms), nrows * cols):
-    axes[t // cols][t % cols].axis('off')
-  handles, labels = axes[0][0].get_legend_handles_labels()
-  if handles:
-    fig.legend(handles, labels, loc='upper center', ncol=min(len(labels), 8),
-               fontsize=9, frameon=False)
-  fig.tight_layout(rect=(0, 0, 1, 0.93))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}.png'
-  fig.savefig(tmp, dpi=90)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return True
 
 
 # --------------------------------------------------------------------- CLI

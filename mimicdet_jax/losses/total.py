@@ -101,6 +101,7 @@ def make_loss_fn(model: nn.Module,
     diagnostics num_positives (refinement positives per image),
     proposal_recall (IoU 0.5), num_proposals (valid, per image), t_num_fg
     (T-head foreground samples per image), t_fg_iou (their mean IoU),
+    s_num_fg (foreground proposals the S-head is trained on, per image),
     mimic_num_samples (T-head samples in the mimic, per image),
     mimic_cos_cls / mimic_cos_reg (mean cosine S vs T on the mimic samples,
     whatever the distance).
@@ -221,6 +222,7 @@ def make_loss_fn(model: nn.Module,
                                         gt_boxes, gt_mask),
         num_proposals=_f32(jnp.sum(props['valid'])) / batch_size,
         t_num_fg=_f32(num_fg) / batch_size,
+        s_num_fg=_f32(jnp.sum(ss['foreground'])) / batch_size,
         mimic_num_samples=_f32(jnp.sum(mimic_mask)) / batch_size,
         t_fg_iou=jnp.sum(jnp.where(ts['foreground'], ts['iou'], 0.0)) /
         jnp.maximum(num_fg, 1).astype(jnp.float32),
