@@ -106,6 +106,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Offset micro-net input is stop-gradient (as Guided Anchoring's feature
   # adaption): S-head losses do not move the refinement regression through it.
   c.s_head.offset_stop_grad = True
+  # Where the deformable taps sample: learned = the offset micro-net (the
+  # paper); box = a k x k grid over the refined box (no parameters);
+  # box_learned = that grid plus the micro-net as a learned correction.
+  c.s_head.offset_mode = 'learned'  # learned | box | box_learned
   c.s_head.cls_dim = 1024
   c.s_head.reg_dim = 1024
   c.s_head.fg_iou = 0.5

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from mimicdet_jax.models.fpn import c2_xavier_fill  # also the T-head's fcs
 from mimicdet_jax.models.layers import Conv1x1
+from mimicdet_jax.ops.boxes import decode_deltas
 from mimicdet_jax.ops.deform_conv import deform_conv2d
 from mimicdet_jax.ops.roi_align import multilevel_roi_align
 
@@ -161,18 +162,66 @@ class OffsetNet(nn.Module):
     return offsets.astype(jnp.float32)
 
 
+OFFSET_MODES = ('learned', 'box', 'box_learned')
+
+
+def box_aligned_offsets(refine_deltas: jax.Array, kernel_size: int,
+                        anchor_scale: float, stds: Sequence[float],
+                        scale_clip: float) -> jax.Array:
+  """Offsets that put a k x k deformable kernel on the refined box's bins.
+
+  At every position the refinement deltas decode (one box coder,
+  `ops.boxes.decode_deltas`) to the refined box around the position's anchor
+  (side anchor_scale cells, centred on the cell). Tap (i, j) of the kernel is
+  moved from its regular place (y + i - k//2, x + j - k//2) to the centre of
+  bin (i, j) of a k x k grid over that box, so the S-head reads the region of
+  the box it classifies, as the T-head's RoIAlign does (Cascade RPN's
+  adaptive convolution, AlignDet). No parameters.
+
+  Args:
+    refine_deltas: [B, H, W, 4] the refinement module's deltas (units of
+      `refine.stds`) on the anchors.
+    kernel_size: k.
+    anchor_scale: anchor side in cells of the level (`model.anchor_scale`).
+    stds, scale_clip: `refine.stds`, `box.scale_clip`.
+  Returns:
+    float32 [B, H, W, 2 k k], torchvision order (per tap row-major: dy, dx),
+    in cells of the level.
+  """
+  k = kernel_size
+  half = 0.5 * anchor_scale
+  anchor = jnp.array([-half, -half, half, half], jnp.float32)  # cell units
+  box = decode_deltas(refine_deltas.astype(jnp.float32), anchor, stds,
+                      scale_clip=scale_clip)  # [B, H, W, 4] relative to cell
+  centres = (jnp.arange(k, dtype=jnp.float32) + 0.5) / k  # bin centres in [0, 1]
+  regular = jnp.arange(k, dtype=jnp.float32) - k // 2
+  ys = box[..., 1:2] + centres * (box[..., 3:4] - box[..., 1:2]) - regular
+  xs = box[..., 0:1] + centres * (box[..., 2:3] - box[..., 0:1]) - regular
+  shape = ys.shape[:-1] + (k, k)
+  dy = jnp.broadcast_to(ys[..., :, None], shape)
+  dx = jnp.broadcast_to(xs[..., None, :], shape)
+  return jnp.stack([dy, dx], axis=-1).reshape(ys.shape[:-1] + (2 * k * k,))
+
+
 class GuidedConv(nn.Module):
   """k x k conv (+ ReLU) whose sampling grid is deformed by the refinement.
 
-  deformable=True: offsets from `OffsetNet` on the refinement deltas, then
-  deform_conv2d; deformable=False: the same kernel as an ordinary conv. Both
-  modes have the same 'kernel' [k, k, Cin, features] and 'bias' parameters.
+  deformable=True: offsets on the refinement deltas, then deform_conv2d;
+  deformable=False: the same kernel as an ordinary conv. `offset_mode`
+  (`s_head.offset_mode`): learned = `OffsetNet` (the paper); box =
+  `box_aligned_offsets` (no parameters); box_learned = box plus the
+  `OffsetNet` output as a learned correction (zero at initialisation).
+  All modes have the same 'kernel' [k, k, Cin, features] and 'bias'.
   """
   features: int
   kernel_size: int
   deformable: bool = True
   offset_hidden: Sequence[int] = (64, 128)
   detach_guide: bool = True
+  offset_mode: str = 'learned'
+  anchor_scale: float = 4.0
+  refine_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
+  scale_clip: float = math.log(1000.0 / 16)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -187,8 +236,17 @@ class GuidedConv(nn.Module):
     if self.deformable:
       if self.detach_guide:
         refine_deltas = jax.lax.stop_gradient(refine_deltas)
-      offsets = OffsetNet(self.offset_hidden, 2 * k * k, dtype=self.dtype,
-                          name='offset_net')(refine_deltas)
+      if self.offset_mode not in OFFSET_MODES:
+        raise ValueError(f's_head.offset_mode={self.offset_mode!r}; expected '
+                         f'one of {OFFSET_MODES}')
+      offsets = 0.0
+      if self.offset_mode in ('box', 'box_learned'):
+        offsets = box_aligned_offsets(refine_deltas, k, self.anchor_scale,
+                                      self.refine_stds, self.scale_clip)
+      if self.offset_mode in ('learned', 'box_learned'):
+        offsets = offsets + OffsetNet(self.offset_hidden, 2 * k * k,
+                                      dtype=self.dtype,
+                                      name='offset_net')(refine_deltas)
       y = deform_conv2d(x, offsets, kernel, stride=1, padding=k // 2)
     else:
       y = jax.lax.conv_general_dilated(
@@ -216,6 +274,10 @@ class SHead(nn.Module):
   reg_dim: int = 1024
   deformable: bool = True
   detach_guide: bool = True
+  offset_mode: str = 'learned'
+  anchor_scale: float = 4.0
+  refine_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
+  scale_clip: float = math.log(1000.0 / 16)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -233,6 +295,8 @@ class SHead(nn.Module):
     guided = lambda k, name: GuidedConv(  # pylint: disable=g-long-lambda
         self.channels, k, deformable=self.deformable,
         offset_hidden=self.offset_hidden, detach_guide=self.detach_guide,
+        offset_mode=self.offset_mode, anchor_scale=self.anchor_scale,
+        refine_stds=self.refine_stds, scale_clip=self.scale_clip,
         dtype=self.dtype, name=name)
     finest = min(self.levels)
     fine_conv = guided(self.p3_kernel, f'p{finest}_conv')

@@ -102,6 +102,10 @@ class MimicDet(nn.Module):
         reg_dim=c.s_head.reg_dim,
         deformable=c.s_head.deformable,
         detach_guide=c.s_head.offset_stop_grad,
+        offset_mode=c.s_head.offset_mode,
+        anchor_scale=c.model.anchor_scale,
+        refine_stds=tuple(c.refine.stds),
+        scale_clip=c.box.scale_clip,
         dtype=dtype)
     self.t_head_net = THead(
         levels=self.t_levels,
