@@ -247,6 +247,9 @@ class GuidedConv(nn.Module):
         offsets = offsets + OffsetNet(self.offset_hidden, 2 * k * k,
                                       dtype=self.dtype,
                                       name='offset_net')(refine_deltas)
+      # For diagnostics (experiments/offsets.py): apply with
+      # mutable=['intermediates'] to read the offsets; a no-op otherwise.
+      self.sow('intermediates', 'offsets', offsets)
       y = deform_conv2d(x, offsets, kernel, stride=1, padding=k // 2)
     else:
       y = jax.lax.conv_general_dilated(
