@@ -113,7 +113,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.s_head.cls_dim = 1024
   c.s_head.reg_dim = 1024
   c.s_head.fg_iou = 0.5
-  c.s_head.ohem_samples = 128
+  c.s_head.ohem_samples = 128  # proposals per image in the S-head loss
+  # ohem: the ohem_samples largest losses (the paper); balanced: drawn like
+  # the T-head's samples, at most fg_fraction foreground.
+  c.s_head.sampling = 'ohem'  # ohem | balanced
+  c.s_head.fg_fraction = 0.25
   c.s_head.stds = (0.1, 0.1, 0.2, 0.2)
 
   # ---------------------------------------------------------------- mimic

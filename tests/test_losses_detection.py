@@ -135,3 +135,21 @@ def test_s_head_loss_is_mean_of_top_k_and_gradient_only_there():
   for i in range(b):
     threshold = top[i][-1]
     np.testing.assert_array_equal(nonzero[i], valid[i] & (per[i] >= threshold))
+
+
+def test_s_head_loss_with_given_samples_is_their_mean():
+  b, p, l = 2, 10, 4
+  logits = RNG.normal(size=(b, p, l)).astype(np.float32) * 2
+  deltas, targets = RNG.normal(size=(2, b, p, 4)).astype(np.float32)
+  labels = RNG.integers(0, l, size=(b, p))
+  valid = np.ones((b, p), bool)
+  valid[1, 7:] = False
+  sampled = RNG.uniform(size=(b, p)) < 0.4
+  sampled[1, 8] = True  # sampled but invalid: left out
+  out = jax.jit(detection.s_head_loss, static_argnums=5)(
+      logits, deltas, labels, targets, valid, 3, sampled)
+  per = _np_ce(logits, labels) + np.where(
+      labels > 0, np.abs(deltas - targets).sum(-1), 0.0)
+  np.testing.assert_allclose(out['total'], per[sampled & valid].mean(),
+                             rtol=1e-5)
+  assert int(out['num_kept']) == (sampled & valid).sum()

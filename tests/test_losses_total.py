@@ -127,7 +127,7 @@ EXPECTED_AUX = {
     'loss_refine_cls', 'loss_refine_reg', 'loss_t_cls', 'loss_t_reg',
     'loss_s_cls', 'loss_s_reg', 'loss_mimic', 'loss_mimic_cls',
     'loss_mimic_reg', 'num_positives', 'proposal_recall', 'num_proposals',
-    't_num_fg', 't_fg_iou', 's_num_fg', 'mimic_num_samples', 'mimic_cos_cls',
+    't_num_fg', 't_fg_iou', 's_num_fg', 's_fg_share', 'mimic_num_samples', 'mimic_cos_cls',
     'mimic_cos_reg'}
 
 

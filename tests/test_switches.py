@@ -152,6 +152,9 @@ FORWARD_VARIANTS = {
     'reg': {'mimic.paths': 'reg'},
     'foreground': {'mimic.samples': 'foreground'},
     'with_gt': {'mimic.include_gt': True},
+    # fg_fraction 0.1: at most 1 of the 16 samples foreground, where the
+    # mining keeps every foreground proposal (3 here).
+    's_balanced': {'s_head.sampling': 'balanced', 's_head.fg_fraction': 0.1},
     'l2': {'mimic.distance': 'l2'},
     'smooth_l1': {'mimic.distance': 'smooth_l1'},
     'kl': {'mimic.distance': 'kl', 'mimic.temperature': TEMPERATURE},
@@ -266,6 +269,17 @@ def test_default_mimic_closed_form_and_weight(aux_of):
   np.testing.assert_allclose(
       aux['loss'], sum(aux[k] for k in OTHER_TERMS) + 0.5 * aux['loss_mimic'],
       rtol=1e-5)
+
+
+def test_s_head_balanced_sampling_changes_only_the_s_head_terms(aux_of):
+  base, bal = aux_of['default'], aux_of['s_balanced']
+  # Its own key: the refinement and T-head samplers draw as before.
+  for k in ('loss_refine_cls', 'loss_refine_reg', 'loss_t_cls', 'loss_t_reg',
+            'loss_mimic'):
+    np.testing.assert_allclose(bal[k], base[k], rtol=1e-6)
+  # At most s_head.fg_fraction foreground, and another mix than the mining's.
+  np.testing.assert_allclose(bal['s_fg_share'], 1 / 16)
+  np.testing.assert_allclose(base['s_fg_share'], 3 / 16)
 
 
 def test_include_gt_puts_appended_gts_back_into_the_mimic(aux_of):

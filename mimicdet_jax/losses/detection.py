@@ -144,27 +144,34 @@ def ohem_mask(losses: jax.Array, valid: jax.Array, k: int) -> jax.Array:
 
 
 def s_head_loss(cls_logits: jax.Array, deltas: jax.Array, labels: jax.Array,
-                delta_targets: jax.Array, valid: jax.Array, ohem_samples: int
-                ) -> dict[str, jax.Array]:
+                delta_targets: jax.Array, valid: jax.Array, ohem_samples: int,
+                sampled: jax.Array | None = None) -> dict[str, jax.Array]:
   """S-head loss with hard-example mining over each image's proposals.
 
   Per proposal: CE + L1 (foreground only); per image keep the `ohem_samples`
-  largest; average over everything kept in the batch.
+  largest (or, given `sampled`, exactly those proposals: the balanced
+  sampling of `s_head.sampling=balanced`); average over everything kept in
+  the batch.
 
   Args:
     cls_logits: [B, P, L] S-head logits read at each proposal's origin.
     deltas: [B, P, 4] S-head deltas at the origin (on the refined box).
     labels: [B, P]; delta_targets: [B, P, 4]; valid: [B, P] bool.
     ohem_samples: `s_head.ohem_samples`.
+    sampled: optional [B, P] bool; replaces the hard-example mining.
 
   Returns:
     dict `total` (the loss), and its `cls` and `reg` parts (both over the
-    kept proposals, so total = cls + reg), `num_kept`.
+    kept proposals, so total = cls + reg), `num_kept`, `num_kept_fg`.
   """
   ce = softmax_ce(cls_logits, labels)
   reg = jnp.where(labels > 0, l1(deltas, delta_targets), 0.0)
-  kept = ohem_mask(ce + reg, valid, ohem_samples)
+  if sampled is None:
+    kept = ohem_mask(ce + reg, valid, ohem_samples)
+  else:
+    kept = sampled & valid
   n = jnp.sum(kept)
   cls = _safe_div(jnp.sum(jnp.where(kept, ce, 0.0)), n)
   reg = _safe_div(jnp.sum(jnp.where(kept, reg, 0.0)), n)
-  return dict(total=cls + reg, cls=cls, reg=reg, num_kept=n)
+  return dict(total=cls + reg, cls=cls, reg=reg, num_kept=n,
+              num_kept_fg=jnp.sum(kept & (labels > 0)))

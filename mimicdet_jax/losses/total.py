@@ -10,7 +10,8 @@ that train_lib differentiates. The steps, in order:
   4. T-head: sample boxes among proposals + gts, run the T-head on them,
      softmax CE + L1 (targets/roi_sampling.py);
   5. S-head: label every proposal, read the S-head at its origin, CE + L1 with
-     online hard-example mining;
+     online hard-example mining (or the T-head's balanced sampler,
+     `s_head.sampling`);
   6. mimic: S-head vs T-head on the T-head's samples (losses/mimic.py).
 
 Every count, threshold and weight comes from the config; the per-image target
@@ -101,7 +102,8 @@ def make_loss_fn(model: nn.Module,
     diagnostics num_positives (refinement positives per image),
     proposal_recall (IoU 0.5), num_proposals (valid, per image), t_num_fg
     (T-head foreground samples per image), t_fg_iou (their mean IoU),
-    s_num_fg (foreground proposals the S-head is trained on, per image),
+    s_num_fg (foreground proposals per image), s_fg_share (foreground share
+    of the proposals in the S-head loss),
     mimic_num_samples (T-head samples in the mimic, per image),
     mimic_cos_cls / mimic_cos_reg (mean cosine S vs T on the mimic samples,
     whatever the distance).
@@ -124,6 +126,18 @@ def make_loss_fn(model: nn.Module,
       roi_sampling.t_head_targets, fg_iou=c.t_head.fg_iou,
       num_samples=c.t_head.num_samples, fg_fraction=c.t_head.fg_fraction,
       append_gt=c.t_head.append_gt, stds=tuple(c.t_head.stds)))
+  num_proposals = c.proposals.num_proposals
+
+  def sample_one(key, positive, negative):
+    idx, _, ok = roi_sampling.balanced_sample(
+        key, positive, negative, c.s_head.ohem_samples, c.s_head.fg_fraction)
+    mask = jnp.zeros((num_proposals,), bool)
+    return mask.at[idx].max(ok)
+
+  sample_proposals = jax.vmap(sample_one)
+  if c.s_head.sampling not in ('ohem', 'balanced'):
+    raise ValueError(f's_head.sampling={c.s_head.sampling!r}; expected ohem '
+                     'or balanced')
   s_head_targets = jax.vmap(functools.partial(
       roi_sampling.s_head_targets, fg_iou=c.s_head.fg_iou,
       stds=tuple(c.s_head.stds)))
@@ -179,10 +193,17 @@ def make_loss_fn(model: nn.Module,
     # 5. S-head at every proposal's origin, hard-example mined.
     ss = s_head_targets(props['boxes'], props['valid'], gt_boxes, gt_classes,
                         gt_mask)
+    s_sampled = None
+    if c.s_head.sampling == 'balanced':
+      # The T-head's sampler instead of hard-example mining. Its own key
+      # (fold_in), so the other samplers draw as they do under ohem.
+      s_sampled = sample_proposals(
+          jax.random.split(jax.random.fold_in(rng, 2), batch_size),
+          ss['foreground'], props['valid'] & ~ss['foreground'])
     s_loss = detection.s_head_loss(
         gather_at(out['s_cls_logits'], props['origin']),
         gather_at(out['s_deltas'], props['origin']), ss['labels'],
-        ss['delta_targets'], props['valid'], c.s_head.ohem_samples)
+        ss['delta_targets'], props['valid'], c.s_head.ohem_samples, s_sampled)
 
     # 6. Mimic on the T-head's samples, S-head read at their origins.
     student = dict(cls=gather_at(out['s_cls_logits'], ts['origin']),
@@ -223,6 +244,8 @@ def make_loss_fn(model: nn.Module,
         num_proposals=_f32(jnp.sum(props['valid'])) / batch_size,
         t_num_fg=_f32(num_fg) / batch_size,
         s_num_fg=_f32(jnp.sum(ss['foreground'])) / batch_size,
+        s_fg_share=_f32(s_loss['num_kept_fg']) /
+        jnp.maximum(s_loss['num_kept'], 1).astype(jnp.float32),
         mimic_num_samples=_f32(jnp.sum(mimic_mask)) / batch_size,
         t_fg_iou=jnp.sum(jnp.where(ts['foreground'], ts['iou'], 0.0)) /
         jnp.maximum(num_fg, 1).astype(jnp.float32),
