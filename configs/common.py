@@ -150,6 +150,11 @@ def base_config() -> ml_collections.ConfigDict:
   # the image's global index: sampling and normalisation do not depend on how
   # the batch is split over devices/hosts. False: per-device batch, device key.
   c.train.loss_per_image = True
+  # How the per-device step spans the devices: pmap (jax.pmap over the local
+  # devices) | shard_map (jax.jit(jax.shard_map) over a global 'data' mesh,
+  # global input arrays; preferred on TPU pods, see docs/TRAINING.md). Same
+  # losses and parameters; checkpoints resume under either.
+  c.train.parallelism = 'pmap'
 
   # ----------------------------------------------------------------- eval
   c.eval = ml_collections.ConfigDict()
