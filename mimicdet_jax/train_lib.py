@@ -399,6 +399,39 @@ def initialize_distributed(coordinator_address: str = '',
                jax.local_device_count(), jax.device_count())
 
 
+# ------------------------------------------------------ compilation cache
+def enable_compile_cache(cache_dir: str, workdir: str = '') -> Optional[str]:
+  """Turns on JAX's persistent compilation cache (train.compile_cache).
+
+  A restart of the same config (same shapes, devices, flags and JAX version)
+  then loads the compiled executables instead of compiling them again. Call
+  it before the first compilation of the process: JAX reads the setting
+  once, when it compiles first.
+
+  Args:
+    cache_dir: '' = off; '~' is expanded; a relative path is under `workdir`
+      (e.g. 'jax_cache'), an absolute one is shared by every run.
+    workdir: the run's output directory.
+
+  Returns:
+    The absolute cache directory, or None when off.
+  """
+  if not cache_dir:
+    return None
+  path = os.path.expanduser(cache_dir)
+  if not os.path.isabs(path):
+    path = os.path.join(workdir, path)
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', path)
+  # Cache every executable, not only those that took over a second: on
+  # restart the dozens of small ones (init, eval helpers) add up too.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  logging.info('compilation cache: %s', path)
+  return path
+
+
 # --------------------------------------------------------------- metrics
 class MetricWriter:
   """Writes scalars to WORKDIR/metrics.jsonl and TensorBoard (process 0).
@@ -776,5 +809,6 @@ def build_training(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> TrainState:
   """Trains (and optionally evaluates) MimicDet as `config` says: train.py."""
+  enable_compile_cache(config.train.compile_cache, workdir)
   kwargs = build_training(config, workdir)
   return run_training(kwargs.pop('config'), kwargs.pop('workdir'), **kwargs)

@@ -353,6 +353,36 @@ def test_sigterm_saves_at_the_next_step_boundary(tmp_path):
   assert signal.getsignal(signal.SIGTERM) == previous  # handler restored
 
 
+# -------------------------------------------------- compilation cache
+_CACHE_PROBE = """
+import sys, jax, jax.numpy as jnp
+from mimicdet_jax import train_lib
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name))
+print(train_lib.enable_compile_cache(sys.argv[1], sys.argv[2]))
+jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((32, 32))).block_until_ready()
+print('HITS', hits.count('/jax/compilation_cache/cache_hits'))
+"""
+
+
+def test_compile_cache_second_process_loads_instead_of_compiling(tmp_path):
+  """A relative train.compile_cache lives under the workdir; a second process
+  with the same config finds its executables there. '' leaves it off."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=repo)
+  run = lambda cache: subprocess.run(  # pylint: disable=g-long-lambda
+      [sys.executable, '-c', _CACHE_PROBE, cache, str(tmp_path)], env=env,
+      cwd=repo, capture_output=True, text=True, check=True).stdout.split('\n')
+  first, second = run('jax_cache'), run('jax_cache')
+  assert first[0] == second[0] == str(tmp_path / 'jax_cache')
+  assert first[1] == 'HITS 0' and second[1] != 'HITS 0', (first, second)
+  assert os.listdir(tmp_path / 'jax_cache')
+  assert train_lib.enable_compile_cache('', str(tmp_path)) is None
+
+
 # ------------------------------------------------------ MimicDet (slow, CPU)
 @pytest.fixture(scope='module')
 def synthetic_data(tmp_path_factory):
