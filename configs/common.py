@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.t_head.sampling_ratio = 2
   c.t_head.canonical_size = 224.0  # FPN level rule k = floor(4 + log2(sqrt(wh)/224))
   c.t_head.canonical_level = 4
+  # RoIAlign form: gather (a gather; its gradient a scatter-add; fastest on
+  # CPU) | einsum (one-hot bilinear weights as matmuls, no gather/scatter;
+  # for TPUs and scatter-bound GPUs). Same values; docs/BENCHMARKS.md.
+  c.t_head.roi_align_impl = 'gather'
   c.t_head.fc_dim = 1024
   c.t_head.num_convs = 4
   c.t_head.conv_dim = 256

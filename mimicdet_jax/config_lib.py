@@ -37,7 +37,8 @@ def resolve(config: ml_collections.ConfigDict,
                        ('model.dtype', ('float32', 'bfloat16')),
                        ('data.source', ('coco_json', 'tfds')),
                        ('data.bad_input', ('skip', 'fail')),
-                       ('train.parallelism', ('pmap', 'shard_map'))):
+                       ('train.parallelism', ('pmap', 'shard_map')),
+                       ('t_head.roi_align_impl', ('gather', 'einsum'))):
     section, name = key.split('.')
     value = c[section][name]
     if value not in allowed:
