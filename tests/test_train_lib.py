@@ -437,24 +437,39 @@ def test_mimicdet_eight_devices_batch_one_equals_one_device_batch_eight(
 
 
 @pytest.mark.slow
-def test_mimicdet_shard_map_equals_pmap_over_logged_steps(synthetic_data,
-                                                          tmp_path):
-  """The demo model and data on 8 devices: the same losses under both."""
+@pytest.mark.parametrize('key,value,rtol', [
+    ('train.parallelism', 'shard_map', 1e-5),
+    ('t_head.roi_align_impl', 'einsum', 1e-4)])
+def test_mimicdet_variant_equals_default_over_logged_steps(
+    synthetic_data, tmp_path, key, value, rtol):
+  """The demo model and data on 8 devices, 3 steps at full lr: the same
+  losses and parameters with the variant as with the default."""
   finals, rows = {}, {}
-  for kind in ('pmap', 'shard_map'):
-    config = th.demo_config(str(synthetic_data), batch_size=8, total_steps=3,
-                            parallelism=kind)
+  for name in ('default', value):
+    config = th.demo_config(str(synthetic_data), batch_size=8, total_steps=3)
     config.optim.warmup_steps = 0
-    finals[kind], _ = th.run_demo(tmp_path / kind, config)
-    rows[kind] = _metrics(tmp_path / kind)
-  assert [r['step'] for r in rows['shard_map']] == [1, 2, 3]
-  for got, want in zip(rows['shard_map'], rows['pmap']):
-    for k in ('loss', 'loss_refine_cls', 'loss_t_cls', 'loss_s_cls',
-              'loss_mimic', 'grad_norm'):
-      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
-  for a, b in zip(jax.tree.leaves(finals['shard_map'].params),
-                  jax.tree.leaves(finals['pmap'].params)):
-    assert _relative_gap(a, b) <= 1e-5
+    if name == value:
+      section, field = key.split('.')
+      config[section][field] = value
+    finals[name], _ = th.run_demo(tmp_path / name, config)
+    rows[name] = _metrics(tmp_path / name)
+  assert [r['step'] for r in rows[value]] == [1, 2, 3]
+  for got, want in zip(rows[value], rows['default']):
+    for k in ('loss', 'loss_refine_cls', 'loss_t_cls', 'loss_t_reg',
+              'loss_s_cls', 'loss_mimic'):
+      np.testing.assert_allclose(got[k], want[k], rtol=rtol, err_msg=k)
+    # The demo's AdamW divides by sqrt(v): the ~1e-6 differences of the
+    # near-zero gradients become visible in later steps' gradient norm
+    # (einsum: 1.3e-4 at step 3), not in the losses.
+    np.testing.assert_allclose(got['grad_norm'], want['grad_norm'],
+                               rtol=10 * rtol)
+  # All parameters as one vector (leaves that start at zero, the biases, are
+  # all update and no weight, so a per-leaf ratio means little under Adam).
+  norm = lambda t: np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))
+                               for x in jax.tree.leaves(t)))
+  diff = jax.tree.map(lambda a, b: a - b, finals[value].params,
+                      finals['default'].params)
+  assert norm(diff) <= rtol * norm(finals['default'].params)
 
 
 @pytest.mark.slow
