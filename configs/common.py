@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.pixel_mean = (123.675, 116.28, 103.53)  # RGB, torchvision ImageNet
   c.data.pixel_std = (58.395, 57.12, 57.375)
   c.data.bad_input = 'skip'  # skip (and count) | fail
+  # Training batches carry uint8 pixels (zero-padded) and the jitted step
+  # normalises them (bit-identical inputs; 4x fewer bytes per batch through
+  # the loader and to the device). False: float32 normalised on the host.
+  c.data.device_normalize = True
   c.data.num_workers = 0  # grain worker processes (0 = in-process)
   c.data.prefetch = 2
 
