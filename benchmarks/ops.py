@@ -36,6 +36,10 @@ SIZES = {
                 nms_in=5000, nms_out=2000, eval_boxes=1000),
     'small': dict(canvas=(256, 384), batch=2, channels=16, rois=200,
                   nms_in=500, nms_out=200, eval_boxes=100),
+    # configs/demo.py: 256x256 canvas, 32 FPN channels, batch 4, 64 T-head
+    # samples per image, 300 proposals.
+    'demo': dict(canvas=(256, 256), batch=4, channels=32, rois=64,
+                 nms_in=1500, nms_out=300, eval_boxes=300),
 }
 
 
