@@ -5,7 +5,9 @@
 
 Sizes: `full` is the real workload: P2..P7 of an 800x1333 canvas, batch 2,
 256 channels, 2000 boxes per image for RoIAlign, 5000 -> 2000 proposals for
-NMS, 1000 boxes x 80 classes -> 100 detections for per-class NMS. `cpu` keeps
+NMS, 1000 boxes x 80 classes -> 100 detections for per-class NMS; RoIAlign
+also at the T-head's 128 sampled RoIs per image, in both forms (gather and
+einsum, `t_head.roi_align_impl`). `cpu` keeps
 the spatial sizes and box counts but uses 32 channels (RoIAlign and the
 deformable conv scale about linearly with channels). `small` is a smoke
 test. Each op is jitted; the first call (compile + run) is reported apart
@@ -34,6 +36,10 @@ SIZES = {
                 nms_in=5000, nms_out=2000, eval_boxes=1000),
     'small': dict(canvas=(256, 384), batch=2, channels=16, rois=200,
                   nms_in=500, nms_out=200, eval_boxes=100),
+    # configs/demo.py: 256x256 canvas, 32 FPN channels, batch 4, 64 T-head
+    # samples per image, 300 proposals.
+    'demo': dict(canvas=(256, 256), batch=4, channels=32, rois=64,
+                 nms_in=1500, nms_out=300, eval_boxes=300),
 }
 
 
@@ -61,7 +67,7 @@ def _level_hw(canvas, level):
   return tuple(math.ceil(s / 2 ** level) for s in canvas)
 
 
-def bench(size: str, reps: int, which):
+def bench(size: str, reps: int, which, skip_roi_align=()):
   cfg = SIZES[size]
   rng = np.random.default_rng(0)
   b, c, canvas = cfg['batch'], cfg['channels'], cfg['canvas']
@@ -107,14 +113,21 @@ def bench(size: str, reps: int, which):
     levels = (2, 3, 4, 5, 6)
     maps = {l: jnp.asarray(rng.normal(size=(b,) + _level_hw(canvas, l) + (c,)),
                            jnp.float32) for l in levels}
-    boxes = _random_boxes(rng, (b, cfg['rois']), canvas)
-    shapes = f'P2..P6 C={c}, [{b},{cfg["rois"]}] boxes -> 7x7'
-    fwd = jax.jit(lambda m, x: ops.multilevel_roi_align(m, x, levels, (7, 7),
-                                                        2))
-    record('multilevel_roi_align fwd', shapes, fwd, (maps, boxes))
-    grad = jax.jit(jax.grad(lambda m, x: jnp.sum(ops.multilevel_roi_align(
-        m, x, levels, (7, 7), 2) ** 2)))
-    record('multilevel_roi_align fwd+bwd', shapes, grad, (maps, boxes))
+    # The configured count (proposals at inference) and the T-head's 128
+    # sampled RoIs per image in training; both forms (t_head.roi_align_impl).
+    for n in sorted({cfg['rois'], 128}, reverse=True):
+      boxes = _random_boxes(rng, (b, n), canvas)
+      shapes = f'P2..P6 C={c}, [{b},{n}] boxes -> 7x7'
+      for impl, align in (('gather', ops.multilevel_roi_align),
+                          ('einsum', ops.multilevel_roi_align_einsum)):
+        if impl in skip_roi_align:
+          continue
+        fwd = jax.jit(lambda m, x, align=align: align(m, x, levels, (7, 7), 2))
+        record(f'multilevel_roi_align {impl} fwd', shapes, fwd, (maps, boxes))
+        grad = jax.jit(jax.grad(lambda m, x, align=align: jnp.sum(
+            align(m, x, levels, (7, 7), 2) ** 2)))
+        record(f'multilevel_roi_align {impl} fwd+bwd', shapes, grad,
+               (maps, boxes))
 
   if 'deform_conv' in which:
     for level, k in ((3, 3), (4, 5), (5, 5), (6, 5), (7, 5)):
@@ -140,12 +153,16 @@ def main():
   parser.add_argument('--ops', default='boxes,nms,roi_align,deform_conv',
                       help='comma-separated subset')
   parser.add_argument('--json', default='', help='write the rows here')
+  parser.add_argument('--skip_roi_align', default='',
+                      help='comma-separated RoIAlign forms not to time '
+                      '(gather, einsum)')
   args = parser.parse_args()
   device = jax.devices()[0]
   print(f'device: {device.platform} {device.device_kind} '
         f'({jax.device_count()} devices); jax {jax.__version__}; '
         f'size {args.size}: {SIZES[args.size]}; reps {args.reps}', flush=True)
-  rows = bench(args.size, args.reps, set(args.ops.split(',')))
+  rows = bench(args.size, args.reps, set(args.ops.split(',')),
+               set(filter(None, args.skip_roi_align.split(','))))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(dict(device=str(device.device_kind), size=args.size,

@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.pixel_mean = (123.675, 116.28, 103.53)  # RGB, torchvision ImageNet
   c.data.pixel_std = (58.395, 57.12, 57.375)
   c.data.bad_input = 'skip'  # skip (and count) | fail
+  # Training batches carry uint8 pixels (zero-padded) and the jitted step
+  # normalises them (bit-identical inputs; 4x fewer bytes per batch through
+  # the loader and to the device). False: float32 normalised on the host.
+  c.data.device_normalize = True
   c.data.num_workers = 0  # grain worker processes (0 = in-process)
   c.data.prefetch = 2
 
@@ -86,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.t_head.level_rule = 'staggered'  # staggered | fpn
   c.t_head.canonical_size = 224.0  # FPN level rule k = floor(4 + log2(sqrt(wh)/224))
   c.t_head.canonical_level = 4
+  # RoIAlign form: gather (a gather; its gradient a scatter-add; fastest on
+  # CPU) | einsum (one-hot bilinear weights as matmuls, no gather/scatter;
+  # for TPUs and scatter-bound GPUs). Same values; docs/BENCHMARKS.md.
+  c.t_head.roi_align_impl = 'gather'
   c.t_head.fc_dim = 1024
   c.t_head.num_convs = 4
   c.t_head.conv_dim = 256
@@ -166,6 +174,16 @@ def base_config() -> ml_collections.ConfigDict:
   # the image's global index: sampling and normalisation do not depend on how
   # the batch is split over devices/hosts. False: per-device batch, device key.
   c.train.loss_per_image = True
+  # How the per-device step spans the devices: pmap (jax.pmap over the local
+  # devices) | shard_map (jax.jit(jax.shard_map) over a global 'data' mesh,
+  # global input arrays; preferred on TPU pods, see docs/TRAINING.md). Same
+  # losses and parameters; checkpoints resume under either.
+  c.train.parallelism = 'pmap'
+  # JAX's persistent compilation cache, so that a restart of the same config
+  # loads the compiled step instead of compiling it again (CPU: ~40 s -> a
+  # few s; docs/TRAINING.md). '' = off; a relative path is under the workdir;
+  # this default is one cache per user, shared by all runs.
+  c.train.compile_cache = '~/.cache/mimicdet_jax/jax_compile_cache'
 
   # ----------------------------------------------------------------- eval
   c.eval = ml_collections.ConfigDict()

@@ -39,7 +39,9 @@ def resolve(config: ml_collections.ConfigDict,
                        ('refine.cls_loss', ('bce', 'focal')),
                        ('model.dtype', ('float32', 'bfloat16')),
                        ('data.source', ('coco_json', 'tfds')),
-                       ('data.bad_input', ('skip', 'fail'))):
+                       ('data.bad_input', ('skip', 'fail')),
+                       ('train.parallelism', ('pmap', 'shard_map')),
+                       ('t_head.roi_align_impl', ('gather', 'einsum'))):
     section, name = key.split('.')
     value = c[section][name]
     if value not in allowed:

@@ -1,16 +1,19 @@
-"""Data-parallel training: optimiser, train state, pmapped step, the loop.
+"""Data-parallel training: optimiser, train state, the step, the loop.
 
 Read top to bottom: `make_lr_schedule` and `make_optimizer` (SPEC 5),
-`TrainState` and `create_train_state`, `make_train_step` (one pmapped
+`TrainState` and `create_train_state`, `make_train_step` (one per-device
 optimiser step with gradient averaging and non-finite skipping),
+`DataParallel` (pmap or jit(shard_map) around it),
 `run_training` (the loop: resume, log, checkpoint, preemption) and
 `train_and_evaluate` (wires the MimicDet model, losses and data into it).
 
-Parallelism: `jax.pmap` over the local devices with axis name 'data';
-gradients, loss and metrics are averaged with `lax.pmean`, so every replica
-holds identical parameters. In a multi-host run (`initialize_distributed`) the
-same pmap spans every device of every process and each process feeds its own
-shard of the global batch.
+Parallelism: one per-device step (axis name 'data'; gradients, loss and
+metrics averaged with `lax.pmean`, so every replica holds identical
+parameters), wrapped by `DataParallel` as `train.parallelism` says: `jax.pmap`
+over the local devices (default) or `jax.jit(jax.shard_map)` over a mesh of
+all devices with global input arrays. In a multi-host run
+(`initialize_distributed`) either spans every device of every process and
+each process feeds its own shard of the global batch.
 
 PRNG policy: the replicated `state.rng` is folded with the step; with
 `train.loss_per_image` (default) the loss runs once per image (vmap over the
@@ -189,7 +192,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     lr_schedule: Optional[optax.Schedule] = None
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict]]:
-  """One optimiser step on one device's batch; pmap it over axis 'data'.
+  """One optimiser step on one device's batch, over axis 'data' (DataParallel).
 
   Args:
     loss_fn: loss_fn(params, frozen, batch, rng) -> (loss, aux) on a batch
@@ -285,6 +288,91 @@ def replicate(tree: PyTree, devices=None) -> PyTree:
           sharding), tree)
 
 
+PARALLELISMS = ('pmap', 'shard_map')
+
+
+class DataParallel:
+  """Runs the one per-device step over the devices: pmap or jit(shard_map).
+
+  Both wrap the same `make_train_step` function (axis 'data', `lax.pmean`
+  of the gradients inside), so they compute the same thing:
+
+  * 'pmap': `jax.pmap` over the local devices (every process's local
+    devices in a multi-process run). The state carries a leading device
+    axis; batches go in as the loader yields them, host arrays
+    [local_devices, per_device, ...] that pmap splits.
+  * 'shard_map': `jax.jit(jax.shard_map(...))` over a `Mesh` of all global
+    devices with one axis 'data'. The state is one global array per leaf,
+    replicated (`NamedSharding(mesh, P())`); a batch becomes one global
+    array per leaf, [global_batch, ...] split over 'data', built with
+    `jax.make_array_from_process_local_data` from this process's rows, so
+    no host-local -> global conversion happens inside the dispatch. The
+    shard_map runs with check_vma=False: with it on, JAX would already sum
+    the gradients of the replicated parameters over 'data' (the transpose
+    of the implicit broadcast), and the step's own pmean would then leave
+    the device *sum*, not the mean. Off, the body means what it means
+    under pmap.
+
+  Device order is the same for both (process by process, local devices in
+  order), so `lax.axis_index('data')`, and with it each image's global
+  index and PRNG key, agrees between the two.
+  """
+
+  def __init__(self, kind: str = 'pmap', devices=None):
+    """Args:
+      kind: 'pmap' | 'shard_map' (config key train.parallelism).
+      devices: pmap: local devices to use (default all local devices);
+        shard_map: the mesh's devices (default `jax.devices()`, every
+        process's).
+    """
+    if kind not in PARALLELISMS:
+      raise ValueError(f'train.parallelism={kind!r}; expected one of '
+                       f'{PARALLELISMS}')
+    self.kind = kind
+    self.devices = list(devices) if devices is not None else None
+    if kind == 'shard_map':
+      mesh_devices = self.devices or jax.devices()
+      self.mesh = jax.sharding.Mesh(np.array(mesh_devices), (AXIS,))
+      self._replicated = jax.sharding.NamedSharding(
+          self.mesh, jax.sharding.PartitionSpec())
+      self._split = jax.sharding.NamedSharding(
+          self.mesh, jax.sharding.PartitionSpec(AXIS))
+
+  def wrap(self, train_step: Callable) -> Callable:
+    """step(device_state, device_batch) -> (device_state, device_metrics)."""
+    if self.kind == 'pmap':
+      return pmap_train_step(train_step, self.devices)
+    spec = jax.sharding.PartitionSpec
+    sharded = jax.shard_map(train_step, mesh=self.mesh,
+                            in_specs=(spec(), spec(AXIS)),
+                            out_specs=(spec(), spec()), check_vma=False)
+    return jax.jit(sharded, donate_argnums=(0,))
+
+  def put_state(self, tree: PyTree) -> PyTree:
+    """Host pytree (the same on every process) -> replicated on the devices."""
+    if self.kind == 'pmap':
+      return replicate(tree, self.devices)
+    def put(x):
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, self._replicated,
+                                          lambda index: x[index])
+    return jax.tree.map(put, tree)
+
+  def put_batch(self, batch: PyTree) -> PyTree:
+    """This process's batch, leaves [local_devices, per_device, ...]."""
+    if self.kind == 'pmap':
+      return batch
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            self._split, np.reshape(x, (-1,) + np.shape(x)[2:])), batch)
+
+  def host(self, tree: PyTree) -> PyTree:
+    """Host NumPy copy of one replica of a device state or metrics tree."""
+    if self.kind == 'pmap':
+      return first_replica(tree)
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 # ------------------------------------------------------------- multi-host
 def initialize_distributed(coordinator_address: str = '',
                            num_processes: int = 0,
@@ -309,6 +397,39 @@ def initialize_distributed(coordinator_address: str = '',
   logging.info('distributed: process %d of %d, %d local / %d global devices',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+# ------------------------------------------------------ compilation cache
+def enable_compile_cache(cache_dir: str, workdir: str = '') -> Optional[str]:
+  """Turns on JAX's persistent compilation cache (train.compile_cache).
+
+  A restart of the same config (same shapes, devices, flags and JAX version)
+  then loads the compiled executables instead of compiling them again. Call
+  it before the first compilation of the process: JAX reads the setting
+  once, when it compiles first.
+
+  Args:
+    cache_dir: '' = off; '~' is expanded; a relative path is under `workdir`
+      (e.g. 'jax_cache'), an absolute one is shared by every run.
+    workdir: the run's output directory.
+
+  Returns:
+    The absolute cache directory, or None when off.
+  """
+  if not cache_dir:
+    return None
+  path = os.path.expanduser(cache_dir)
+  if not os.path.isabs(path):
+    path = os.path.join(workdir, path)
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', path)
+  # Cache every executable, not only those that took over a second: on
+  # restart the dozens of small ones (init, eval helpers) add up too.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  logging.info('compilation cache: %s', path)
+  return path
 
 
 # --------------------------------------------------------------- metrics
@@ -518,10 +639,12 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = int(state.step)
 
   lr_schedule = make_lr_schedule(config)
-  p_step = pmap_train_step(make_train_step(
+  parallel = DataParallel(t.parallelism)
+  logging.info('train.parallelism=%s', t.parallelism)
+  p_step = parallel.wrap(make_train_step(
       loss_fn, tx, frozen_mask, loss_per_image=t.loss_per_image,
       lr_schedule=lr_schedule))
-  rstate = replicate(state)
+  rstate = parallel.put_state(state)
   del state
 
   writer = MetricWriter(workdir, start_step, enabled=is_main)
@@ -539,14 +662,14 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     while step < t.total_steps:
       batch = next(train_iter)
-      rstate, last_metrics = p_step(rstate, batch)
+      rstate, last_metrics = p_step(rstate, parallel.put_batch(batch))
       window.append(last_metrics)
       step += 1
       bar.update(1)
       is_last = step == t.total_steps
 
       if step % t.log_every == 0 or is_last:
-        fetched = [first_replica(m) for m in window]
+        fetched = [parallel.host(m) for m in window]
         now = time.time()
         scalars = summarize_window(fetched, now - window_start, t.batch_size)
         writer.write(step, scalars)
@@ -555,7 +678,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
         window, window_start = [], now
 
       if step % check_every == 0 or is_last:
-        terms = first_replica(last_metrics)
+        terms = parallel.host(last_metrics)
         streak = int(terms['nonfinite_streak'])
         if streak >= t.max_consecutive_nonfinite:
           msg = (f'training stopped at step {step}: {streak} consecutive '
@@ -568,12 +691,12 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
       stop_now = (stop.requested is not None if not multi_process
                   else preemption_sync(step))
       if step % t.checkpoint_every == 0 or is_last or stop_now:
-        ckpt.save(step, first_replica(rstate), train_iter,
+        ckpt.save(step, parallel.host(rstate), train_iter,
                   force=is_last or stop_now)
 
       if eval_fn is not None and t.eval_every > 0 and (
           step % t.eval_every == 0) and not is_last:
-        eval_fn(_variables_of(first_replica(rstate)), step)
+        eval_fn(_variables_of(parallel.host(rstate)), step)
 
       if on_step_end is not None:
         on_step_end(step)
@@ -581,7 +704,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
         logging.warning('stopped at step %d after a checkpoint', step)
         break
 
-    final = first_replica(rstate)
+    final = parallel.host(rstate)
     if (eval_fn is not None and step == t.total_steps and
         step > start_step and (config.eval.at_end or t.eval_every > 0)):
       ckpt.wait()
@@ -686,5 +809,6 @@ def build_training(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> TrainState:
   """Trains (and optionally evaluates) MimicDet as `config` says: train.py."""
+  enable_compile_cache(config.train.compile_cache, workdir)
   kwargs = build_training(config, workdir)
   return run_training(kwargs.pop('config'), kwargs.pop('workdir'), **kwargs)

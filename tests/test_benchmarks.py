@@ -290,3 +290,25 @@ def test_profile_step_script(tmp_path):
   assert any('conv' in row['source'] or 'dot' in row['source']
              for row in r['top_ops'])
   assert 'by op kind' in stdout
+
+
+def test_input_pipeline_dataset_and_both_image_paths(tmp_path):
+  """benchmarks/input_pipeline.py at the demo's sizes: a valid COCO set with
+  7 boxes per image, and both image paths through the real loader."""
+  from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.data import coco  # pylint: disable=g-import-not-at-top
+  ann = input_pipeline.write_dataset(str(tmp_path), 4)
+  source = coco.CocoSource(ann, str(tmp_path / 'images'))
+  assert len(source) == 4
+  assert all(len(source.annotations(i)['boxes']) == 7 for i in range(4))
+  assert source[1]['image'].shape == (640, 480, 3)
+  rows = {}
+  for on_device in (False, True):
+    config = input_pipeline._config(os.path.join(REPO, 'configs/demo.py'),
+                                    {'data.device_normalize': on_device})
+    rows[on_device] = input_pipeline.measure(config, source, batch=2,
+                                             batches=1, workers=[0])
+  assert rows[True]['batch_image_dtype'] == 'uint8'
+  assert rows[False]['batch_image_dtype'] == 'float32'
+  assert rows[False]['batch_image_mb'] == 4 * rows[True]['batch_image_mb']
+  assert rows[True]['loader_0_workers_images_per_s'] > 0

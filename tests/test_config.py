@@ -93,3 +93,10 @@ def test_bad_enum_value_names_the_key():
   c.mimic.distance = 'hamming'
   with pytest.raises(ValueError, match='mimic.distance'):
     config_lib.resolve(c, num_classes=3)
+  for key, bad in (('train.parallelism', 'pjit'),
+                   ('t_head.roi_align_impl', 'loop')):
+    c = _parse(['--config=configs/demo.py'])
+    section, name = key.split('.')
+    c[section][name] = bad
+    with pytest.raises(ValueError, match=fr"{key}='{bad}'; expected one of"):
+      config_lib.resolve(c, num_classes=3)

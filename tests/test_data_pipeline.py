@@ -42,13 +42,38 @@ def _config(paths, batch_size=4, **data):
   return c
 
 
+def test_uint8_batches_normalised_in_the_step_equal_host_float32(paths,
+                                                                  source):
+  """data.device_normalize: the same loader batches, uint8 pixels; the step's
+  normalisation gives bit-identical model inputs (and identical labels)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  batches = {}
+  for on_device in (True, False):
+    config = _config(paths, batch_size=4, device_normalize=on_device)
+    loader = pipeline.make_train_loader(config, source, num_local_devices=1,
+                                        process_index=0, process_count=1)
+    batches[on_device] = list(itertools.islice(iter(loader), 3))
+  normalise = jax.jit(lambda i, s: transforms.normalize_on_device(
+      i, s, config.data))
+  for pixels, host in zip(batches[True], batches[False]):
+    assert pixels['image'].dtype == np.uint8
+    assert host['image'].dtype == np.float32
+    assert (pixels['image_size'] < 128).any()  # padding is part of the check
+    for k in host:
+      if k != 'image':
+        np.testing.assert_array_equal(pixels[k], host[k], err_msg=k)
+    got = np.asarray(normalise(pixels['image'], pixels['image_size']))
+    np.testing.assert_array_equal(got, host['image'])
+
+
 def test_batches_have_device_layout_and_static_shapes(paths, source):
   config = _config(paths, batch_size=4)
   loader = pipeline.make_train_loader(config, source, num_local_devices=2,
                                       process_index=0, process_count=1)
   for batch in itertools.islice(iter(loader), 4):
     assert batch['image'].shape == (2, 2, 128, 128, 3)
-    assert batch['image'].dtype == np.float32
+    assert batch['image'].dtype == np.uint8  # data.device_normalize
     assert batch['boxes'].shape == (2, 2, 10, 4)
     for k in ('classes', 'box_mask', 'is_crowd'):
       assert batch[k].shape == (2, 2, 10)

@@ -212,6 +212,29 @@ def test_same_key_same_loss_other_key_other_samples(tiny):
   assert float(l1) != float(l3)
 
 
+def test_uint8_pixels_are_normalised_inside_the_loss():
+  """data.device_normalize: uint8 canvases give the loss of the host-
+  normalised float32 images (NumPy reference, zero padding)."""
+  config, model, params = tiny_setup()
+  batch = make_batch(config, [3, 2], seed=4)
+  rng = np.random.default_rng(4)
+  pixels = rng.integers(0, 256, batch['image'].shape).astype(np.uint8)
+  size = np.asarray(batch['image_size'])
+  mean = np.asarray(config.data.pixel_mean, np.float32)
+  inv_std = np.float32(1) / np.asarray(config.data.pixel_std, np.float32)
+  host = (pixels.astype(np.float32) - mean) * inv_std
+  for i, (h, w) in enumerate(size):
+    host[i, h:] = 0
+    host[i, :, w:] = 0
+    pixels[i, h:] = 0  # the loader zero-pads the uint8 canvas too
+    pixels[i, :, w:] = 0
+  loss_fn = jax.jit(total.make_loss_fn(model, config))
+  key = jax.random.PRNGKey(0)
+  want, _ = loss_fn(params, {}, dict(batch, image=jnp.asarray(host)), key)
+  got, _ = loss_fn(params, {}, dict(batch, image=jnp.asarray(pixels)), key)
+  assert float(got) == float(want)
+
+
 def test_gradients_reach_every_part_and_stopped_teacher(tiny):
   config, params, step = tiny
   _, _, grads, mimic_grads = step(params, make_batch(config, [6, 3], seed=4),

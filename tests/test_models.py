@@ -173,6 +173,25 @@ def test_t_head_shapes_and_reads_only_the_fpn_level():
   assert not np.allclose(apply(params, other, boxes)[0], cls, atol=1e-3)
 
 
+def test_t_head_einsum_roi_align_gives_the_gather_outputs():
+  """t_head.roi_align_impl: same parameters, same outputs either way."""
+  levels = (2, 3, 4, 5, 6)
+  kw = dict(levels=levels, num_logits=6, fc_dim=32, num_convs=2, conv_dim=8,
+            canonical_size=32.0, canonical_level=4)
+  feats = _pyramid(levels)
+  boxes = jnp.array([[[10., 20., 42., 52.], [40., 8., 72., 40.],
+                      [0., 0., 128., 128.], [3., 5., 9., 12.]]] * 2)
+  params = _np_variables(heads.THead(**kw).init, feats, boxes)
+  apply = {impl: jax.jit(heads.THead(roi_align_impl=impl, **kw).apply)
+           for impl in ('gather', 'einsum')}
+  gather = apply['gather'](params, feats, boxes)
+  einsum = apply['einsum'](params, feats, boxes)
+  hlo = lambda impl: apply[impl].lower(params, feats, boxes).as_text()
+  assert 'gather' in hlo('gather') and 'gather' not in hlo('einsum')
+  for a, b in zip(einsum, gather):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- S-head
 
 

@@ -1,9 +1,10 @@
 """Two local processes through jax.distributed (CPU, gloo collectives).
 
 Each process runs tests/train_helper.py with its own --process_id and one CPU
-device; the pmapped step spans both processes' devices. After training the
-two processes must hold identical parameters and have consumed disjoint
-shards of the data.
+device; the step (pmap, or jit(shard_map) over global arrays) spans both
+processes' devices. After training the two processes must hold identical
+parameters and have consumed disjoint shards of the data, and the two
+wrappers must agree.
 """
 import json
 import os
@@ -66,11 +67,34 @@ def _check(workdir, steps, examples_per_step):
   return finals
 
 
-def test_two_processes_toy_model_agree_on_disjoint_shards(tmp_path):
-  outs = _two_processes(tmp_path, '--total_steps', 3)
+@pytest.fixture(scope='module')
+def toy_pmap_run(tmp_path_factory):
+  """The toy model, 3 steps, pmap over 2 processes: (workdir, stdout)."""
+  workdir = tmp_path_factory.mktemp('toy_pmap')
+  return workdir, _two_processes(workdir, '--total_steps', 3)
+
+
+def test_two_processes_toy_model_agree_on_disjoint_shards(toy_pmap_run):
+  workdir, outs = toy_pmap_run
   assert all('DONE 3' in o for o in outs)
   # Global batch 8 = 2 processes x 1 device x 4 images.
-  _check(tmp_path, steps=3, examples_per_step=4)
+  _check(workdir, steps=3, examples_per_step=4)
+
+
+def test_two_processes_shard_map_equals_pmap(toy_pmap_run, tmp_path):
+  """jit(shard_map) with global arrays across 2 processes: pmap's numbers."""
+  outs = _two_processes(tmp_path, '--total_steps', 3,
+                        '--parallelism', 'shard_map')
+  assert all('DONE 3' in o for o in outs)
+  finals = _check(tmp_path, steps=3, examples_per_step=4)
+  reference = dict(np.load(os.path.join(toy_pmap_run[0], 'final_0.npz')))
+  for k, want in reference.items():
+    got = finals[0][k]
+    gap = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
+    assert gap <= 1e-6, (k, gap)
+  rows = lambda d: [json.loads(l) for l in open(os.path.join(d, 'metrics.jsonl'))]
+  for got, want in zip(rows(tmp_path), rows(toy_pmap_run[0])):
+    np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-6)
 
 
 @pytest.mark.slow

@@ -166,3 +166,98 @@ def test_multilevel_roi_align_picks_each_box_level():
   # The list form with explicit levels gives the same result.
   as_list = fn([maps[l] for l in levels], boxes)
   np.testing.assert_array_equal(as_list, got)
+
+
+# ------------------------------------------- einsum (gather-free) RoIAlign
+def test_einsum_roi_align_matches_torchvision_values_and_gradients():
+  """One level (P2, stride 4 = roi_scale 0.25) through the einsum form."""
+  refs = np.load(_REFS)
+  assert float(refs['roi_scale']) == 0.25
+  feat = jnp.asarray(refs['roi_feat'], jnp.float32)
+  boxes = jnp.asarray(refs['roi_boxes'], jnp.float32)
+  on_p2 = jnp.full(boxes.shape[:2], 2, jnp.int32)
+  for sr in (1, 2):
+
+    @jax.jit
+    def value_and_vjp(f, cot, sr=sr):
+      out, vjp = jax.vjp(lambda f: ops.multilevel_roi_align_einsum(
+          {2: f}, boxes, (2,), (7, 7), sr, True, box_levels=on_p2), f)
+      return out, vjp(cot)[0]
+
+    out, grad = value_and_vjp(feat, jnp.asarray(refs[f'roi_cot_sr{sr}'],
+                                                jnp.float32))
+    np.testing.assert_allclose(out, refs[f'roi_out_sr{sr}'], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(grad, refs[f'roi_gradfeat_sr{sr}'], atol=1e-4,
+                               rtol=0)
+
+
+def _pyramid_and_boxes(seed=2, n=5):
+  rng = np.random.default_rng(seed)
+  levels = (2, 3, 4)
+  canvas = (64, 96)
+  maps = {l: rng.normal(size=(2, canvas[0] >> l, canvas[1] >> l, 3)).astype(
+      np.float32) for l in levels}
+  boxes = np.concatenate([
+      rng.uniform(-20, 100, size=(2, n, 2)),
+      np.zeros((2, n, 2))], axis=-1).astype(np.float32)
+  boxes[..., 2:] = boxes[..., :2] + np.abs(rng.normal(0, 30, size=(2, n, 2)))
+  return levels, maps, boxes
+
+
+@pytest.mark.parametrize('sr,aligned,with_levels', [(2, True, False),
+                                                    (3, False, False),
+                                                    (2, True, True)])
+def test_einsum_multilevel_matches_loop_and_gather(sr, aligned, with_levels):
+  levels, maps, boxes = _pyramid_and_boxes(n=12)
+  rng = np.random.default_rng(5)
+  box_levels = (jnp.asarray(rng.integers(1, 6, size=boxes.shape[:2]),
+                            jnp.int32) if with_levels else None)
+  kw = dict(canonical_size=16.0, canonical_level=3, box_levels=box_levels)
+  einsum = jax.jit(lambda m: ops.multilevel_roi_align_einsum(
+      m, boxes, levels, (2, 3), sr, aligned, **kw))
+  gather = jax.jit(lambda m: ops.multilevel_roi_align(
+      m, boxes, levels, (2, 3), sr, aligned, **kw))
+  got = np.asarray(einsum(maps))
+  if box_levels is None:
+    want_levels = np.asarray(ops.fpn_levels(boxes, 2, 4, 16.0, 3))
+  else:  # out-of-range levels clamp to the ends, as in the gather form
+    want_levels = np.clip(np.asarray(box_levels), 2, 4)
+  for b in range(2):
+    for n in range(boxes.shape[1]):
+      level = int(want_levels[b, n])
+      ref = _roi_align_ref(maps[level][b].astype(np.float64), boxes[b, n],
+                           (2, 3), 2.0 ** -level, sr, aligned)
+      np.testing.assert_allclose(got[b, n], ref, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got, gather(maps), atol=1e-5, rtol=0)
+  # Gradients with respect to every level, against the gather form's.
+  cot = jnp.asarray(rng.normal(size=got.shape), jnp.float32)
+  vjp = lambda fn: jax.vjp(fn, maps)[1](cot)[0]
+  g_einsum, g_gather = vjp(einsum), vjp(gather)
+  for l in levels:
+    assert np.any(np.asarray(g_gather[l]) != 0)
+    np.testing.assert_allclose(g_einsum[l], g_gather[l], atol=1e-4, rtol=0)
+
+
+def test_einsum_roi_align_gradient_finite_differences():
+  levels, maps, boxes = _pyramid_and_boxes(seed=3, n=4)
+  with jax.enable_x64(True):
+    maps = {l: jnp.asarray(m, jnp.float64) for l, m in maps.items()}
+    fn = jax.jit(lambda m: ops.multilevel_roi_align_einsum(
+        m, jnp.asarray(boxes, jnp.float64), levels, (2, 2), 2, True,
+        canonical_size=16.0, canonical_level=3))
+    check_grads(fn, (maps,), order=1, modes=('rev',), atol=1e-6, rtol=1e-6)
+
+
+def test_einsum_roi_align_backward_has_no_scatter_or_gather():
+  levels, maps, boxes = _pyramid_and_boxes(n=8)
+
+  def grad_hlo(align):
+    loss = lambda m: jnp.sum(align(m, boxes, levels, (7, 7), 2) ** 2)
+    return jax.jit(jax.grad(loss)).lower(maps).as_text()
+
+  gather_text = grad_hlo(ops.multilevel_roi_align)
+  assert 'scatter' in gather_text  # the check can see one
+  einsum_text = grad_hlo(ops.multilevel_roi_align_einsum)
+  assert 'scatter' not in einsum_text
+  assert 'gather' not in einsum_text
+  assert 'dot_general' in einsum_text

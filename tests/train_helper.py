@@ -5,7 +5,8 @@ a script (a separate process) by the SIGKILL/SIGTERM and two-process tests:
 
   python tests/train_helper.py --workdir DIR --total_steps 6 \
       [--kill_at 4 --kill_signal KILL] [--coordinator localhost:PORT
-      --num_processes 2 --process_id 0] [--demo SYNTHETIC_DATA_DIR]
+      --num_processes 2 --process_id 0] [--parallelism shard_map]
+      [--demo SYNTHETIC_DATA_DIR]
 
 The toy model has the pieces the loop must handle: a 'backbone' subtree with
 a frozen part, a 'frozen' variable collection, dropout driven by the loss's
@@ -207,6 +208,8 @@ def main():
   parser.add_argument('--coordinator', default='')
   parser.add_argument('--num_processes', type=int, default=1)
   parser.add_argument('--process_id', type=int, default=0)
+  parser.add_argument('--parallelism', default='pmap',
+                      help='train.parallelism: pmap | shard_map')
   parser.add_argument('--demo', default='',
                       help='synthetic data dir: train MimicDet (demo_config)')
   args = parser.parse_args()
@@ -221,10 +224,12 @@ def main():
 
   if args.demo:
     final, seen = run_demo(args.workdir, demo_config(
-        args.demo, total_steps=args.total_steps), on_step_end=on_step_end)
+        args.demo, total_steps=args.total_steps,
+        parallelism=args.parallelism), on_step_end=on_step_end)
   else:
     final, seen = run_toy(args.workdir,
-                          toy_config(total_steps=args.total_steps),
+                          toy_config(total_steps=args.total_steps,
+                                     parallelism=args.parallelism),
                           on_step_end=on_step_end)
   index = jax.process_index()
   np.savez(os.path.join(args.workdir, f'final_{index}.npz'),

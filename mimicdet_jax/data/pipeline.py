@@ -68,13 +68,18 @@ def per_device_batch_size(global_batch: int, process_count: int,
 
 
 class TrainTransform(grain.RandomMapTransform):
-  """Raw example -> model example with random scale and flip."""
+  """Raw example -> model example with random scale and flip.
+
+  With `data.device_normalize` the image stays uint8 (the step normalises).
+  """
 
   def __init__(self, data):
     self._data = data
 
   def random_map(self, element, rng: np.random.Generator):
-    return transforms.transform_example(element, self._data, train=True, rng=rng)
+    return transforms.transform_example(
+        element, self._data, train=True, rng=rng,
+        normalize=not self._data.device_normalize)
 
 
 class EvalTransform(grain.MapTransform):

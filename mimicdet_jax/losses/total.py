@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mimicdet_jax.data import transforms
 from mimicdet_jax.losses import detection
 from mimicdet_jax.losses import mimic as mimic_lib
 from mimicdet_jax.models import anchors as anchors_lib
@@ -94,7 +95,9 @@ def make_loss_fn(model: nn.Module,
   Returns:
     total_loss with
       params, frozen: the model's variable collections.
-      batch: dict with image [B, H, W, 3], image_size [B, 2] (h, w), boxes
+      batch: dict with image [B, H, W, 3] (float32 normalised, or uint8
+        pixels that it normalises: data.device_normalize), image_size
+        [B, 2] (h, w), boxes
         [B, G, 4], classes [B, G] (1..K), box_mask [B, G], is_crowd [B, G]
         (other keys are ignored).
       rng: PRNG key for the samplers.
@@ -145,6 +148,9 @@ def make_loss_fn(model: nn.Module,
   def total_loss(params, frozen, batch, rng):
     variables = {'params': params, 'frozen': frozen}
     images = batch['image']
+    if images.dtype == jnp.uint8:  # data.device_normalize: pixels, not inputs
+      images = transforms.normalize_on_device(images, batch['image_size'],
+                                              c.data)
     batch_size = images.shape[0]
     canvas = images.shape[1:3]
     anchors = anchors_lib.dense_anchors(canvas, levels, c.model.anchor_scale)

@@ -18,6 +18,7 @@ from mimicdet_jax.models.layers import Conv1x1
 from mimicdet_jax.ops.boxes import decode_deltas
 from mimicdet_jax.ops.deform_conv import deform_conv2d
 from mimicdet_jax.ops.roi_align import multilevel_roi_align
+from mimicdet_jax.ops.roi_align import multilevel_roi_align_einsum
 
 # Dense prediction convs (RPN, RetinaNet): N(0, 0.01^2) weights, zero bias.
 DENSE_INIT_STD = 0.01
@@ -95,6 +96,7 @@ class THead(nn.Module):
   num_convs: int = 4
   conv_dim: int = 256
   dtype: Any = jnp.float32
+  roi_align_impl: str = 'gather'  # gather | einsum (t_head.roi_align_impl)
 
   @nn.compact
   def __call__(self, features: Mapping[int, jax.Array], boxes: jax.Array,
@@ -112,7 +114,10 @@ class THead(nn.Module):
     batch, num_boxes = boxes.shape[:2]
     levels = tuple(self.levels)
     boxes = boxes.astype(jnp.float32)
-    rois = multilevel_roi_align(
+    align = multilevel_roi_align
+    if self.roi_align_impl == 'einsum':
+      align = multilevel_roi_align_einsum
+    rois = align(
         features, boxes, levels, output_size=(self.roi_size, self.roi_size),
         sampling_ratio=self.sampling_ratio, aligned=True,
         canonical_size=self.canonical_size,

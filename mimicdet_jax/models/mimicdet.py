@@ -117,7 +117,8 @@ class MimicDet(nn.Module):
         fc_dim=c.t_head.fc_dim,
         num_convs=c.t_head.num_convs,
         conv_dim=c.t_head.conv_dim,
-        dtype=dtype)
+        dtype=dtype,
+        roi_align_impl=c.t_head.roi_align_impl)
 
   def __call__(self, images: jax.Array, train: bool = False) -> dict:
     """Backbone, pyramid, refinement module and S-head on a batch of images.

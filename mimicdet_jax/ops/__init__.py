@@ -11,10 +11,11 @@ from mimicdet_jax.ops.nms import batched_nms
 from mimicdet_jax.ops.nms import nms
 from mimicdet_jax.ops.roi_align import fpn_levels
 from mimicdet_jax.ops.roi_align import multilevel_roi_align
+from mimicdet_jax.ops.roi_align import multilevel_roi_align_einsum
 from mimicdet_jax.ops.roi_align import roi_align
 
 __all__ = [
     'batched_nms', 'box_area', 'box_iou', 'clip_boxes', 'decode_deltas',
     'deform_conv2d', 'encode_deltas', 'fpn_levels', 'multilevel_roi_align',
-    'nms', 'roi_align', 'xywh_to_xyxy', 'xyxy_to_xywh',
+    'multilevel_roi_align_einsum', 'nms', 'roi_align', 'xywh_to_xyxy', 'xyxy_to_xywh',
 ]

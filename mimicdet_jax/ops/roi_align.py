@@ -15,7 +15,16 @@ box needs 2*oh*sr row indices and 2*ow*sr column indices; one gather of the
 the weights and a sum over the sub-grid give the bins. No dense
 [H, W]-sized weight matrices, no Python loop over boxes. Gradients flow to
 the features (a scatter-add); boxes get none, as in torchvision.
+
+`multilevel_roi_align_einsum` computes the same values without a gather:
+per level, the bilinear weights of a box become two dense one-hot weight
+matrices, rows [oh, H_l] and columns [ow, W_l], and the bins are two
+contractions with the map (matmuls). Its gradient is the transposed
+matmuls, with no scatter; the price is FLOPs proportional to every box times
+every level's area (see its docstring and docs/BENCHMARKS.md for where
+each form wins).
 """
+import functools
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import jax
@@ -150,6 +159,24 @@ def fpn_levels(boxes: Array, min_level: int, max_level: int,
   return jnp.clip(level, min_level, max_level).astype(jnp.int32)
 
 
+def _level_inputs(features, boxes, levels, canonical_size, canonical_level,
+                  box_levels):
+  """(maps in level order, level index [B, N] into `levels`)."""
+  levels = tuple(int(l) for l in levels)
+  if levels != tuple(range(levels[0], levels[0] + len(levels))):
+    raise ValueError(f'levels must be consecutive and increasing: {levels}')
+  if isinstance(features, Mapping):
+    maps = [features[l] for l in levels]
+  else:
+    maps = list(features)
+  if len(maps) != len(levels):
+    raise ValueError(f'{len(maps)} feature maps for levels {levels}')
+  if box_levels is None:
+    box_levels = fpn_levels(boxes, levels[0], levels[-1], canonical_size,
+                            canonical_level)
+  return maps, jnp.clip(box_levels - levels[0], 0, len(levels) - 1)
+
+
 def multilevel_roi_align(
     features: Union[Mapping[int, Array], Sequence[Array]],
     boxes: Array,
@@ -178,26 +205,113 @@ def multilevel_roi_align(
   Returns:
     [B, N, oh, ow, C].
   """
+  maps, idx = _level_inputs(features, boxes, levels, canonical_size,
+                            canonical_level, box_levels)
   levels = tuple(int(l) for l in levels)
-  if levels != tuple(range(levels[0], levels[0] + len(levels))):
-    raise ValueError(f'levels must be consecutive and increasing: {levels}')
-  if isinstance(features, Mapping):
-    maps = [features[l] for l in levels]
-  else:
-    maps = list(features)
-  if len(maps) != len(levels):
-    raise ValueError(f'{len(maps)} feature maps for levels {levels}')
   b, c = maps[0].shape[0], maps[0].shape[-1]
   heights = np.array([m.shape[1] for m in maps], np.int32)
   widths = np.array([m.shape[2] for m in maps], np.int32)
   bases = np.concatenate([[0], np.cumsum(heights * widths)[:-1]]).astype(
       np.int32)
   flat = jnp.concatenate([m.reshape(b, -1, c) for m in maps], axis=1)
-  if box_levels is None:
-    box_levels = fpn_levels(boxes, levels[0], levels[-1], canonical_size,
-                            canonical_level)
-  idx = jnp.clip(box_levels - levels[0], 0, len(levels) - 1)
   scale = jnp.exp2(-(idx + levels[0]).astype(jnp.float32))
   return _roi_align_flat(flat, boxes, scale, jnp.asarray(heights)[idx],
                          jnp.asarray(widths)[idx], jnp.asarray(bases)[idx],
                          tuple(output_size), sampling_ratio, aligned)
+
+
+def _one_hot_weights(start: Array, extent: Array, size: int, num_bins: int,
+                     sampling_ratio: int, on_level: Array) -> Array:
+  """Dense bilinear weights along one axis: [..., num_bins, size].
+
+  Row r of bin i holds the summed weight of pixel r over the bin's samples
+  (already / sr and zero outside), exactly what `_axis_samples` gives as
+  (index, weight) pairs; boxes not `on_level` get all-zero rows.
+  """
+  indices, weights = _axis_samples(start, extent,
+                                   jnp.full(start.shape, size, jnp.float32),
+                                   num_bins, sampling_ratio)
+  weights = weights * on_level[..., None, None].astype(weights.dtype)
+  hot = indices[..., None] == jnp.arange(size, dtype=jnp.int32)
+  return jnp.sum(jnp.where(hot, weights[..., None], 0.0), axis=-2)
+
+
+def multilevel_roi_align_einsum(
+    features: Union[Mapping[int, Array], Sequence[Array]],
+    boxes: Array,
+    levels: Sequence[int],
+    output_size: Tuple[int, int] = (7, 7),
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+    canonical_size: float = 224.0,
+    canonical_level: int = 4,
+    box_levels: Optional[Array] = None) -> Array:
+  """`multilevel_roi_align` as matmuls with one-hot bilinear weights.
+
+  Same arguments, same values (torchvision's RoIAlign), same gradient with
+  respect to the features, but neither a gather in the forward pass nor a
+  scatter in the backward pass. For each level l (a static loop): every
+  box gets a row-weight matrix Wy [oh, H_l] and a column-weight matrix
+  Wx [ow, W_l] (zero for boxes on other levels), and
+  out[n, i, j] += sum_{h, w} Wy[n, i, h] Wx[n, j, w] F_l[h, w]
+  as two contractions, the larger spatial axis first contracted against the
+  smaller weight matrix so the intermediate is [N, oh, W_l, C] or
+  [N, ow, H_l, C], whichever is smaller. This is the form of the TPU Mask
+  R-CNN / scenic RoIAlign: dense matmuls suit the MXU, and the gradient is
+  the transposed matmuls.
+
+  Cost: about N C oh sum_l H_l W_l multiply-adds (every box against every
+  pixel of every level, for oh = ow), against the gather's 4 sr^2 N C oh ow
+  plus the gathered bytes: it pays where N is small (the T-head's 128
+  sampled RoIs per image), the maps are small, or gathers are slow (TPU),
+  not for thousands of boxes on a large P2 on a CPU. Accumulates in float32 (the intermediate too), returns the
+  features' dtype.
+
+  Args:
+    features: dict level -> [B, H_l, W_l, C], or a sequence of maps in the
+      order of `levels`.
+    boxes: [B, N, 4] x1y1x2y2 image pixels (no gradient flows to them).
+    levels: consecutive levels, e.g. (2, 3, 4, 5, 6).
+    output_size, sampling_ratio, aligned: as `roi_align`.
+    canonical_size, canonical_level: the FPN level rule (see `fpn_levels`).
+    box_levels: optional int [B, N] levels to use instead of the rule.
+  Returns:
+    [B, N, oh, ow, C].
+  """
+  maps, idx = _level_inputs(features, boxes, levels, canonical_size,
+                            canonical_level, box_levels)
+  levels = tuple(int(l) for l in levels)
+  oh, ow = output_size
+  if sampling_ratio <= 0:
+    raise ValueError('sampling_ratio must be > 0 (static shapes); got '
+                     f'{sampling_ratio}.')
+  boxes = jax.lax.stop_gradient(boxes.astype(jnp.float32))
+  dtype = maps[0].dtype
+  acc = jnp.promote_types(dtype, jnp.float32)
+  offset = 0.5 if aligned else 0.0
+  out = None
+  for i, (level, fmap) in enumerate(zip(levels, maps)):
+    h, w = fmap.shape[1:3]
+    scale = 2.0 ** -level
+    x1 = boxes[..., 0] * scale - offset
+    y1 = boxes[..., 1] * scale - offset
+    roi_w = boxes[..., 2] * scale - offset - x1
+    roi_h = boxes[..., 3] * scale - offset - y1
+    if not aligned:
+      roi_w = jnp.maximum(roi_w, 1.0)
+      roi_h = jnp.maximum(roi_h, 1.0)
+    on_level = idx == i
+    wy = _one_hot_weights(y1, roi_h, h, oh, sampling_ratio,
+                          on_level).astype(dtype)  # [B, N, oh, H]
+    wx = _one_hot_weights(x1, roi_w, w, ow, sampling_ratio,
+                          on_level).astype(dtype)  # [B, N, ow, W]
+    contract = functools.partial(jnp.einsum, precision='highest',
+                                 preferred_element_type=acc)
+    if oh * w <= ow * h:
+      rows = contract('bnih,bhwc->bniwc', wy, fmap)
+      part = contract('bniwc,bnjw->bnijc', rows, wx.astype(acc))
+    else:
+      cols = contract('bnjw,bhwc->bnjhc', wx, fmap)
+      part = contract('bnjhc,bnih->bnijc', cols, wy.astype(acc))
+    out = part if out is None else out + part
+  return out.astype(dtype)
