@@ -8,7 +8,7 @@ DEMO_DIR ?= workdirs/demo
 DEMO_DATA ?= data/synthetic
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: venv test test-slow demo demo-data bench bench-peer clean
+.PHONY: venv test test-slow test-extras demo demo-data bench bench-peer clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The tests of the optional extras: .pth import (torch, torchvision) and the
+# TFDS source (tensorflow, tensorflow-datasets). Installs them into the venv
+# (several GB: torch 2.14.1 is a CUDA build on x86_64), then runs the tests
+# marked torch or tfds; a skip counts as a failure here.
+test-extras: $(STAMP)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 -r requirements-tfds.txt
+	MIMICDET_REQUIRE_EXTRAS=1 $(PY) -m pytest -q -m "torch or tfds"
 
 demo-data: $(STAMP)
 	test -f $(DEMO_DATA)/annotations/val.json || \

@@ -3,7 +3,7 @@ r"""Evaluates a MimicDet checkpoint with pycocotools, or scores a result file.
   # detect on the validation split and score (DIR/eval/detections.json,
   # DIR/eval/metrics.json, DIR/eval/viz/*.png with --viz N)
   python eval.py --config configs/mimicdet_r50_fpn_1x.py --workdir DIR \
-      [--checkpoint latest|STEP|PATH] [--viz N] [--config.eval.head=t]
+      [--checkpoint latest|STEP|PATH] [--viz N] [--head s|t|both]
   # only score an existing COCO results file
   python eval.py --detections dets.json --annotations instances_val2017.json \
       [--metrics-out metrics.json]
@@ -11,15 +11,13 @@ r"""Evaluates a MimicDet checkpoint with pycocotools, or scores a result file.
 Without --config, the config the training run wrote (DIR/config.json) is
 used. The metrics.json schema is in docs/EVAL.md.
 """
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
-from mimicdet_jax import config_lib
+from mimicdet_jax import errors
 from mimicdet_jax import eval_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,6 +27,10 @@ _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', 'latest', "'latest', a step number or a checkpoint path.")
 _VIZ = flags.DEFINE_integer(
     'viz', None, 'Draw the first N validation images (default eval.viz).')
+_HEAD = flags.DEFINE_enum(
+    'head', None, ['s', 't', 'both'],
+    'Which head detects (default eval.head of the config): the S-head, the '
+    'T-head on the same refined boxes, or the mean of both.')
 _DETECTIONS = flags.DEFINE_string(
     'detections', None, 'Scoring only: a COCO results JSON file.')
 _ANNOTATIONS = flags.DEFINE_string(
@@ -52,7 +54,8 @@ def main(argv):
     raise app.UsageError('--workdir is required (or --detections/--annotations)')
   from mimicdet_jax import train_lib  # pylint: disable=g-import-not-at-top
   train_lib.initialize_distributed()  # no-op for one process
-  config = eval_lib.load_config(_WORKDIR.value, _CONFIG.value)
+  config = eval_lib.load_config(_WORKDIR.value, _CONFIG.value,
+                               head=_HEAD.value)
   variables, step = eval_lib.restore_variables(_WORKDIR.value,
                                                _CHECKPOINT.value)
   logging.info('evaluating step %s on %d devices (%d processes)', step,
@@ -61,5 +64,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_lib.check_override_keys(sys.argv)
-  app.run(main)
+  errors.run_absl(main)  # missing files, unknown ids or keys: one line, exit 1

@@ -10,14 +10,11 @@ r"""Trains MimicDet; restarting the same command resumes from the last checkpoin
 Writes DIR/config.json (the resolved config), DIR/checkpoints/<step>/,
 DIR/metrics.jsonl and DIR/tensorboard/. See docs/TRAINING.md.
 """
-import sys
-
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from mimicdet_jax import config_lib
+from mimicdet_jax import errors
 from mimicdet_jax import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,13 +39,8 @@ def main(argv):
   train_lib.quiet_library_logs()
   train_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                    _PROCESS_ID.value)
-  try:
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train_lib.NonFiniteLossError as e:
-    logging.error('%s', e)
-    sys.exit(1)
+  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  config_lib.check_override_keys(sys.argv)
-  app.run(main)
+  errors.run_absl(main)  # bad input, unknown keys, NaN losses: one line, exit 1

@@ -1,5 +1,9 @@
 """Resolving a recipe config into the frozen config every module reads."""
+import os
+
 import ml_collections
+
+from mimicdet_jax.errors import ConfigError
 
 
 def resolve(config: ml_collections.ConfigDict,
@@ -22,10 +26,10 @@ def resolve(config: ml_collections.ConfigDict,
   if c.s_head.num_logits == -1:
     c.s_head.num_logits = c.model.num_classes + 1
   if c.model.num_classes < 1:
-    raise ValueError(f'model.num_classes must be >= 1, got {c.model.num_classes}')
+    raise ConfigError(f'model.num_classes must be >= 1, got {c.model.num_classes}')
   if c.mimic.enabled and 'cls' in _paths(c.mimic.paths) and (
       c.s_head.num_logits != c.model.num_classes + 1):
-    raise ValueError(
+    raise ConfigError(
         f's_head.num_logits={c.s_head.num_logits} differs from the T-head '
         f'({c.model.num_classes + 1} logits): the cls mimic needs equal widths')
   for key, allowed in (('mimic.paths', ('cls', 'reg', 'both')),
@@ -45,10 +49,10 @@ def resolve(config: ml_collections.ConfigDict,
     section, name = key.split('.')
     value = c[section][name]
     if value not in allowed:
-      raise ValueError(f'{key}={value!r}; expected one of {allowed}')
+      raise ConfigError(f'{key}={value!r}; expected one of {allowed}')
   for h, w in c.data.canvas_buckets:
     if h % c.data.size_divisor or w % c.data.size_divisor:
-      raise ValueError(f'data.canvas_buckets entry {(h, w)} is not divisible by '
+      raise ConfigError(f'data.canvas_buckets entry {(h, w)} is not divisible by '
                        f'data.size_divisor={c.data.size_divisor}')
   return ml_collections.FrozenConfigDict(c)
 
@@ -62,7 +66,10 @@ def check_override_keys(argv: list[str], flag_name: str = 'config') -> None:
 
   ml_collections' own error is a bare KeyError with only the last component;
   this names the whole dotted key and the config file. Call it with sys.argv
-  before absl parses the flags.
+  before absl parses the flags (`errors.run_absl` does).
+
+  Raises:
+    ConfigError: an unknown key, or a --config file that does not load.
   """
   import importlib.util  # pylint: disable=g-import-not-at-top
   prefix = f'--{flag_name}.'
@@ -78,6 +85,8 @@ def check_override_keys(argv: list[str], flag_name: str = 'config') -> None:
   if path is None:
     return
   path = path.split(':', 1)[0]  # config_flags allows "file.py:arg"
+  if not os.path.isfile(path):
+    raise ConfigError(f'--{flag_name} {path}: config file not found')
   spec = importlib.util.spec_from_file_location('_mimicdet_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -87,6 +96,6 @@ def check_override_keys(argv: list[str], flag_name: str = 'config') -> None:
     node = config
     for part in key.split('.'):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        raise SystemExit(f'Unknown config key {key!r} (from {override!r}) in '
+        raise ConfigError(f'Unknown config key {key!r} (from {override!r}) in '
                          f'{path}; the keys are listed in configs/common.py')
       node = node[part]

@@ -18,7 +18,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from mimicdet_jax import config_lib
+from mimicdet_jax import errors
 from mimicdet_jax import eval_lib
 from mimicdet_jax import train_lib
 
@@ -42,7 +42,7 @@ def _data_paths(config, data_dir: str) -> None:
   config.data.val_images = os.path.join(data_dir, 'val')
   for path in (config.data.train_annotations, config.data.val_annotations):
     if not os.path.exists(path):
-      raise SystemExit(f'{path} not found: generate the data set with '
+      raise errors.MissingFileError(f'{path} not found: generate the data set with '
                        f'`python -m mimicdet_jax.data.synthetic {data_dir}` '
                        '(make demo does)')
 
@@ -124,5 +124,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_lib.check_override_keys(__import__('sys').argv)
-  app.run(main)
+  errors.run_absl(main)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimicdet_jax import errors
 from mimicdet_jax import ops
 from mimicdet_jax.models import anchors as anchors_lib
 from mimicdet_jax.models import mimicdet
@@ -403,16 +404,91 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def read_detections(path: str) -> list[dict[str, Any]]:
+  """A COCO results file: a JSON list of {image_id, category_id, bbox, score}.
+
+  Raises:
+    UserError: naming the file (and the entry) when it is missing, not JSON,
+      or not such a list.
+  """
+  from mimicdet_jax.data import validation  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise errors.MissingFileError(f'{path}: detections file not found')
+  try:
+    with open(path) as f:
+      detections = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise validation.BadInputError(
+        f'{path}: cannot read the detections file as JSON: {e}') from e
+  if not isinstance(detections, list):
+    raise validation.BadInputError(
+        f'{path}: expected a JSON list of COCO results, got a '
+        f'{type(detections).__name__}')
+  for i, d in enumerate(detections):
+    bbox = d.get('bbox') if isinstance(d, dict) else None
+    if (not isinstance(d, dict) or not isinstance(d.get('image_id'), int) or
+        not isinstance(d.get('category_id'), int) or
+        not isinstance(d.get('score'), (int, float)) or
+        not isinstance(bbox, list) or len(bbox) != 4 or
+        not all(isinstance(v, (int, float)) for v in bbox)):
+      raise validation.BadInputError(
+          f'{path}: entry {i} is not a COCO bbox result {{"image_id": int, '
+          f'"category_id": int, "bbox": [x, y, w, h], "score": float}}: '
+          f'{str(d)[:200]}')
+  return detections
+
+
+def load_annotations(path: str):
+  """pycocotools COCO of an annotation file, with errors that name it."""
+  from mimicdet_jax.data import validation  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise errors.MissingFileError(f'{path}: annotation file not found')
+  try:
+    return _load_coco(path)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise validation.BadInputError(
+        f'{path}: cannot read the annotation file as JSON: {e}') from e
+  except (KeyError, TypeError, AttributeError) as e:
+    raise validation.BadInputError(
+        f'{path}: not a COCO-format annotation file ({type(e).__name__}: '
+        f'{e})') from e
+
+
+def check_result_ids(detections: Sequence[Mapping[str, Any]], coco_gt,
+                     detections_name: str, annotations_name: str) -> None:
+  """Raises, naming ids and both files, for image or category ids that the
+  annotations do not have."""
+  from mimicdet_jax.data import validation  # pylint: disable=g-import-not-at-top
+  for key, known, what in (
+      ('image_id', set(coco_gt.getImgIds()), 'image'),
+      ('category_id', set(coco_gt.getCatIds()), 'category')):
+    unknown = sorted({int(d[key]) for d in detections} - known)
+    if unknown:
+      shown = ', '.join(map(str, unknown[:5]))
+      more = f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''
+      raise validation.BadInputError(
+          f'{detections_name}: {what} ids {shown}{more} are not in '
+          f'{annotations_name} (results must refer to the images and '
+          'categories of the annotation file they are scored against)')
+
+
 def score_file(detections_path: str, annotations_path: str,
                metrics_path: Optional[str] = None,
                verbose: bool = True) -> dict[str, Any]:
   """Scores an existing COCO results file; writes metrics.json.
 
   metrics_path defaults to metrics.json beside the detections file.
+
+  Raises:
+    UserError: naming the file, when either file is missing or unreadable,
+      or the detections are not a COCO results list of image and category
+      ids of the annotation file (pycocotools would only say "Results do not
+      correspond to current coco set").
   """
-  with open(detections_path) as f:
-    detections = json.load(f)
-  metrics = coco_evaluate(annotations_path, detections, verbose=verbose)
+  detections = read_detections(detections_path)
+  coco_gt = load_annotations(annotations_path)
+  check_result_ids(detections, coco_gt, detections_path, annotations_path)
+  metrics = coco_evaluate(coco_gt, detections, verbose=verbose)
   metrics['annotations'] = os.path.abspath(annotations_path)
   metrics['detections'] = os.path.abspath(detections_path)
   if metrics_path is None:
@@ -496,21 +572,31 @@ def gather_across_hosts(dets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
   Hosts hold different image counts, so each pads to the largest count before
   `process_allgather`; a `present` mask drops the padding afterwards.
+  64-bit integers (image ids) travel as pairs of int32, since JAX without
+  x64 would truncate them to int32.
   """
   if jax.process_count() == 1:
     return dets
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   n = len(dets['image_id'])
-  counts = multihost_utils.process_allgather(np.asarray([n], np.int64))
+  counts = multihost_utils.process_allgather(np.asarray([n], np.int32))
   n_max = int(np.max(counts))
   padded = {k: np.concatenate([v, np.zeros((n_max - n,) + v.shape[1:],
                                            v.dtype)])
             for k, v in dets.items()}
+  wide = {k: v.dtype for k, v in padded.items() if v.dtype.itemsize == 8}
+  for k in wide:  # [n_max, ...] 8-byte -> [n_max, ..., 2] int32, same bytes
+    padded[k] = np.ascontiguousarray(padded[k]).view(np.int32).reshape(
+        padded[k].shape + (2,))
   padded['present'] = np.arange(n_max) < n
   gathered = multihost_utils.process_allgather(padded)  # [P, n_max, ...]
   present = np.asarray(gathered.pop('present')).reshape(-1)
-  return {k: np.asarray(v).reshape((-1,) + v.shape[2:])[present]
-          for k, v in gathered.items()}
+  out = {k: np.asarray(v).reshape((-1,) + v.shape[2:])[present]
+         for k, v in gathered.items()}
+  for k, dtype in wide.items():
+    out[k] = np.ascontiguousarray(out[k]).view(dtype).reshape(
+        out[k].shape[:-1])
+  return out
 
 
 # --------------------------------------------------------------------------
@@ -553,8 +639,9 @@ def restore_variables(workdir: str, checkpoint: str = 'latest'
   if checkpoint in (None, '', 'latest'):
     steps = checkpoint_steps(workdir)
     if not steps:
-      raise FileNotFoundError(
-          f'no checkpoint under {os.path.join(workdir, "checkpoints")}')
+      raise errors.MissingFileError(
+          f'{os.path.join(workdir, "checkpoints")}: no checkpoint (train '
+          'first, or pass --checkpoint PATH)')
     step = steps[-1]
   elif str(checkpoint).isdigit():
     step = int(checkpoint)
@@ -567,7 +654,7 @@ def restore_variables(workdir: str, checkpoint: str = 'latest'
     base = os.path.basename(os.path.dirname(os.path.abspath(path)))
     step = int(base) if base.isdigit() else None
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'checkpoint {path} does not exist')
+    raise errors.MissingFileError(f'{path}: checkpoint not found')
   # No template: the saved tree comes back as nested dicts; only the model
   # variables are kept (the optimiser state is not needed).
   state = ocp.StandardCheckpointer().restore(os.path.abspath(path))
@@ -601,19 +688,29 @@ def resolve_config(config, workdir: Optional[str] = None):
         num_classes = len(names)
         break
   if num_classes == -1:
-    raise ValueError('cannot tell the number of classes: set '
-                     '--config.data.num_classes or data.*_annotations')
+    raise errors.ConfigError(
+        'cannot tell the number of classes: set --config.data.num_classes '
+        'or data.*_annotations')
   return config_lib.resolve(config, num_classes)
 
 
-def load_config(workdir: str, config=None):
-  """The resolved config: `config` (a recipe) or WORKDIR/config.json."""
+def load_config(workdir: str, config=None, head: Optional[str] = None):
+  """The resolved config: `config` (a recipe) or WORKDIR/config.json.
+
+  `head` ('s', 't', 'both') replaces eval.head when given.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
   if config is None:
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
-      raise FileNotFoundError(f'{path} not found; pass --config')
+      raise errors.MissingFileError(
+          f'{path}: not found (not a training workdir?); pass --config')
     with open(path) as f:
       config = _tuples(json.load(f))
+  config = ml_collections.ConfigDict(
+      config if isinstance(config, dict) else config.to_dict())
+  if head is not None:
+    config.eval.head = head
   return resolve_config(config, workdir)
 
 
@@ -624,6 +721,48 @@ def _tuples(obj):
   if isinstance(obj, list):
     return tuple(_tuples(v) for v in obj)
   return obj
+
+
+CATEGORIES_FILE = 'categories.json'  # WORKDIR/categories.json, written by training
+
+
+def training_categories(config, workdir: Optional[str]
+                        ) -> tuple[Optional[list[dict[str, Any]]], str]:
+  """The categories labels 1..K of the model stand for, and their origin.
+
+  WORKDIR/categories.json (written by training) when present, else the
+  training annotation file's categories; (None, '') when neither is there
+  (a TFDS source: its categories are fixed by the data set).
+  """
+  path = os.path.join(workdir, CATEGORIES_FILE) if workdir else ''
+  if path and os.path.exists(path):
+    with open(path) as f:
+      return json.load(f), path
+  data = config.data
+  if (data.source == 'coco_json' and data.train_annotations and
+      os.path.exists(data.train_annotations)):
+    from mimicdet_jax.data import coco  # pylint: disable=g-import-not-at-top
+    return coco.read_categories(data.train_annotations), data.train_annotations
+  return None, ''
+
+
+def check_categories(config, workdir: Optional[str], source) -> None:
+  """Raises unless `source` (validation data) has the model's categories.
+
+  Ids and names must agree with the training categories
+  (`training_categories`); without those, at least the count must match.
+  """
+  from mimicdet_jax.data import validation  # pylint: disable=g-import-not-at-top
+  name = getattr(source, 'annotation_file', repr(source))
+  expected, expected_name = training_categories(config, workdir)
+  if expected is not None:
+    validation.check_same_categories(expected, expected_name,
+                                     source.categories, name)
+  if source.num_classes != config.model.num_classes:
+    raise errors.ConfigError(
+        f'{name} has {source.num_classes} categories but the model '
+        f'{config.model.num_classes} classes: labels would map to the wrong '
+        'category ids')
 
 
 def class_names_from_annotations(data, split: str) -> Optional[list[str]]:
@@ -733,11 +872,7 @@ def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
   out_dir = out_dir or os.path.join(workdir, 'eval')
   viz = int(config.eval.viz if viz is None else viz)
   source = pipeline.build_source(config.data, 'val')
-  if source.num_classes != config.model.num_classes:
-    raise ValueError(
-        f'the validation set has {source.num_classes} categories but the model '
-        f'{config.model.num_classes} classes: labels would map to the wrong '
-        'category ids')
+  check_categories(config, workdir, source)
   pid, pcount = jax.process_index(), jax.process_count()
   batch_size = max(1, -(-int(config.eval.batch_size) // pcount))
   batches = pipeline.make_eval_batches(config, source, batch_size, pid, pcount)

@@ -15,12 +15,14 @@ eval.score_threshold, at most eval.max_detections per image):
                "detections": [{"bbox": [x1, y1, x2, y2], "label": 1..K,
                                "class_name": "...", "score": 0.93}, ...]}]}
 
-Boxes are original-image pixels, x1y1x2y2. Class names come from the
-annotation files named by the config (validation, then training); without
+Boxes are original-image pixels, x1y1x2y2. A file that cannot be read as
+an image is skipped, named in the log and in "skipped": [{"file_name",
+"error"}], and counted in the printed summary; the others are written. Class
+names come from WORKDIR/categories.json (written by training), else the
+annotation files named by the config (training, then validation); without
 them, labels are shown as "class k".
 """
 import os
-import sys
 from typing import Iterator, Optional, Sequence
 
 from absl import app
@@ -29,7 +31,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from mimicdet_jax import config_lib
+from mimicdet_jax import errors
 from mimicdet_jax import eval_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff',
@@ -42,20 +44,35 @@ def list_images(folder: str) -> list[str]:
                 if name.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def _batches(paths: Sequence[str], data, batch_size: int
-             ) -> Iterator[dict[str, np.ndarray]]:
-  """Model-example batches [B, ...] of the images (eval transform)."""
+def _batches(paths: Sequence[str], data, batch_size: int,
+             skipped: Optional[list] = None) -> Iterator[dict[str, np.ndarray]]:
+  """Model-example batches [B, ...] of the images (eval transform).
+
+  image_id is the index into `paths`. A file that cannot be decoded is left
+  out and appended to `skipped` as (path, reason) (raised when None).
+  """
   from mimicdet_jax.data import coco  # pylint: disable=g-import-not-at-top
   from mimicdet_jax.data import transforms  # pylint: disable=g-import-not-at-top
-  for start in range(0, len(paths), batch_size):
-    examples = []
-    for i, path in enumerate(paths[start:start + batch_size], start):
+  examples = []
+  for i, path in enumerate(paths):
+    try:
       image = coco.load_image(path)  # RGB uint8, whatever the file's mode
-      raw = dict(image=image, boxes=np.zeros((0, 4), np.float32),
-                 classes=np.zeros((0,), np.int32),
-                 is_crowd=np.zeros((0,), bool), image_id=np.int64(i),
-                 orig_size=np.array(image.shape[:2], np.int32))
-      examples.append(transforms.transform_example(raw, data, train=False))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      if skipped is None:
+        raise
+      reason = f'{type(e).__name__}: {e}'
+      logging.warning('%s: skipped, not a readable image (%s)', path, reason)
+      skipped.append((path, reason))
+      continue
+    raw = dict(image=image, boxes=np.zeros((0, 4), np.float32),
+               classes=np.zeros((0,), np.int32),
+               is_crowd=np.zeros((0,), bool), image_id=np.int64(i),
+               orig_size=np.array(image.shape[:2], np.int32))
+    examples.append(transforms.transform_example(raw, data, train=False))
+    if len(examples) == batch_size:
+      yield transforms.collate(examples, data.canvas_buckets)
+      examples = []
+  if examples:
     yield transforms.collate(examples, data.canvas_buckets)
 
 
@@ -74,24 +91,40 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
     model: a MimicDet; built from config when None.
   Returns:
     The dict written to OUT/detections.json.
+
+  Raises:
+    UserError: the folder is missing, holds no image files, or none of
+      them can be read. Single unreadable files are skipped (see above).
   """
   if model is None:
     from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
     model = mimicdet.MimicDet(config)
+  if not os.path.isdir(image_dir):
+    raise errors.MissingFileError(f'{image_dir}: image folder not found')
   paths = list_images(image_dir)
   if not paths:
-    raise FileNotFoundError(f'no images in {image_dir}')
+    raise errors.MissingFileError(
+        f'{image_dir}: no image files ({", ".join(IMAGE_EXTENSIONS)})')
   class_names = list(class_names or [])
   os.makedirs(out_dir, exist_ok=True)
   predict_fn = eval_lib.make_predict_fn(model, config)
-  dets = eval_lib.run_inference(
-      predict_fn, variables,
-      _batches(paths, config.data, int(config.eval.batch_size)))
+  skipped = []
+  try:
+    dets = eval_lib.run_inference(
+        predict_fn, variables,
+        _batches(paths, config.data, int(config.eval.batch_size), skipped))
+  except ValueError:
+    if len(skipped) == len(paths):
+      from mimicdet_jax.data import validation  # pylint: disable=g-import-not-at-top
+      raise validation.BadInputError(
+          f'{image_dir}: none of the {len(paths)} image files could be read '
+          f'(first: {skipped[0][0]}: {skipped[0][1]})') from None
+    raise
   boxes = eval_lib.to_original_pixels(dets['boxes'], dets['image_size'],
                                       dets['orig_size'])
   images = []
-  for i, path in enumerate(paths):
-    assert int(dets['image_id'][i]) == i
+  for i, image_id in enumerate(dets['image_id']):
+    path = paths[int(image_id)]
     valid = dets['valid'][i]
     b, s, c = boxes[i][valid], dets['scores'][i][valid], dets['classes'][i][valid]
     with Image.open(path) as img:
@@ -108,7 +141,9 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
                          class_name=eval_lib.class_name(class_names, label),
                          score=round(float(score), 5))
                     for box, score, label in zip(b, s, c)]))
-  result = dict(checkpoint_step=step, class_names=class_names, images=images)
+  result = dict(checkpoint_step=step, class_names=class_names, images=images,
+                skipped=[dict(file_name=os.path.basename(p), error=reason)
+                         for p, reason in skipped])
   eval_lib.write_json(os.path.join(out_dir, 'detections.json'), result)
   return result
 
@@ -119,18 +154,21 @@ def main(argv):
   config = eval_lib.load_config(_WORKDIR.value, _CONFIG.value)
   variables, step = eval_lib.restore_variables(_WORKDIR.value,
                                                _CHECKPOINT.value)
-  names = None
-  for split in ('val', 'train'):
-    names = eval_lib.class_names_from_annotations(config.data, split)
-    if names is not None and len(names) == config.model.num_classes:
-      break
-    names = None
+  categories, _ = eval_lib.training_categories(config, _WORKDIR.value)
+  names = [c['name'] for c in categories or []]
+  if len(names) != config.model.num_classes:
+    names = eval_lib.class_names_from_annotations(config.data, 'val')
+    if names is None or len(names) != config.model.num_classes:
+      names = None
   result = predict_folder(config, variables, _IMAGES.value, _OUT.value,
                           names, step)
   n = sum(len(im['detections']) for im in result['images'])
   logging.info('%d images, %d detections', len(result['images']), n)
   print(f'{len(result["images"])} pictures and detections.json '
         f'({n} detections) in {_OUT.value}')
+  if result['skipped']:
+    print(f'skipped {len(result["skipped"])} unreadable file(s): ' +
+          ', '.join(s['file_name'] for s in result['skipped']))
 
 
 if __name__ == '__main__':
@@ -145,5 +183,4 @@ if __name__ == '__main__':
   _OUT = flags.DEFINE_string('out', None, 'Output folder.', required=True)
   _CHECKPOINT = flags.DEFINE_string(
       'checkpoint', 'latest', "'latest', a step number or a checkpoint path.")
-  config_lib.check_override_keys(sys.argv)
-  app.run(main)
+  errors.run_absl(main)

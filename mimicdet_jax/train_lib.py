@@ -44,6 +44,7 @@ import tqdm
 
 from mimicdet_jax import checkpoint as checkpoint_lib
 from mimicdet_jax import config_lib
+from mimicdet_jax import errors
 
 PyTree = Any
 # loss_fn(params, frozen, batch, rng) -> (loss [], aux {name: []}).
@@ -505,8 +506,12 @@ def summarize_window(window: list[dict], elapsed: float,
   return out
 
 
-class NonFiniteLossError(RuntimeError):
-  """Raised after train.max_consecutive_nonfinite skipped steps in a row."""
+class NonFiniteLossError(errors.UserError, RuntimeError):
+  """Raised after train.max_consecutive_nonfinite skipped steps in a row.
+
+  A UserError (the fix is in the config or data: lower the lr, clip the
+  gradients): train.py reports it as one line and exits with status 1.
+  """
 
 
 # ------------------------------------------------------------- preemption
@@ -589,6 +594,20 @@ def write_config(config: Any, workdir: str) -> None:
   d = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(d, f, indent=2, sort_keys=True, default=str)
+
+
+def write_categories(categories: list, workdir: str) -> None:
+  """DIR/categories.json: [{'id', 'name'}] of labels 1..K, in label order.
+
+  Evaluation and predict read it to map labels back to category ids (and
+  names) and to check that a validation file has the same categories.
+  """
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'categories.json'), 'w') as f:
+    json.dump([{'id': int(c['id']), 'name': str(c['name'])}
+               for c in categories], f, indent=1)
 
 
 def run_training(config: ml_collections.ConfigDict, workdir: str, *,
@@ -769,8 +788,9 @@ def _find_eval_fn(config, workdir: str) -> Optional[Callable]:
 def build_training(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Resolves the config and builds what `run_training` takes for MimicDet.
 
-  Resolves the config against the training data (number of classes), writes
-  WORKDIR/config.json, builds model variables (backbone from
+  Resolves the config against the training data (number of classes), checks
+  that the validation file (when there is one) has the same categories,
+  writes WORKDIR/config.json and WORKDIR/categories.json, builds model variables (backbone from
   model.backbone_init), losses and this process's data shard.
 
   Returns:
@@ -784,8 +804,10 @@ def build_training(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
 
   source = pipeline.build_source(config.data, 'train')
+  pipeline.check_val_categories(config.data, source)
   config = config_lib.resolve(config, source.num_classes)
   write_config(config, workdir)
+  write_categories(source.categories, workdir)
   logging.info('training %s: %d classes, global batch %d on %d devices '
                '(%d processes)', config.model.backbone.arch,
                config.model.num_classes, config.train.batch_size,

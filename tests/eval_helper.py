@@ -78,9 +78,10 @@ def make_workdir(root: str):
 
 
 def host_detections(process_id: int, m: int = 3) -> dict:
-  """Process i holds 2 + 3 i images with ids 100 i + j and known values."""
+  """Process i holds 2 + 3 i images with ids 100 i + j (+ 2**40 on process
+  1: 64-bit ids must survive the gather) and known values."""
   n = 2 + 3 * process_id
-  ids = 100 * process_id + np.arange(n)
+  ids = 100 * process_id + np.arange(n) + (2**40 if process_id else 0)
   return dict(
       boxes=np.broadcast_to(ids[:, None, None], (n, m, 4)).astype(np.float32),
       scores=np.full((n, m), 0.5, np.float32),

@@ -111,18 +111,25 @@ def _uninterrupted(tmp_path):
 def test_sigkill_mid_save_then_restart_equals_uninterrupted(tmp_path):
   full = _uninterrupted(tmp_path)
   part = tmp_path / 'part'
-  # checkpoint_every=2: the save of step 4 has just been started
-  # (asynchronously) when the process kills itself.
-  r = _helper(part, '--total_steps', 6, '--kill_at', 4, '--kill_signal', 'KILL')
+  # checkpoint_every=2: the process kills itself from inside the save of
+  # step 4 (train_helper.kill_inside_save), before orbax commits it.
+  r = _helper(part, '--total_steps', 6, '--kill_in_save', 4)
   assert r.returncode == -9, r.stderr[-3000:]
-  assert 'STEP 4' in r.stdout and 'DONE' not in r.stdout
-  # Step 4 is either committed or invisible, never half there.
+  assert 'KILLED IN SAVE 4' in r.stdout and 'DONE' not in r.stdout
+  # The kill hit the save: step 4 is a temporary directory, not a
+  # checkpoint, and the latest committed step is 2.
+  names = sorted(os.listdir(part / 'checkpoints'))
+  assert '2' in names and '4' not in names, names
+  assert any(n.startswith('4.') for n in names), names
   latest = checkpoint.Checkpointer(str(part / 'checkpoints'), save_every=2,
                                    keep=3).latest_step()
-  assert latest in (2, 4)
+  assert latest == 2
   r = _helper(part, '--total_steps', 6)
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'DONE 6' in r.stdout
+  # The restart resumed from step 2, removed the partial directory and
+  # re-saved step 4.
+  assert sorted(os.listdir(part / 'checkpoints')) == ['2', '4', '6']
   _check_same_run(full, part)
 
 

@@ -10,6 +10,7 @@ from ml_collections import config_flags
 import pytest
 
 from mimicdet_jax import config_lib
+from mimicdet_jax import errors
 
 RECIPES = sorted(p for p in glob.glob('configs/*.py')
                  if os.path.basename(p) not in ('__init__.py', 'common.py'))
@@ -23,13 +24,11 @@ def _parse(argv):
 
 
 _APP = """
-import sys
-from absl import app
 from ml_collections import config_flags
-from mimicdet_jax import config_lib
-config_lib.check_override_keys(sys.argv)
+from mimicdet_jax import errors
 _CONFIG = config_flags.DEFINE_config_file('config')
-app.run(lambda _: print(_CONFIG.value.optim.base_lr, _CONFIG.value.mimic.paths))
+errors.run_absl(
+    lambda _: print(_CONFIG.value.optim.base_lr, _CONFIG.value.mimic.paths))
 """
 
 
@@ -81,9 +80,12 @@ def test_override_changes_value():
 
 def test_unknown_key_names_the_key():
   out = _run_app('--config', 'configs/demo.py', '--config.optim.no_such_key=1')
-  assert out.returncode != 0
+  assert out.returncode == 1
+  # One line, no traceback (errors.run_absl), naming the key and the file.
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
   assert "'optim.no_such_key'" in out.stderr
-  with pytest.raises(SystemExit, match='nosection.lr'):
+  assert 'configs/demo.py' in out.stderr
+  with pytest.raises(errors.ConfigError, match='nosection.lr'):
     config_lib.check_override_keys(
         ['train.py', '--config=configs/demo.py', '--config.nosection.lr=1'])
 

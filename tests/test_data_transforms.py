@@ -181,3 +181,14 @@ def test_eval_transform_matches_demo_config():
   assert tuple(out['image_size']) == (160, 256)
   np.testing.assert_allclose(out['boxes'][0], [0, 0, 256, 160])
   assert isinstance(data, ml_collections.ConfigDict)
+
+
+def test_image_ids_past_int32_survive_transform_and_collate():
+  """COCO-format ids are any JSON integer; 2**40 must come out unchanged."""
+  big = 2**40 + 7
+  raw = dict(_raw(40, 60, [[1, 1, 10, 12]]), image_id=np.int64(big))
+  out = transforms.transform_example(raw, _data(), train=False)
+  assert int(out['image_id']) == big
+  batch = transforms.collate([out, out], _data().canvas_buckets)
+  assert batch['image_id'].dtype == np.int64
+  assert batch['image_id'].tolist() == [big, big]

@@ -133,7 +133,8 @@ def test_evaluate_t_and_both_heads(workdir, tmp_path):
   from mimicdet_jax import config_lib, eval_lib
   recipe, config, _, work = workdir
   variables, step = eval_lib.restore_variables(work, str(3))
-  for head in ('both',):
+  boxes = {}
+  for head in ('s', 't', 'both'):
     c = ml_collections.ConfigDict(recipe.to_dict())
     c.eval.head = head
     c.eval.score_times_objectness = True
@@ -143,4 +144,9 @@ def test_evaluate_t_and_both_heads(workdir, tmp_path):
     metrics = eval_lib.evaluate(c, variables, work, step, viz=0,
                                 out_dir=str(tmp_path / head))
     assert metrics['num_detections'] > 0
-    assert (tmp_path / head / 'metrics.json').exists()
+    dets = json.loads((tmp_path / head / 'detections.json').read_text())
+    assert len(dets) == metrics['num_detections']
+    boxes[head] = [(d['image_id'], d['category_id'], d['bbox']) for d in dets]
+  # Each head's own class scores and box deltas: three different results.
+  assert boxes['t'] != boxes['s']
+  assert boxes['both'] not in (boxes['s'], boxes['t'])

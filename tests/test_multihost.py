@@ -8,44 +8,29 @@ wrappers must agree.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests import multiprocess
+
 HELPER = os.path.join(os.path.dirname(__file__), 'train_helper.py')
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
+REPO = multiprocess.REPO
 
 
 def _two_processes(workdir, *extra, timeout=900):
-  port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
              XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  procs = [subprocess.Popen(
-      [sys.executable, HELPER, '--workdir', str(workdir),
-       '--coordinator', f'localhost:{port}', '--num_processes', '2',
-       '--process_id', str(i), *map(str, extra)],
-      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=timeout))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, f'{out[-2000:]}\n{err[-4000:]}'
-  return [out for out, _ in outs]
+  results = multiprocess.run(
+      lambda coordinator, i: [
+          HELPER, '--workdir', str(workdir), '--coordinator', coordinator,
+          '--num_processes', '2', '--process_id', str(i), *map(str, extra)],
+      2, timeout=timeout, env=env)
+  for rc, out, err in results:
+    assert rc == 0, f'{out[-2000:]}\n{err[-4000:]}'
+  return [out for _, out, _ in results]
 
 
 def _check(workdir, steps, examples_per_step):

@@ -76,3 +76,19 @@ def test_predict_folder_on_odd_grey_and_rgba_images(workdir, tmp_path):
       assert d['score'] >= config.eval.score_threshold
     scores = [d['score'] for d in dets]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_batches_skip_and_name_an_unreadable_file(tmp_path):
+  _write_odd_images(str(tmp_path))
+  (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
+  paths = predict.list_images(str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ['broken.jpg', 'grey.png',
+                                                  'rgba.png']
+  skipped = []
+  (batch,) = list(predict._batches(paths, demo.get_config().data, 8, skipped))
+  # The readable images keep their index into `paths` as image_id.
+  np.testing.assert_array_equal(batch['image_id'], [1, 2])
+  assert [os.path.basename(p) for p, _ in skipped] == ['broken.jpg']
+  assert 'UnidentifiedImageError' in skipped[0][1]
+  with pytest.raises(OSError):  # without a list to report to, it raises
+    list(predict._batches(paths, demo.get_config().data, 8))

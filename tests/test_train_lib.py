@@ -398,7 +398,14 @@ def synthetic_data(tmp_path_factory):
 @pytest.mark.slow
 def test_mimicdet_eight_devices_batch_one_equals_one_device_batch_eight(
     synthetic_data, tmp_path):
-  """Acceptance (a) on the real model, losses and data pipeline."""
+  """Acceptance (a) on the real model, losses and data pipeline.
+
+  SGD (the paper's optimiser) at lr 0.01 from the first step (no warm-up):
+  the update is lr x the averaged gradient, so the parameters compare the
+  gradients themselves, and a replica that stepped on its own image's
+  gradient (no pmean) is off by far more than the tolerance. (AdamW's first
+  step, g / (|g| + eps), amplifies rounding in near-zero gradients.)
+  """
   from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
   from mimicdet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mimicdet_jax.losses import total  # pylint: disable=g-import-not-at-top
@@ -406,6 +413,9 @@ def test_mimicdet_eight_devices_batch_one_equals_one_device_batch_eight(
   from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
 
   config = th.demo_config(str(synthetic_data), batch_size=8)
+  config.optim.optimizer = 'sgd'
+  config.optim.base_lr = 0.02  # x batch 8 / 16: lr 0.01 from the first step
+  config.optim.warmup_steps = 0
   source = pipeline.build_source(config.data, 'train')
   config = config_lib.resolve(config, source.num_classes)
   batch = next(iter(pipeline.make_train_loader(
@@ -429,9 +439,11 @@ def test_mimicdet_eight_devices_batch_one_equals_one_device_batch_eight(
   (p8, m8), (p1, m1) = finals[8], finals[1]
   assert m8['finite'] == 1
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
+  lr = train_lib.peak_learning_rate(config)
+  assert lr == pytest.approx(0.01)
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
       jax.tree.leaves(p8), jax.tree.leaves(variables['params'])))
-  assert moved > 1e-6
+  assert moved > 1e-3  # 100 x the tolerance
   for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 

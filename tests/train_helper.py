@@ -6,7 +6,7 @@ a script (a separate process) by the SIGKILL/SIGTERM and two-process tests:
   python tests/train_helper.py --workdir DIR --total_steps 6 \
       [--kill_at 4 --kill_signal KILL] [--coordinator localhost:PORT
       --num_processes 2 --process_id 0] [--parallelism shard_map]
-      [--demo SYNTHETIC_DATA_DIR]
+      [--demo SYNTHETIC_DATA_DIR] [--kill_in_save 4]
 
 The toy model has the pieces the loop must handle: a 'backbone' subtree with
 a frozen part, a 'frozen' variable collection, dropout driven by the loss's
@@ -199,6 +199,32 @@ def flat_params(params) -> dict:
           for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
+def kill_inside_save(step: int) -> None:
+  """SIGKILLs this process in the middle of writing checkpoint `step`.
+
+  The kill comes from inside orbax's save, when grain's handler asks the
+  iterator snapshot for its state: the step's temporary directory exists
+  and the save has not been committed. (A kill after `save` returns races
+  with the background writer and may land after the commit.)
+  """
+  from mimicdet_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  saving = []
+  save, get_state = checkpoint.Checkpointer.save, checkpoint._IteratorSnapshot.get_state
+
+  def recording_save(self, s, *args, **kwargs):
+    saving[:] = [s]
+    return save(self, s, *args, **kwargs)
+
+  def killing_get_state(self):
+    if saving == [step]:
+      print(f'KILLED IN SAVE {step}', flush=True)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return get_state(self)
+
+  checkpoint.Checkpointer.save = recording_save
+  checkpoint._IteratorSnapshot.get_state = killing_get_state
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', required=True)
@@ -212,7 +238,11 @@ def main():
                       help='train.parallelism: pmap | shard_map')
   parser.add_argument('--demo', default='',
                       help='synthetic data dir: train MimicDet (demo_config)')
+  parser.add_argument('--kill_in_save', type=int, default=-1,
+                      help='SIGKILL inside the save of this step')
   args = parser.parse_args()
+  if args.kill_in_save >= 0:
+    kill_inside_save(args.kill_in_save)
 
   train_lib.initialize_distributed(args.coordinator, args.num_processes,
                                    args.process_id)

@@ -44,6 +44,12 @@ def read_annotation_file(annotation_file: str) -> Any:
         f'{annotation_file}: cannot read the annotation file as JSON: {e}') from e
 
 
+def read_categories(annotation_file: str) -> list[dict[str, Any]]:
+  """[{'id', 'name'}] sorted by id, of a COCO-format annotation file."""
+  return validation.check_categories(read_annotation_file(annotation_file),
+                                     annotation_file)
+
+
 class CocoSource:
   """Raw example dicts (docs/ARCHITECTURE.md) from a COCO-format JSON + images.
 

@@ -30,6 +30,7 @@ import grain.python as grain
 import numpy as np
 
 from mimicdet_jax.data import transforms
+from mimicdet_jax.errors import ConfigError
 
 
 def build_source(data, split: str):
@@ -42,7 +43,7 @@ def build_source(data, split: str):
     images = data.train_images if split == 'train' else data.val_images
     if not ann or not images:
       key = 'train' if split == 'train' else 'val'
-      raise ValueError(
+      raise ConfigError(
           f'data.{key}_annotations and data.{key}_images must be set for '
           f'data.source=coco_json (got {ann!r}, {images!r})')
     return coco.CocoSource(ann, images, bad_input=data.bad_input)
@@ -52,7 +53,21 @@ def build_source(data, split: str):
     return tfds_source.TfdsSource(data.tfds_name, tfds_split,
                                   data.tfds_data_dir or None,
                                   bad_input=data.bad_input)
-  raise ValueError(f"data.source must be 'coco_json' or 'tfds', got {data.source!r}")
+  raise ConfigError(f"data.source must be 'coco_json' or 'tfds', got {data.source!r}")
+
+
+def check_val_categories(data, train_source) -> None:
+  """Fails before training when data.val_annotations (if it exists) lists
+  other categories (ids and names) than the training source: results would be
+  written with the wrong category ids. A missing validation file is fine."""
+  path = data.val_annotations
+  if data.source != 'coco_json' or not path or not os.path.exists(path):
+    return
+  from mimicdet_jax.data import coco  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.data import validation  # pylint: disable=g-import-not-at-top
+  validation.check_same_categories(
+      train_source.categories, getattr(train_source, 'annotation_file', 'train'),
+      coco.read_categories(path), path)
 
 
 def per_device_batch_size(global_batch: int, process_count: int,

@@ -27,6 +27,7 @@ import argparse
 import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -263,7 +264,11 @@ def write_split(out_dir: str, split: str, num_images: int, seed: int,
   jobs = [(image_dir, split, i, seed, min_size, max_size, image_format)
           for i in range(num_images)]
   if workers > 1 and num_images > 1:
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # 'spawn': a fork of a process that has imported JAX (a test, a
+    # notebook) can deadlock on JAX's threads; the workers need only NumPy
+    # and Pillow.
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context('spawn')) as pool:
       results = list(pool.map(_write_image, jobs, chunksize=16))
   else:
     results = [_write_image(job) for job in jobs]

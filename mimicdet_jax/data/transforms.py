@@ -142,7 +142,7 @@ def transform_example(example: Example, data, *, train: bool,
     image float32 [Hc, Wc, 3] normalised and zero-padded (uint8 pixels when
     not `normalize`), image_size int32
     [2], boxes float32 [max_boxes, 4] canvas pixels, classes int32
-    [max_boxes], box_mask bool, is_crowd bool, image_id int32 [], orig_size
+    [max_boxes], box_mask bool, is_crowd bool, image_id int64 [], orig_size
     int32 [2], scale float32 [].
   """
   image = np.asarray(example['image'])
@@ -204,7 +204,7 @@ def transform_example(example: Example, data, *, train: bool,
       'classes': classes,
       'box_mask': box_mask,
       'is_crowd': is_crowd,
-      'image_id': np.int32(image_id),
+      'image_id': np.int64(image_id),  # COCO-format ids may pass 2**31
       'orig_size': np.asarray(example['orig_size'], np.int32).reshape(2),
       'scale': np.float32(scale),
   }

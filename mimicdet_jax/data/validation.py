@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from mimicdet_jax import errors
+
 POLICIES = ('skip', 'fail')
 
 # Kinds of bad input, used as counter keys and in the summary.
@@ -42,8 +44,11 @@ UNKNOWN_IMAGE = 'annotation of an unknown image id'
 logger = logging.getLogger(__name__)
 
 
-class BadInputError(ValueError):
-  """A bad annotation file, annotation or image (policy 'fail' or unskippable)."""
+class BadInputError(errors.UserError, ValueError):
+  """A bad annotation file, annotation or image (policy 'fail' or unskippable).
+
+  A UserError: the command-line tools report it as one line, no traceback.
+  """
 
 
 class BadInputPolicy:
@@ -113,17 +118,7 @@ def check_coco_dataset(
     raise BadInputError(
         f'{name}: the annotation file has no images (expected a COCO-format '
         'JSON object with a non-empty "images" list)')
-  raw_categories = dataset.get('categories') or []
-  categories = []
-  for cat in raw_categories:
-    if not isinstance(cat, dict) or not isinstance(cat.get('id'), int):
-      raise BadInputError(f'{name}: malformed category entry {cat!r}')
-    categories.append({'id': int(cat['id']), 'name': str(cat.get('name', cat['id']))})
-  if not categories:
-    raise BadInputError(f'{name}: the annotation file has no categories')
-  categories.sort(key=lambda c: c['id'])
-  if len({c['id'] for c in categories}) != len(categories):
-    raise BadInputError(f'{name}: duplicate category ids')
+  categories = check_categories(dataset, name)
   category_ids = {c['id'] for c in categories}
 
   images: dict[Any, dict[str, Any]] = {}
@@ -185,6 +180,53 @@ def check_coco_dataset(
   if not images:
     raise BadInputError(f'{name}: no valid images left after validation')
   return list(images.values()), categories
+
+
+def check_categories(dataset: Any, name: str) -> list[dict[str, Any]]:
+  """The categories of a parsed COCO-format dict: [{'id', 'name'}] sorted by id.
+
+  Raises:
+    BadInputError: naming `name`, when there are none, one is malformed or
+      an id repeats.
+  """
+  raw_categories = (dataset.get('categories') if isinstance(dataset, dict)
+                    else None) or []
+  categories = []
+  for cat in raw_categories:
+    if not isinstance(cat, dict) or not isinstance(cat.get('id'), int):
+      raise BadInputError(f'{name}: malformed category entry {cat!r}')
+    categories.append({'id': int(cat['id']), 'name': str(cat.get('name', cat['id']))})
+  if not categories:
+    raise BadInputError(f'{name}: the annotation file has no categories')
+  categories.sort(key=lambda c: c['id'])
+  if len({c['id'] for c in categories}) != len(categories):
+    raise BadInputError(f'{name}: duplicate category ids')
+  return categories
+
+
+def check_same_categories(expected: list[dict[str, Any]], expected_name: str,
+                          got: list[dict[str, Any]], got_name: str) -> None:
+  """Raises unless both category lists hold the same (id, name) pairs.
+
+  Labels 1..K follow increasing category id in each file, so a model
+  trained on one file scores on another only when ids and names agree;
+  equal counts are not enough.
+  """
+  a = sorted((int(c['id']), str(c['name'])) for c in expected)
+  b = sorted((int(c['id']), str(c['name'])) for c in got)
+  if a == b:
+    return
+  only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+  raise BadInputError(
+      f'{got_name} and {expected_name} list different categories (labels are '
+      f'mapped by category id, so ids and names must agree): only in '
+      f'{expected_name}: {_pairs(only_a)}; only in {got_name}: {_pairs(only_b)}')
+
+
+def _pairs(pairs, limit: int = 5) -> str:
+  text = ', '.join(f'{i}={n!r}' for i, n in pairs[:limit])
+  more = f' and {len(pairs) - limit} more' if len(pairs) > limit else ''
+  return (text + more) or 'none'
 
 
 def check_image(image: np.ndarray, expected_hw: tuple[int, int], path: str,

@@ -650,4 +650,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-  main()
+  from mimicdet_jax import errors  # pylint: disable=g-import-not-at-top
+  errors.cli(main)()

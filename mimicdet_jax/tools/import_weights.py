@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import orbax.checkpoint as ocp
 
+from mimicdet_jax import errors
 from mimicdet_jax.models import backbones
 
 
@@ -41,7 +42,7 @@ def load_backbone_init(path: str | os.PathLike) -> dict[str, Any]:
   """
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f'model.backbone_init {path} is not a directory; create it with '
         'python -m mimicdet_jax.tools.import_weights')
   with ocp.StandardCheckpointer() as ckptr:
@@ -60,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--force', action='store_true',
                       help='overwrite --out if it exists')
   args = parser.parse_args(argv)
+  if not os.path.isfile(args.src):
+    raise errors.MissingFileError(f'--src {args.src}: file not found')
   variables = backbones.load_torchvision(args.arch, args.src)
   out = save_backbone_init(variables, args.out, force=args.force)
   n = backbones.count_parameters(variables)
@@ -68,4 +71,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  errors.cli(main)(sys.argv[1:])
