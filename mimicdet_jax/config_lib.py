@@ -99,3 +99,36 @@ def check_override_keys(argv: list[str], flag_name: str = 'config') -> None:
         raise ConfigError(f'Unknown config key {key!r} (from {override!r}) in '
                          f'{path}; the keys are listed in configs/common.py')
       node = node[part]
+
+
+# Keys added after runs were already trained, with the value that reproduces
+# what a run made before the key existed did. A WORKDIR/config.json without
+# one of these keys gets this value, not today's default (`fill_missing_keys`).
+LEGACY_VALUES = {
+    't_head.level_rule': 'fpn',
+    'mimic.include_gt': True,
+    'proposals.inside_image': False,
+    's_head.offset_mode': 'learned',
+    's_head.sampling': 'ohem',
+    't_head.roi_align_impl': 'gather',
+    'train.parallelism': 'pmap',
+}
+
+
+def fill_missing_keys(saved: dict, defaults: dict, prefix: str = '') -> dict:
+  """A saved config (plain dict) with the keys it lacks added.
+
+  A run's WORKDIR/config.json holds the keys of the code that trained it;
+  newer code reads more. Each missing key takes LEGACY_VALUES' value (the
+  behaviour of that older code) when listed there, else `defaults`' (today's
+  base config, for keys that change nothing a trained model depends on).
+  Keys the saved config has are kept as they are.
+  """
+  out = dict(saved)
+  for key, default in defaults.items():
+    name = f'{prefix}{key}'
+    if isinstance(default, dict):
+      out[key] = fill_missing_keys(out.get(key, {}), default, f'{name}.')
+    elif key not in out:
+      out[key] = LEGACY_VALUES.get(name, default)
+  return out

@@ -706,7 +706,13 @@ def load_config(workdir: str, config=None, head: Optional[str] = None):
       raise errors.MissingFileError(
           f'{path}: not found (not a training workdir?); pass --config')
     with open(path) as f:
-      config = _tuples(json.load(f))
+      config = json.load(f)
+  if isinstance(config, dict):
+    # A run trained before some keys existed: fill them as that code behaved.
+    from configs import common  # pylint: disable=g-import-not-at-top
+    from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
+    config = _tuples(config_lib.fill_missing_keys(
+        config, common.base_config().to_dict()))
   config = ml_collections.ConfigDict(
       config if isinstance(config, dict) else config.to_dict())
   if head is not None:

@@ -1,5 +1,6 @@
 """Configs: every recipe loads and resolves; overrides work; unknown keys fail loudly."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,19 @@ def test_bad_enum_value_names_the_key():
     c[section][name] = bad
     with pytest.raises(ValueError, match=fr"{key}='{bad}'; expected one of"):
       config_lib.resolve(c, num_classes=3)
+
+
+def test_fill_missing_keys_legacy_and_defaults():
+  from configs import common as common_config
+  base = common_config.base_config().to_dict()
+  saved = json.loads(json.dumps(base))  # a config.json of today's code
+  del saved['t_head']['level_rule']  # added with the SPEC fix
+  del saved['s_head']['fg_fraction']  # added with s_head.sampling
+  saved['s_head']['channels'] = 7  # a value of the run: kept
+  filled = config_lib.fill_missing_keys(saved, base)
+  assert filled['t_head']['level_rule'] == 'fpn'  # what older code did
+  assert filled['s_head']['fg_fraction'] == base['s_head']['fg_fraction']
+  assert filled['s_head']['channels'] == 7
+  # Nothing else moved.
+  del filled['t_head']['level_rule'], filled['s_head']['fg_fraction']
+  assert filled == saved

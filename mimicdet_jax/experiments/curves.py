@@ -1,0 +1,112 @@
+r"""S-head and T-head AP against training steps, from a run's checkpoints.
+
+  python -m mimicdet_jax.experiments.curves --out PNG RUN_DIR [RUN_DIR ...] \
+      [--label NAME ...]
+
+Every checkpoint a run kept (WORKDIR/checkpoints/<step>) is scored twice on
+the validation split of the run's own config (WORKDIR/config.json): the
+S-head (eval.head=s, the detector) and the T-head (eval.head=t, its teacher),
+with `eval_lib.evaluate`. The numbers go to RUN_DIR/curve.json ({step: {s_AP,
+t_AP, s_AP50, t_AP50}}, reused on the next call) and one PNG plots AP against
+steps, solid S-head, dashed T-head, one colour per label (runs that share a
+label are averaged at their common steps, each seed drawn thin).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+CURVE_FILE = 'curve.json'
+
+
+def score_checkpoints(run_dir: str) -> dict:
+  """{step: {s_AP, s_AP50, t_AP, t_AP50}} for every checkpoint of run_dir."""
+  from mimicdet_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(run_dir, CURVE_FILE)
+  curve = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      curve = {int(k): v for k, v in json.load(f).items()}
+  for step in eval_lib.checkpoint_steps(run_dir):
+    if step in curve:
+      continue
+    variables, _ = eval_lib.restore_variables(run_dir, str(step))
+    row = {}
+    for head in ('s', 't'):
+      with open(os.path.join(run_dir, 'config.json')) as f:
+        recipe = json.load(f)
+      recipe['eval']['head'] = head
+      config = eval_lib.load_config(run_dir, recipe)
+      metrics = eval_lib.evaluate(
+          config, variables, run_dir, step, viz=0,
+          out_dir=os.path.join(run_dir, 'curve', f'{step}_{head}'))
+      for key in ('AP', 'AP50'):
+        row[f'{head}_{key}'] = float(metrics[key])
+    curve[step] = row
+    with open(path, 'w') as f:
+      json.dump({str(k): v for k, v in sorted(curve.items())}, f, indent=1)
+  return curve
+
+
+def plot(curves: Mapping[str, Sequence[Mapping[int, Mapping[str, float]]]],
+         path: str) -> None:
+  """curves: {label: [curve of each run]} -> PNG of AP (%) against steps."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  colors = plt.get_cmap('tab10')
+  for i, (label, runs) in enumerate(curves.items()):
+    color = colors(i % 10)
+    for head, style in (('s', '-'), ('t', '--')):
+      key = f'{head}_AP'
+      for run in runs:
+        steps = sorted(run)
+        ax.plot(steps, [100 * run[s][key] for s in steps], style, color=color,
+                alpha=0.25, linewidth=0.8)
+      common = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
+      if common:
+        mean = [100 * np.mean([r[s][key] for r in runs]) for s in common]
+        name = 'S-head' if head == 's' else 'T-head'
+        ax.plot(common, mean, style, color=color, linewidth=2, marker='o',
+                label=f'{label}: {name} (mean of {len(runs)})')
+  ax.set_xlabel('training step')
+  ax.set_ylabel('COCO AP (%)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('runs', nargs='+', help='training workdirs')
+  parser.add_argument('--label', action='append', default=[],
+                      help='one per run (default: the run folder\'s parent)')
+  parser.add_argument('--out', required=True, help='PNG to write')
+  args = parser.parse_args(argv)
+  if args.label and len(args.label) != len(args.runs):
+    parser.error('give one --label per run, or none')
+  labels = args.label or [os.path.basename(os.path.dirname(
+      os.path.abspath(r))) for r in args.runs]
+  curves: dict[str, list] = {}
+  for run, label in zip(args.runs, labels):
+    curves.setdefault(label, []).append(score_checkpoints(run))
+  plot(curves, args.out)
+  for label, runs in curves.items():
+    for run in runs:
+      print(label, {s: {k: round(v, 3) for k, v in r.items()}
+                    for s, r in sorted(run.items())})
+  print(f'written: {args.out}')
+  return curves
+
+
+if __name__ == '__main__':
+  sys.exit(0 if main() else 1)
