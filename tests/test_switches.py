@@ -475,12 +475,15 @@ def test_t_head_box_levels_staggered_and_unstaggered():
   anchors = anchors_lib.dense_anchors((CANVAS, CANVAS), (3, 4, 5, 6, 7), 4.0)
   origin = jnp.asarray([[int(np.flatnonzero(anchors['level'] == l)[0])
                          for l in (3, 4, 5, 6, 7)]])
-  staggered = mimicdet.t_head_box_levels(small_config(), anchors['level'],
-                                         origin)
+  staggered = mimicdet.t_head_box_levels(
+      small_config(**{'t_head.level_rule': 'staggered'}), anchors['level'],
+      origin)
   np.testing.assert_array_equal(staggered, [[2, 3, 4, 5, 6]])
   # model.staggered=False: the T-head reads P3..P7, each box at its origin.
   same = mimicdet.t_head_box_levels(
-      small_config(**{'model.staggered': False}), anchors['level'], origin)
+      small_config(**{'model.staggered': False,
+                      't_head.level_rule': 'staggered'}),
+      anchors['level'], origin)
   np.testing.assert_array_equal(same, [[3, 4, 5, 6, 7]])
   with pytest.raises(ValueError, match='t_head.level_rule'):
     small_config(**{'t_head.level_rule': 'x'})
@@ -533,6 +536,7 @@ def _softmax(x):
 def test_eval_head_switch(head):
   c = configs.demo.get_config()
   c.eval.head = head
+  c.t_head.level_rule = 'staggered'  # the T-head gets per-box levels
   c.eval.pre_nms_topk = 1
   c.eval.max_detections = 3
   c.eval.score_threshold = 0.0
