@@ -53,6 +53,7 @@ def main(argv):
   from mimicdet_jax import train_lib  # pylint: disable=g-import-not-at-top
   train_lib.initialize_distributed()  # no-op for one process
   config = eval_lib.load_config(_WORKDIR.value, _CONFIG.value)
+  train_lib.enable_compile_cache(config.train.compile_cache, _WORKDIR.value)
   variables, step = eval_lib.restore_variables(_WORKDIR.value,
                                                _CHECKPOINT.value)
   logging.info('evaluating step %s on %d devices (%d processes)', step,

@@ -2,6 +2,12 @@
 import ml_collections
 
 
+_LATER_KEYS = (('train.parallelism', 'pmap'),
+               ('train.compile_cache', ''),
+               ('t_head.roi_align_impl', 'gather'),
+               ('data.device_normalize', False))
+
+
 def resolve(config: ml_collections.ConfigDict,
             num_classes: int) -> ml_collections.FrozenConfigDict:
   """Fills the keys left at -1 and checks the values that must agree.
@@ -15,6 +21,12 @@ def resolve(config: ml_collections.ConfigDict,
     A FrozenConfigDict (hashable, so Flax modules can hold it).
   """
   c = ml_collections.ConfigDict(config.to_dict())
+  # Keys added after some WORKDIR/config.json files were written (eval.py
+  # reads those): absent means the behaviour of the time, the default.
+  for key, default in _LATER_KEYS:
+    section, name = key.split('.')
+    if name not in c[section]:
+      c[section][name] = default
   if c.data.num_classes == -1:
     c.data.num_classes = int(num_classes)
   if c.model.num_classes == -1:

@@ -100,3 +100,15 @@ def test_bad_enum_value_names_the_key():
     c[section][name] = bad
     with pytest.raises(ValueError, match=fr"{key}='{bad}'; expected one of"):
       config_lib.resolve(c, num_classes=3)
+
+
+def test_config_json_from_before_the_new_keys_still_resolves():
+  """eval.py resolves old WORKDIR/config.json files that lack later keys."""
+  c = _parse(['--config=configs/demo.py']).to_dict()
+  del c['train']['parallelism'], c['train']['compile_cache']
+  del c['t_head']['roi_align_impl'], c['data']['device_normalize']
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  r = config_lib.resolve(ml_collections.ConfigDict(c), num_classes=3)
+  assert r.train.parallelism == 'pmap' and r.train.compile_cache == ''
+  assert r.t_head.roi_align_impl == 'gather'
+  assert r.data.device_normalize is False
