@@ -56,6 +56,7 @@ def main(argv):
   train_lib.initialize_distributed()  # no-op for one process
   config = eval_lib.load_config(_WORKDIR.value, _CONFIG.value,
                                head=_HEAD.value)
+  train_lib.enable_compile_cache(config.train.compile_cache, _WORKDIR.value)
   variables, step = eval_lib.restore_variables(_WORKDIR.value,
                                                _CHECKPOINT.value)
   logging.info('evaluating step %s on %d devices (%d processes)', step,

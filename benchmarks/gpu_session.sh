@@ -14,6 +14,8 @@
 #   EXTRA=1  also time t_head.roi_align_impl=einsum and the float32
 #            scatter-add FTZ-atomics XLA flag (issue 17's suspects)
 #   PY       python [.venv/bin/python if present, else python]
+#   More overrides go after the script name: they reach both Python scripts,
+#   e.g. --config.train.parallelism=shard_map.
 # The persistent compilation cache (OUT/jax_cache) lets the timing run reuse
 # the profiling run's compiled step instead of compiling it again (~60 s).
 # CPU smoke test: CONFIG=configs/demo.py BATCH=1 SIZE=128x128 DTYPE=f32 \
@@ -33,7 +35,7 @@ fi
 mkdir -p "$OUT"
 export JAX_COMPILATION_CACHE_DIR="$OUT/jax_cache"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-COMMON=(--config "$CONFIG" --batch "$BATCH" --size "$SIZE" --dtype "$DTYPE")
+COMMON=(--config "$CONFIG" --batch "$BATCH" --size "$SIZE" --dtype "$DTYPE" "$@")
 status=0
 
 run() {  # run NAME CMD...: time-limited, log kept, failure noted not fatal

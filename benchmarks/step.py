@@ -37,9 +37,12 @@ def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
   """The real training step, its replicated state and one device batch.
 
   Returns:
-    (p_step, rstate, batch, flops): the pmapped train_lib step, the step-0
-    state replicated over the local devices, a synthetic batch already laid
-    out over them ([local_devices, per_device_batch, ...]), and the model
+    (p_step, rstate, batch, flops): the train_lib step wrapped as
+    `train.parallelism` says (pmap, or jit(shard_map) over the local
+    devices), the step-0 state replicated over the local devices, a
+    synthetic batch already laid out over them ([local_devices,
+    per_device_batch, ...] for pmap, one global array for shard_map;
+    `train_lib.DataParallel(...).host` reads the metrics), and the model
     FLOPs of one device's step (convolutions and matmuls of the forward and
     backward pass, from the step's jaxpr; None when not count_flops, which
     saves tracing the whole step once more).
@@ -67,6 +70,11 @@ def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
     flops = bench.matmul_flops(jax.make_jaxpr(
         train_step, axis_env=[(train_lib.AXIS, ndev)])(
             shapes(state), shapes(jax.tree.map(lambda x: x[0], examples))))
+  if config.train.parallelism == 'shard_map':
+    # jit(shard_map) over the local devices: global arrays, replicated state.
+    parallel = train_lib.DataParallel('shard_map', jax.local_devices())
+    return (parallel.wrap(train_step), parallel.put_state(state),
+            parallel.put_batch(examples), flops)
   return (train_lib.pmap_train_step(train_step), train_lib.replicate(state),
           batch, flops)
 

@@ -114,7 +114,8 @@ def benchmark(config, per_device_batch: int, *, steps: int, warmup: int,
   window_s = time.perf_counter() - t0
   counter.stop()
 
-  last = train_lib.first_replica(metrics)
+  last = train_lib.DataParallel(config.train.parallelism,
+                                jax.local_devices()).host(metrics)
   step_s = window_s / max(steps, 1)
   dtype = config.model.dtype
   peak = peak_tflops or bench.default_peak_tflops(dtype)

@@ -19,6 +19,12 @@ def resolve(config: ml_collections.ConfigDict,
     A FrozenConfigDict (hashable, so Flax modules can hold it).
   """
   c = ml_collections.ConfigDict(config.to_dict())
+  # Keys added after some WORKDIR/config.json files were written (eval.py
+  # reads those): absent means the behaviour of the time (LEGACY_VALUES).
+  for key, value in LEGACY_VALUES.items():
+    section, name = key.split('.')
+    if name not in c[section]:
+      c[section][name] = value
   if c.data.num_classes == -1:
     c.data.num_classes = int(num_classes)
   if c.model.num_classes == -1:
@@ -112,6 +118,8 @@ LEGACY_VALUES = {
     's_head.sampling': 'ohem',
     't_head.roi_align_impl': 'gather',
     'train.parallelism': 'pmap',
+    'train.compile_cache': '',
+    'data.device_normalize': False,
 }
 
 

@@ -208,9 +208,11 @@ def _run(script, args, tmp_path, devices=1):
 
 
 @pytest.mark.slow
-def test_train_step_script_on_two_devices(tmp_path):
+@pytest.mark.parametrize('parallelism', ['pmap', 'shard_map'])
+def test_train_step_script_on_two_devices(tmp_path, parallelism):
   r, stdout = _run('train_step.py', ['--batch', '1', '--size', '128x128',
-                                     '--steps', '2', '--warmup', '1'],
+                                     '--steps', '2', '--warmup', '1',
+                                     f'--config.train.parallelism={parallelism}'],
                    tmp_path, devices=2)
   assert r['global_batch'] == 2 and r['per_device_batch'] == 1
   assert r['canvas'] == [128, 128] and r['arch'] == 'resnet_tiny'

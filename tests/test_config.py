@@ -119,3 +119,15 @@ def test_fill_missing_keys_legacy_and_defaults():
   # Nothing else moved.
   del filled['t_head']['level_rule'], filled['s_head']['fg_fraction']
   assert filled == saved
+
+
+def test_config_json_from_before_the_new_keys_still_resolves():
+  """eval.py resolves old WORKDIR/config.json files that lack later keys."""
+  c = _parse(['--config=configs/demo.py']).to_dict()
+  del c['train']['parallelism'], c['train']['compile_cache']
+  del c['t_head']['roi_align_impl'], c['data']['device_normalize']
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  r = config_lib.resolve(ml_collections.ConfigDict(c), num_classes=3)
+  assert r.train.parallelism == 'pmap' and r.train.compile_cache == ''
+  assert r.t_head.roi_align_impl == 'gather'
+  assert r.data.device_normalize is False
