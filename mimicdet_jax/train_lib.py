@@ -605,7 +605,8 @@ def write_categories(categories: list, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'categories.json'), 'w') as f:
+  from mimicdet_jax import restore  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, restore.CATEGORIES_FILE), 'w') as f:
     json.dump([{'id': int(c['id']), 'name': str(c['name'])}
                for c in categories], f, indent=1)
 

@@ -372,6 +372,7 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str
       loop checkpoints and returns), so the run is not finished.
   """
   from mimicdet_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax import restore  # pylint: disable=g-import-not-at-top
   from mimicdet_jax import train_lib  # pylint: disable=g-import-not-at-top
 
   total_steps = int(config.train.total_steps)
@@ -385,13 +386,13 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str
     raise RuntimeError(f'{workdir}: training stopped at step '
                        f'{int(state.step)} of {total_steps}')
 
-  variables, step = eval_lib.restore_variables(workdir, 'latest')
+  variables, step = restore.restore_variables(workdir, 'latest')
   result = {'step': step}
   start = time.time()
   for head in ('s', 't'):
     head_config = copy.deepcopy(config)
     head_config.eval.head = head
-    resolved = eval_lib.resolve_config(head_config, workdir)
+    resolved = restore.resolve_config(head_config, workdir)
     metrics = eval_lib.evaluate(resolved, variables, workdir, step, viz=0,
                                 out_dir=os.path.join(workdir, f'eval_{head}'))
     for key in ('AP', 'AP50', 'AP75'):
