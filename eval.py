@@ -14,11 +14,9 @@ used. The metrics.json schema is in docs/EVAL.md.
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from mimicdet_jax import errors
-from mimicdet_jax import eval_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Recipe config file (configs/*.py).', lock_config=True)
@@ -47,18 +45,25 @@ def main(argv):
   if _DETECTIONS.value or _ANNOTATIONS.value:
     if not (_DETECTIONS.value and _ANNOTATIONS.value):
       raise app.UsageError('--detections and --annotations go together')
-    eval_lib.score_file(_DETECTIONS.value, _ANNOTATIONS.value,
-                        _METRICS_OUT.value)
+    # Scoring only needs pycocotools, not JAX or the model.
+    from mimicdet_jax import coco_results  # pylint: disable=g-import-not-at-top
+    coco_results.score_file(_DETECTIONS.value, _ANNOTATIONS.value,
+                            _METRICS_OUT.value)
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (or --detections/--annotations)')
-  from mimicdet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from mimicdet_jax import eval_lib
+  from mimicdet_jax import restore
+  from mimicdet_jax import train_lib
+  # pylint: enable=g-import-not-at-top
   train_lib.initialize_distributed()  # no-op for one process
-  config = eval_lib.load_config(_WORKDIR.value, _CONFIG.value,
+  config = restore.load_config(_WORKDIR.value, _CONFIG.value,
                                head=_HEAD.value)
   train_lib.enable_compile_cache(config.train.compile_cache, _WORKDIR.value)
-  variables, step = eval_lib.restore_variables(_WORKDIR.value,
-                                               _CHECKPOINT.value)
+  variables, step = restore.restore_variables(_WORKDIR.value,
+                                              _CHECKPOINT.value)
   logging.info('evaluating step %s on %d devices (%d processes)', step,
                jax.device_count(), jax.process_count())
   eval_lib.evaluate(config, variables, _WORKDIR.value, step, viz=_VIZ.value)

@@ -4,7 +4,7 @@ r"""Inference latency and throughput of MimicDet, post-processing included.
   python benchmarks/inference.py --config configs/mimicdet_r50_fpn_1x.py \
       --size 896x1408 --dtype bf16 --batch 1,8 --head s,t --reps 20  # GPU
 
-Times `eval_lib.make_predict_fn(model, config)`, the function eval.py and
+Times `postprocess.make_predict_fn(model, config)`, the function eval.py and
 predict.py run: backbone, pyramid, refinement, S-head (and for `--head t`
 the T-head on RoIAlign of the same boxes), then top-k, box decoding, score
 threshold, per-class NMS and top-100, on random images already on the
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import common as bench
 from mimicdet_jax import config_lib
-from mimicdet_jax import eval_lib
+from mimicdet_jax import postprocess
 from mimicdet_jax.models import mimicdet
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -92,7 +92,7 @@ def benchmark(raw_config, *, batches, heads, size=None, dtype=None, reps=5,
     model = mimicdet.MimicDet(config)
     if variables is None:  # the same tree for every head
       variables = jax.device_put(bench.init_variables(config, model, init))
-    predict = eval_lib.make_predict_fn(model, config)
+    predict = postprocess.make_predict_fn(model, config)
     h, w = bench.canvas_of(config)
     for b in batches:
       images = jax.device_put(np.random.default_rng(b).standard_normal(

@@ -1,5 +1,8 @@
-"""Resolving a recipe config into the frozen config every module reads."""
+"""Resolving a recipe config into the frozen config every module reads, and
+command-line overrides of its keys."""
+import ast
 import os
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -99,12 +102,12 @@ def check_override_keys(argv: list[str], flag_name: str = 'config') -> None:
   config = module.get_config()
   for override in overrides:
     key = override[len(prefix):].split('=', 1)[0]
-    node = config
-    for part in key.split('.'):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        raise ConfigError(f'Unknown config key {key!r} (from {override!r}) in '
-                         f'{path}; the keys are listed in configs/common.py')
-      node = node[part]
+    try:
+      get_key(config, key)
+    except ConfigError:
+      raise ConfigError(f'Unknown config key {key!r} (from {override!r}) in '
+                        f'{path}; the keys are listed in configs/common.py'
+                        ) from None
 
 
 # Keys added after runs were already trained, with the value that reproduces
@@ -139,4 +142,84 @@ def fill_missing_keys(saved: dict, defaults: dict, prefix: str = '') -> dict:
       out[key] = fill_missing_keys(out.get(key, {}), default, f'{name}.')
     elif key not in out:
       out[key] = LEGACY_VALUES.get(name, default)
+  return out
+
+
+def parse_value(text: str, current: Any) -> Any:
+  """A command-line value for a config key whose current value is `current`.
+
+  bool keys take true/false (any case) or 1/0; str keys take the text as is;
+  numbers and tuples are Python literals (lists become tuples).
+  """
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low in ('true', '1', 'yes'):
+      return True
+    if low in ('false', '0', 'no'):
+      return False
+    raise ConfigError(f'expected true or false, got {text!r}')
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  return _tuples(value)
+
+
+def _tuples(value: Any) -> Any:
+  if isinstance(value, (list, tuple)):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """config[key] = value for a dotted key that must already exist."""
+  *path, last = key.split('.')
+  node = config
+  for part in path:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ConfigError(f'unknown config key {key!r} (see configs/common.py)')
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+    raise ConfigError(f'unknown config key {key!r} (see configs/common.py)')
+  node[last] = value
+
+
+def get_key(config: ml_collections.ConfigDict, key: str) -> Any:
+  """config[key] for a dotted key; ConfigError naming it when it is absent."""
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ConfigError(f'unknown config key {key!r} (see configs/common.py)')
+    node = node[part]
+  return node
+
+
+def parse_overrides(argv: Sequence[str], config: ml_collections.ConfigDict
+                    ) -> dict[str, Any]:
+  """`--config.key=value` (or `--config.key value`) flags -> {key: value}.
+
+  Values are typed by the key's current value in `config` (`parse_value`);
+  apply them with `set_key`. For scripts that take overrides outside
+  absl's config_flags (experiments/ablate.py).
+  """
+  out, i = {}, 0
+  argv = list(argv)
+  while i < len(argv):
+    arg = argv[i]
+    if not arg.startswith('--config.'):
+      raise ConfigError(f'unexpected argument {arg!r}')
+    body = arg[len('--config.'):]
+    if '=' in body:
+      key, text = body.split('=', 1)
+    else:
+      if i + 1 >= len(argv):
+        raise ConfigError(f'{arg} needs a value')
+      key, text = body, argv[i + 1]
+      i += 1
+    out[key] = parse_value(text, get_key(config, key))
+    i += 1
   return out

@@ -14,12 +14,12 @@ import json
 import os
 import time
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from mimicdet_jax import errors
 from mimicdet_jax import eval_lib
+from mimicdet_jax import restore
 from mimicdet_jax import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
@@ -65,13 +65,13 @@ def main(argv):
   total = config.train.total_steps
 
   start = time.time()
-  if total in eval_lib.checkpoint_steps(workdir):
+  if total in restore.checkpoint_steps(workdir):
     print(f'{workdir} already holds the step-{total} checkpoint: not training again')
     train_minutes = None
   else:
     train_lib.train_and_evaluate(config, workdir)
     train_minutes = (time.time() - start) / 60
-  steps = eval_lib.checkpoint_steps(workdir)
+  steps = restore.checkpoint_steps(workdir)
   if not steps or steps[-1] < total:
     print(f'training stopped at step {steps[-1] if steps else 0} of {total} '
           '(interrupted); run the same command again to resume')
@@ -81,8 +81,8 @@ def main(argv):
   metrics = _saved_metrics(workdir, total)
   t_metrics = _saved_metrics(workdir, total, 'eval_t')
   if metrics is None or t_metrics is None:
-    resolved = eval_lib.load_config(workdir, config)
-    variables, step = eval_lib.restore_variables(workdir, 'latest')
+    resolved = restore.load_config(workdir, config)
+    variables, step = restore.restore_variables(workdir, 'latest')
     if metrics is None:
       metrics = eval_lib.evaluate(resolved, variables, workdir, step)
     if t_metrics is None:
@@ -90,7 +90,7 @@ def main(argv):
       # so that every user sees how far the S-head is from it.
       t_recipe = copy.deepcopy(config)
       t_recipe.eval.head = 't'
-      t_config = eval_lib.load_config(workdir, t_recipe)
+      t_config = restore.load_config(workdir, t_recipe)
       t_metrics = eval_lib.evaluate(t_config, variables, workdir, step, viz=0,
                                     out_dir=os.path.join(workdir, 'eval_t'))
     eval_minutes = (time.time() - start) / 60

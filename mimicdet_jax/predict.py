@@ -32,7 +32,11 @@ import numpy as np
 from PIL import Image
 
 from mimicdet_jax import errors
-from mimicdet_jax import eval_lib
+from mimicdet_jax import coco_results
+from mimicdet_jax import inference
+from mimicdet_jax import postprocess
+from mimicdet_jax import restore
+from mimicdet_jax import viz
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff',
                     '.webp', '.ppm', '.pgm')
@@ -107,10 +111,10 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
         f'{image_dir}: no image files ({", ".join(IMAGE_EXTENSIONS)})')
   class_names = list(class_names or [])
   os.makedirs(out_dir, exist_ok=True)
-  predict_fn = eval_lib.make_predict_fn(model, config)
+  predict_fn = postprocess.make_predict_fn(model, config)
   skipped = []
   try:
-    dets = eval_lib.run_inference(
+    dets = inference.run_inference(
         predict_fn, variables,
         _batches(paths, config.data, int(config.eval.batch_size), skipped))
   except ValueError:
@@ -120,8 +124,8 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
           f'{image_dir}: none of the {len(paths)} image files could be read '
           f'(first: {skipped[0][0]}: {skipped[0][1]})') from None
     raise
-  boxes = eval_lib.to_original_pixels(dets['boxes'], dets['image_size'],
-                                      dets['orig_size'])
+  boxes = coco_results.to_original_pixels(dets['boxes'], dets['image_size'],
+                                          dets['orig_size'])
   images = []
   for i, image_id in enumerate(dets['image_id']):
     path = paths[int(image_id)]
@@ -129,8 +133,8 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
     b, s, c = boxes[i][valid], dets['scores'][i][valid], dets['classes'][i][valid]
     with Image.open(path) as img:
       rgb = np.asarray(img.convert('RGB'))
-    picture = eval_lib.draw_detections(rgb, b, s, c, class_names,
-                                       config.eval.viz_score_threshold)
+    picture = viz.draw_detections(rgb, b, s, c, class_names,
+                                  config.eval.viz_score_threshold)
     stem = os.path.splitext(os.path.basename(path))[0]
     picture.save(os.path.join(out_dir, f'{stem}.png'))
     images.append(dict(
@@ -138,26 +142,26 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
         width=int(rgb.shape[1]),
         detections=[dict(bbox=[round(float(v), 2) for v in box],
                          label=int(label),
-                         class_name=eval_lib.class_name(class_names, label),
+                         class_name=viz.class_name(class_names, label),
                          score=round(float(score), 5))
                     for box, score, label in zip(b, s, c)]))
   result = dict(checkpoint_step=step, class_names=class_names, images=images,
                 skipped=[dict(file_name=os.path.basename(p), error=reason)
                          for p, reason in skipped])
-  eval_lib.write_json(os.path.join(out_dir, 'detections.json'), result)
+  coco_results.write_json(os.path.join(out_dir, 'detections.json'), result)
   return result
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = eval_lib.load_config(_WORKDIR.value, _CONFIG.value)
-  variables, step = eval_lib.restore_variables(_WORKDIR.value,
-                                               _CHECKPOINT.value)
-  categories, _ = eval_lib.training_categories(config, _WORKDIR.value)
+  config = restore.load_config(_WORKDIR.value, _CONFIG.value)
+  variables, step = restore.restore_variables(_WORKDIR.value,
+                                              _CHECKPOINT.value)
+  categories, _ = restore.training_categories(config, _WORKDIR.value)
   names = [c['name'] for c in categories or []]
   if len(names) != config.model.num_classes:
-    names = eval_lib.class_names_from_annotations(config.data, 'val')
+    names = restore.class_names_from_annotations(config.data, 'val')
     if names is None or len(names) != config.model.num_classes:
       names = None
   result = predict_folder(config, variables, _IMAGES.value, _OUT.value,

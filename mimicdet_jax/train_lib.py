@@ -605,7 +605,8 @@ def write_categories(categories: list, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'categories.json'), 'w') as f:
+  from mimicdet_jax import restore  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, restore.CATEGORIES_FILE), 'w') as f:
     json.dump([{'id': int(c['id']), 'name': str(c['name'])}
                for c in categories], f, indent=1)
 
@@ -785,13 +786,16 @@ def _find_eval_fn(config, workdir: str) -> Optional[Callable]:
   return lambda variables, step: evaluate(config, variables, workdir, step)
 
 
-def build_training(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def build_training(config: ml_collections.ConfigDict, workdir: str, *,
+                   compile_cache: bool = False) -> dict:
   """Resolves the config and builds what `run_training` takes for MimicDet.
 
   Resolves the config against the training data (number of classes), checks
   that the validation file (when there is one) has the same categories,
-  writes WORKDIR/config.json and WORKDIR/categories.json, builds model variables (backbone from
-  model.backbone_init), losses and this process's data shard.
+  turns on the compilation cache (train.compile_cache) when `compile_cache`,
+  writes WORKDIR/config.json and WORKDIR/categories.json, builds model
+  variables (backbone from model.backbone_init), losses and this process's
+  data shard.
 
   Returns:
     Keyword arguments of `run_training` (config, workdir, variables,
@@ -806,6 +810,8 @@ def build_training(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source = pipeline.build_source(config.data, 'train')
   pipeline.check_val_categories(config.data, source)
   config = config_lib.resolve(config, source.num_classes)
+  if compile_cache:  # after the data checks (a bad file fails first), before
+    enable_compile_cache(config.train.compile_cache, workdir)  # compiling
   write_config(config, workdir)
   write_categories(source.categories, workdir)
   logging.info('training %s: %d classes, global batch %d on %d devices '
@@ -831,6 +837,5 @@ def build_training(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> TrainState:
   """Trains (and optionally evaluates) MimicDet as `config` says: train.py."""
-  enable_compile_cache(config.train.compile_cache, workdir)
-  kwargs = build_training(config, workdir)
+  kwargs = build_training(config, workdir, compile_cache=True)
   return run_training(kwargs.pop('config'), kwargs.pop('workdir'), **kwargs)

@@ -1,4 +1,8 @@
-"""Drawing boxes on images with Pillow (demo pictures, eval and predict output)."""
+"""Drawing boxes on images with Pillow (demo pictures, eval and predict output).
+
+`draw_boxes` draws captioned boxes; `draw_detections` draws a detector's
+output (labels 1..K named by `class_name`) over optional ground truth.
+"""
 from __future__ import annotations
 
 import zlib
@@ -6,6 +10,9 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+GT_COLOR = (0, 200, 0)  # green: ground truth in eval --viz pictures
+DET_COLOR = (255, 40, 40)  # red: detections beside ground truth
 
 # Distinct, saturated colours; a label always gets the same one.
 PALETTE = (
@@ -63,3 +70,30 @@ def draw_boxes(
     text_rgb = (0, 0, 0) if sum(rgb) > 380 else (255, 255, 255)
     draw.text((x1 + 2 - tx1, ty + 1 - ty1), caption, fill=text_rgb, font=font)
   return canvas
+
+
+def draw_detections(image: np.ndarray, boxes: np.ndarray, scores, classes,
+                    class_names: Sequence[str], score_threshold: float,
+                    gt_boxes: np.ndarray | None = None,
+                    gt_classes: Sequence[int] | None = None) -> Image.Image:
+  """PIL picture: gt (green, 'gt:' captions) then detections (red) above
+  `score_threshold`. Boxes in pixels of `image`; classes are labels 1..K."""
+  image = np.asarray(image, np.uint8)
+  if gt_boxes is not None and len(gt_boxes):
+    image = np.asarray(draw_boxes(
+        image, gt_boxes, [f'gt:{class_name(class_names, c)}' for c in gt_classes],
+        color=GT_COLOR))
+  keep = np.asarray(scores) >= score_threshold
+  return draw_boxes(
+      image, np.asarray(boxes)[keep],
+      [class_name(class_names, c) for c in np.asarray(classes)[keep]],
+      scores=np.asarray(scores)[keep], color=None if gt_boxes is None
+      else DET_COLOR)
+
+
+def class_name(class_names: Sequence[str], label) -> str:
+  """Name of label 1..K, or "class k" when unknown."""
+  label = int(label)
+  if 1 <= label <= len(class_names):
+    return str(class_names[label - 1])
+  return f'class {label}'

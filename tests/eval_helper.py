@@ -1,7 +1,7 @@
 """A random-init MimicDet checkpoint and a tiny synthetic set, for the slow
 end-to-end tests of eval.py and predict (tests/test_eval_cli.py,
 tests/test_predict.py). Saved with the project's own checkpoint code, so
-`eval_lib.restore_variables` reads what training writes.
+`restore.restore_variables` reads what training writes.
 
 Run as a script, one process of a multi-process `gather_across_hosts` test:
 
@@ -98,10 +98,10 @@ def _gather_main():
   parser.add_argument('--process_id', type=int, required=True)
   parser.add_argument('--out', required=True)
   args = parser.parse_args()
-  from mimicdet_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax import inference  # pylint: disable=g-import-not-at-top
   train_lib.initialize_distributed(args.coordinator, args.num_processes,
                                    args.process_id)
-  gathered = eval_lib.gather_across_hosts(host_detections(args.process_id))
+  gathered = inference.gather_across_hosts(host_detections(args.process_id))
   if jax.process_index() == 0:
     with open(args.out, 'w') as f:
       json.dump({k: np.asarray(v).tolist() for k, v in gathered.items()}, f)

@@ -1,6 +1,6 @@
 """Runs a few local processes that meet at a jax.distributed coordinator.
 
-Used by tests/test_multihost.py and tests/test_eval_lib.py. Two hazards of
+Used by tests/test_multihost.py and tests/test_inference.py. Two hazards of
 such tests are handled here, once:
 - the free port is found by binding port 0 and closing the socket, so another
   program can take it before the coordinator binds it: a run whose output

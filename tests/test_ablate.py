@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import configs.demo
+from mimicdet_jax import errors
 from mimicdet_jax.experiments import ablate
 from mimicdet_jax.experiments import report
 
@@ -39,7 +40,7 @@ def test_named_adhoc_and_combined_variants():
   assert isinstance(got['mimic.weight'], float)
   with pytest.raises(ValueError, match='unknown variant'):
     ablate.variant_overrides('mimic_of', base)
-  with pytest.raises(KeyError, match='mimic.wieght'):
+  with pytest.raises(errors.ConfigError, match='mimic.wieght'):
     ablate.variant_overrides('mimic.wieght=2', base)
   with pytest.raises(ValueError):
     ablate.variant_overrides('model.staggered=maybe', base)
@@ -75,17 +76,6 @@ def test_run_config_order_schedule_and_seed():
   config, _ = ablate.run_config(base, 'both', 0, None, {})
   assert config.train.total_steps == 1500
   assert tuple(config.optim.decay_steps) == (1200, 1400)
-
-
-def test_config_flags():
-  base = configs.demo.get_config()
-  got = ablate.parse_config_flags(
-      ['--config.data.canvas_buckets=((128,128),)', '--config.eval.head', 't',
-       '--config.model.staggered=False', '--config.train.batch_size=2'], base)
-  assert got == {'data.canvas_buckets': ((128, 128),), 'eval.head': 't',
-                 'model.staggered': False, 'train.batch_size': 2}
-  with pytest.raises(KeyError):
-    ablate.parse_config_flags(['--config.nope=1'], base)
 
 
 def test_shards_partition_the_grid():

@@ -131,3 +131,21 @@ def test_config_json_from_before_the_new_keys_still_resolves():
   assert r.train.parallelism == 'pmap' and r.train.compile_cache == ''
   assert r.t_head.roi_align_impl == 'gather'
   assert r.data.device_normalize is False
+
+
+def test_parse_overrides_types_values_by_the_current_ones():
+  base = _parse(['--config=configs/demo.py'])
+  got = config_lib.parse_overrides(
+      ['--config.data.canvas_buckets=((128,128),)', '--config.eval.head', 't',
+       '--config.model.staggered=False', '--config.train.batch_size=2',
+       '--config.optim.base_lr=1'], base)
+  assert got == {'data.canvas_buckets': ((128, 128),), 'eval.head': 't',
+                 'model.staggered': False, 'train.batch_size': 2,
+                 'optim.base_lr': 1.0}
+  assert isinstance(got['optim.base_lr'], float)
+  with pytest.raises(errors.ConfigError, match="'nope.x'"):
+    config_lib.parse_overrides(['--config.nope.x=1'], base)
+  with pytest.raises(errors.ConfigError, match='true or false'):
+    config_lib.parse_overrides(['--config.model.staggered=maybe'], base)
+  config_lib.set_key(base, 'eval.head', 'both')
+  assert config_lib.get_key(base, 'eval.head') == 'both'

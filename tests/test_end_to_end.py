@@ -122,7 +122,9 @@ def test_train_resume_eval_score_predict(tmp_path):
       f'--config.data.train_images={data}/train',
       f'--config.data.val_annotations={data}/annotations/val.json',
       f'--config.data.val_images={data}/val']
-  train = ['train.py', '--config', 'configs/demo.py', '--workdir', work]
+  train = ['train.py', '--config', 'configs/demo.py', '--workdir', work,
+           # train.py's own cache (train.compile_cache): the test's, not ~
+           f'--config.train.compile_cache={tmp_path / "jax_cache"}']
 
   # 1. Train one step: a checkpoint, the resolved config, the categories.
   _run(env, *train, *flags, '--config.train.total_steps=1')

@@ -130,9 +130,9 @@ def test_eval_cli_on_a_checkpoint_writes_coco_results(workdir):
 @pytest.mark.slow
 def test_evaluate_t_and_both_heads(workdir, tmp_path):
   import ml_collections
-  from mimicdet_jax import config_lib, eval_lib
+  from mimicdet_jax import config_lib, eval_lib, restore
   recipe, config, _, work = workdir
-  variables, step = eval_lib.restore_variables(work, str(3))
+  variables, step = restore.restore_variables(work, str(3))
   boxes = {}
   for head in ('s', 't', 'both'):
     c = ml_collections.ConfigDict(recipe.to_dict())

@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 
 from configs import demo
-from mimicdet_jax import eval_lib
+from mimicdet_jax import restore
 from mimicdet_jax import predict
 from tests import eval_helper
 
@@ -52,8 +52,8 @@ def workdir(tmp_path_factory):
 def test_predict_folder_on_odd_grey_and_rgba_images(workdir, tmp_path):
   _, _, _, work = workdir
   sizes = _write_odd_images(str(tmp_path / 'images'))
-  config = eval_lib.load_config(work)  # from WORKDIR/config.json
-  variables, step = eval_lib.restore_variables(work)
+  config = restore.load_config(work)  # from WORKDIR/config.json
+  variables, step = restore.restore_variables(work)
   assert step == eval_helper.STEP
   out = tmp_path / 'out'
   result = predict.predict_folder(config, variables, str(tmp_path / 'images'),

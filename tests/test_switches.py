@@ -9,7 +9,7 @@ mimic distance 0 on foreground samples and d(student, background teacher) on
 the others, so each variant's mimic term has a closed form computed here in
 NumPy. model.staggered and s_head.deformable are checked on the real
 MimicDet modules (small widths, NumPy-filled parameters), eval.head on
-`eval_lib.postprocess` against a NumPy decode.
+`postprocess.postprocess` against a NumPy decode.
 """
 import flax
 import flax.linen as nn
@@ -21,7 +21,7 @@ import pytest
 
 import configs.demo
 from mimicdet_jax import config_lib
-from mimicdet_jax import eval_lib
+from mimicdet_jax import postprocess
 from mimicdet_jax.losses import total
 from mimicdet_jax.models import heads
 from mimicdet_jax.models import mimicdet
@@ -559,7 +559,7 @@ def test_eval_head_switch(head):
     return (jnp.asarray(t_cls, jnp.float32), None,
             jnp.asarray(t_deltas, jnp.float32))
 
-  dets = jax.tree.map(np.asarray, eval_lib.postprocess(
+  dets = jax.tree.map(np.asarray, postprocess.postprocess(
       outputs, jnp.asarray(anchors, jnp.float32), jnp.array([[128, 128]]),
       config, t_head_fn, anchor_level=np.array([4, 3], np.int32)))
   if calls:  # the position from P4 is pooled from P3 (staggered rule)

@@ -65,12 +65,22 @@ def example_from_tfds(record: dict[str, Any], policy: validation.BadInputPolicy,
   labels = np.asarray(objects['label'], np.int64).reshape(-1)
   crowd = np.asarray(objects.get('is_crowd', np.zeros(len(labels), bool)),
                      bool).reshape(-1)
+  ann_ids = np.asarray(objects.get('id', np.arange(len(labels)))).reshape(-1)
+  lengths = (len(yxyx), len(labels), len(crowd), len(ann_ids))
+  if len(set(lengths)) > 1:
+    # A corrupt record (TFDS' mock data makes such): keep the objects that
+    # have every field.
+    n = min(lengths)
+    policy.report(validation.MALFORMED_BOX,
+                  f'{source_name}: image {image_id}: objects have '
+                  f'{lengths[0]} boxes, {lengths[1]} labels, {lengths[2]} '
+                  f'crowd flags and {lengths[3]} ids; keeping the first {n}')
+    yxyx, labels, crowd, ann_ids = yxyx[:n], labels[:n], crowd[:n], ann_ids[:n]
   boxes = np.stack([yxyx[:, 1] * w, yxyx[:, 0] * h, yxyx[:, 3] * w,
                     yxyx[:, 2] * h], axis=1)
   raw = boxes.copy()
   boxes = np.clip(boxes, 0, np.array([w, h, w, h], np.float32))
   keep = np.ones(len(boxes), bool)
-  ann_ids = np.asarray(objects.get('id', np.arange(len(boxes))))
   for i in range(len(boxes)):
     where = f'{source_name}: image {image_id}, object {int(ann_ids[i])}'
     if raw[i, 2] <= raw[i, 0] or raw[i, 3] <= raw[i, 1]:

@@ -51,7 +51,6 @@ training).
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import json
 import os
@@ -64,6 +63,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import ml_collections
 import numpy as np
 
+from mimicdet_jax import config_lib
 from mimicdet_jax.experiments.report import format_table
 from mimicdet_jax.experiments.report import PLOT_TERMS  # pylint: disable=unused-import
 from mimicdet_jax.experiments.report import plot_curves
@@ -94,58 +94,6 @@ FINISHED = ('done', 'diverged')
 
 
 # ------------------------------------------------------------------ variants
-def parse_value(text: str, current: Any) -> Any:
-  """A command-line value for a config key whose current value is `current`.
-
-  bool keys take true/false (any case) or 1/0; str keys take the text as is;
-  numbers and tuples are Python literals (lists become tuples).
-  """
-  if isinstance(current, bool):
-    low = text.strip().lower()
-    if low in ('true', '1', 'yes'):
-      return True
-    if low in ('false', '0', 'no'):
-      return False
-    raise ValueError(f'expected true or false, got {text!r}')
-  if isinstance(current, str):
-    return text
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-  if isinstance(current, float) and isinstance(value, int):
-    value = float(value)
-  return _tuples(value)
-
-
-def _tuples(value: Any) -> Any:
-  if isinstance(value, (list, tuple)):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
-def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  """config[key] = value for a dotted key that must already exist."""
-  *path, last = key.split('.')
-  node = config
-  for part in path:
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise KeyError(f'unknown config key {key!r} (see configs/common.py)')
-    node = node[part]
-  if not isinstance(node, ml_collections.ConfigDict) or last not in node:
-    raise KeyError(f'unknown config key {key!r} (see configs/common.py)')
-  node[last] = value
-
-
-def get_key(config: ml_collections.ConfigDict, key: str) -> Any:
-  node = config
-  for part in key.split('.'):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise KeyError(f'unknown config key {key!r} (see configs/common.py)')
-    node = node[part]
-  return node
-
-
 def variant_overrides(spec: str, config: ml_collections.ConfigDict
                       ) -> dict[str, Any]:
   """Grid entry -> {dotted key: value}: VARIANTS names and key=value, '+'-joined.
@@ -159,7 +107,7 @@ def variant_overrides(spec: str, config: ml_collections.ConfigDict
       raise ValueError(f'empty part in variant {spec!r}')
     if '=' in part:
       key, text = part.split('=', 1)
-      overrides[key] = parse_value(text, get_key(config, key))
+      overrides[key] = config_lib.parse_value(text, config_lib.get_key(config, key))
     elif part in VARIANTS:
       overrides.update(VARIANTS[part])
     else:
@@ -189,28 +137,6 @@ def schedule_overrides(config: ml_collections.ConfigDict,
       'train.checkpoint_every': int(min(config.train.checkpoint_every,
                                         max(1, steps // 3))),
   }
-
-
-def parse_config_flags(argv: Sequence[str], config: ml_collections.ConfigDict
-                       ) -> dict[str, Any]:
-  """`--config.key=value` (or `--config.key value`) flags -> {key: value}."""
-  out, i = {}, 0
-  argv = list(argv)
-  while i < len(argv):
-    arg = argv[i]
-    if not arg.startswith('--config.'):
-      raise ValueError(f'unexpected argument {arg!r}')
-    body = arg[len('--config.'):]
-    if '=' in body:
-      key, text = body.split('=', 1)
-    else:
-      if i + 1 >= len(argv):
-        raise ValueError(f'{arg} needs a value')
-      key, text = body, argv[i + 1]
-      i += 1
-    out[key] = parse_value(text, get_key(config, key))
-    i += 1
-  return out
 
 
 def load_base(path: str) -> ml_collections.ConfigDict:
@@ -260,7 +186,7 @@ def run_config(base: ml_collections.ConfigDict, spec: str, seed: int,
   overrides['train.eval_every'] = 0
   config = copy.deepcopy(base)
   for key, value in overrides.items():
-    set_key(config, key, value)
+    config_lib.set_key(config, key, value)
   return config, overrides
 
 
@@ -372,6 +298,7 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str
       loop checkpoints and returns), so the run is not finished.
   """
   from mimicdet_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax import restore  # pylint: disable=g-import-not-at-top
   from mimicdet_jax import train_lib  # pylint: disable=g-import-not-at-top
 
   total_steps = int(config.train.total_steps)
@@ -385,13 +312,13 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str
     raise RuntimeError(f'{workdir}: training stopped at step '
                        f'{int(state.step)} of {total_steps}')
 
-  variables, step = eval_lib.restore_variables(workdir, 'latest')
+  variables, step = restore.restore_variables(workdir, 'latest')
   result = {'step': step}
   start = time.time()
   for head in ('s', 't'):
     head_config = copy.deepcopy(config)
     head_config.eval.head = head
-    resolved = eval_lib.resolve_config(head_config, workdir)
+    resolved = restore.resolve_config(head_config, workdir)
     metrics = eval_lib.evaluate(resolved, variables, workdir, step, viz=0,
                                 out_dir=os.path.join(workdir, f'eval_{head}'))
     for key in ('AP', 'AP50', 'AP75'):
@@ -606,7 +533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   argv = list(sys.argv[1:] if argv is None else argv)
   args, rest = parse_args(argv)
   base = load_base(args.base)
-  global_overrides = parse_config_flags(rest, base)
+  global_overrides = config_lib.parse_overrides(rest, base)
   if args.val_images:
     # The subset file lives in DIR, so every shard of the grid shares it.
     src = global_overrides.get('data.val_annotations',

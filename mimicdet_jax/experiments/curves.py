@@ -27,21 +27,22 @@ CURVE_FILE = 'curve.json'
 def score_checkpoints(run_dir: str) -> dict:
   """{step: {s_AP, s_AP50, t_AP, t_AP50}} for every checkpoint of run_dir."""
   from mimicdet_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax import restore  # pylint: disable=g-import-not-at-top
   path = os.path.join(run_dir, CURVE_FILE)
   curve = {}
   if os.path.exists(path):
     with open(path) as f:
       curve = {int(k): v for k, v in json.load(f).items()}
-  for step in eval_lib.checkpoint_steps(run_dir):
+  for step in restore.checkpoint_steps(run_dir):
     if step in curve:
       continue
-    variables, _ = eval_lib.restore_variables(run_dir, str(step))
+    variables, _ = restore.restore_variables(run_dir, str(step))
     row = {}
     for head in ('s', 't'):
       with open(os.path.join(run_dir, 'config.json')) as f:
         recipe = json.load(f)
       recipe['eval']['head'] = head
-      config = eval_lib.load_config(run_dir, recipe)
+      config = restore.load_config(run_dir, recipe)
       metrics = eval_lib.evaluate(
           config, variables, run_dir, step, viz=0,
           out_dir=os.path.join(run_dir, 'curve', f'{step}_{head}'))

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimicdet_jax import eval_lib
+from mimicdet_jax import postprocess
+from mimicdet_jax import restore
 from mimicdet_jax.data import pipeline
 from mimicdet_jax.models import anchors as anchors_lib
 from mimicdet_jax.models import heads
@@ -47,7 +48,7 @@ def offset_alignment(config, variables, images: np.ndarray,
   logits = jnp.where(proposals_lib.cells_inside_image(
       jnp.asarray(anchors['boxes']), jnp.asarray(image_size)),
                      out['refine_logits'], -jnp.inf)
-  idx, _ = eval_lib.select_positions(logits, config.eval.pre_nms_topk)
+  idx, _ = postprocess.select_positions(logits, config.eval.pre_nms_topk)
   idx = np.asarray(idx)
   s_inter = inter['intermediates']['s_head_net']
   finest = min(levels)
@@ -91,8 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--images', type=int, default=32)
   args = parser.parse_args(argv)
-  config = eval_lib.load_config(args.workdir)
-  variables, step = eval_lib.restore_variables(args.workdir, 'latest')
+  config = restore.load_config(args.workdir)
+  variables, step = restore.restore_variables(args.workdir, 'latest')
   source = pipeline.build_source(config.data, 'val')
   batch = next(pipeline.make_eval_batches(config, source, args.images))
   result = offset_alignment(config, variables, batch['image'],

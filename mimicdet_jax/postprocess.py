@@ -1,0 +1,196 @@
+"""Inference post-processing (SPEC section 4): dense outputs -> detections.
+
+`postprocess` (pure jnp, static shapes) turns the model's dense outputs into
+at most `eval.max_detections` boxes per image; `make_predict_fn` wraps the
+model and `postprocess` into one jitted function (eval.py, predict,
+benchmarks). Boxes are (x1, y1, x2, y2) float32 in *canvas* pixels (the
+network input, resized and padded); coco_results.to_original_pixels maps
+them back to the image file.
+"""
+from typing import Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mimicdet_jax import ops
+from mimicdet_jax.models import anchors as anchors_lib
+from mimicdet_jax.models import mimicdet
+from mimicdet_jax.targets import proposals as proposals_lib
+
+Array = jnp.ndarray
+
+
+def _gather(x: Array, idx: Array) -> Array:
+  """x [B, A, ...] gathered at idx [B, N] -> [B, N, ...]."""
+  return jax.vmap(lambda a, i: a[i])(x, idx)
+
+
+def select_positions(refine_logits: Array, topk: int) -> tuple[Array, Array]:
+  """Top-`topk` dense positions per image by refinement objectness.
+
+  Args:
+    refine_logits: [B, A] objectness logits.
+    topk: static; clamped to A.
+  Returns:
+    idx int32 [B, N] (flat origin indices, descending objectness) and the
+    objectness probabilities float32 [B, N].
+  """
+  n = min(int(topk), refine_logits.shape[1])
+  logits, idx = jax.lax.top_k(refine_logits.astype(jnp.float32), n)
+  return idx.astype(jnp.int32), jax.nn.sigmoid(logits)
+
+
+def class_probs(cls_logits: Array) -> Array:
+  """Softmax over [.., L] logits with the background (index 0) dropped."""
+  return jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)[..., 1:]
+
+
+def select_detections(boxes: Array, probs: Array, *, score_threshold: float,
+                      nms_threshold: float,
+                      max_detections: int) -> dict[str, Array]:
+  """Score threshold -> per-class NMS -> top `max_detections`, per image.
+
+  Every (box, class) pair is a candidate, as in Faster R-CNN inference with
+  class-agnostic box deltas. `batched_nms` returns the kept pairs in
+  descending score order, so its first `max_detections` are the top ones.
+
+  Args:
+    boxes: [B, N, 4] class-agnostic boxes (canvas pixels, already clipped).
+    probs: [B, N, K] foreground class probabilities.
+    score_threshold: pairs with a score below it are dropped (SPEC: 0.005).
+    nms_threshold: IoU above which a same-class box is suppressed.
+    max_detections: static output length M.
+  Returns:
+    dict with boxes [B, M, 4], scores [B, M], classes int32 [B, M] in 1..K
+    (0 where invalid), valid bool [B, M]. Invalid rows are zero.
+  """
+  _, n, k = probs.shape
+
+  def one_image(img_boxes, img_probs):
+    scores = img_probs.reshape(n * k)
+    box_idx = jnp.arange(n * k, dtype=jnp.int32) // k
+    classes = jnp.arange(n * k, dtype=jnp.int32) % k + 1
+    # Empty boxes (e.g. clipped away entirely) are not detections.
+    nonempty = ops.box_area(img_boxes) > 0
+    valid = (scores >= score_threshold) & nonempty[box_idx]
+    keep, keep_valid = ops.batched_nms(
+        img_boxes[box_idx], scores, classes, nms_threshold,
+        max_output_size=max_detections, valid=valid)
+    out_boxes = jnp.where(keep_valid[:, None], img_boxes[box_idx[keep]], 0.0)
+    return dict(boxes=out_boxes,
+                scores=jnp.where(keep_valid, scores[keep], 0.0),
+                classes=jnp.where(keep_valid, classes[keep], 0),
+                valid=keep_valid)
+
+  return jax.vmap(one_image)(boxes.astype(jnp.float32),
+                             probs.astype(jnp.float32))
+
+
+def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
+                image_size: Array, config,
+                t_head_fn: Optional[Callable[..., tuple]] = None,
+                anchor_level: Optional[Array] = None) -> dict[str, Array]:
+  """SPEC section 4 on the model's dense outputs.
+
+  Top `eval.pre_nms_topk` positions by objectness (cells inside the image
+  only, with `proposals.inside_image`) -> refined boxes (anchor +
+  refinement deltas, clipped to the image) -> class probabilities and boxes
+  from the S-head (deltas on the refined boxes), the T-head on the same boxes,
+  or the mean of both (`eval.head`) -> optional score x objectness ->
+  `select_detections`.
+
+  Args:
+    outputs: the model's dict (refine_logits [B, A], refine_deltas [B, A, 4],
+      s_cls_logits [B, A, L], s_deltas [B, A, 4]).
+    anchor_boxes: [A, 4] canvas pixels, same flat order as the outputs.
+    image_size: int [B, 2] (h, w) of the image inside the canvas; boxes are
+      clipped to it.
+    config: the resolved config (reads eval.*, refine.stds, s_head.stds,
+      t_head.stds, box.scale_clip).
+    t_head_fn: (refined boxes [B, N, 4], box_levels [B, N] or None) ->
+      (t_cls_logits [B, N, L], _, t_deltas [B, N, 4]); needed when eval.head
+      is 't' or 'both'.
+    anchor_level: int [A] level of each position; needed for the T-head
+      under `t_head.level_rule=staggered`.
+  Returns:
+    `select_detections`' dict, boxes in canvas pixels.
+  """
+  ev = config.eval
+  scale_clip = config.box.scale_clip
+  refine_logits = outputs['refine_logits'].astype(jnp.float32)
+  if config.proposals.inside_image:
+    inside = proposals_lib.cells_inside_image(
+        jnp.asarray(anchor_boxes, jnp.float32), image_size)
+    refine_logits = jnp.where(inside, refine_logits, -jnp.inf)
+  idx, objectness = select_positions(refine_logits, ev.pre_nms_topk)
+  refined = ops.decode_deltas(
+      _gather(outputs['refine_deltas'], idx).astype(jnp.float32),
+      jnp.asarray(anchor_boxes, jnp.float32)[idx], config.refine.stds,
+      scale_clip=scale_clip)
+  refined = ops.clip_boxes(refined, image_size)
+  # Proposals carry no gradient in training either; the T-head sees the
+  # same boxes as the S-head's deltas refer to.
+  refined = jax.lax.stop_gradient(refined)
+
+  heads = []
+  if ev.head in ('s', 'both'):
+    heads.append((_gather(outputs['s_cls_logits'], idx),
+                  _gather(outputs['s_deltas'], idx), config.s_head.stds))
+  if ev.head in ('t', 'both'):
+    if t_head_fn is None:
+      raise ValueError(f'eval.head={ev.head!r} needs t_head_fn')
+    box_levels = None
+    if config.t_head.level_rule != 'fpn':
+      if anchor_level is None:
+        raise ValueError('the staggered T-head level rule needs anchor_level')
+      box_levels = mimicdet.t_head_box_levels(config, anchor_level, idx)
+    t_cls_logits, _, t_deltas = t_head_fn(refined, box_levels)
+    heads.append((t_cls_logits, t_deltas, config.t_head.stds))
+  if not heads:
+    raise ValueError(f'eval.head={ev.head!r}; expected s, t or both')
+
+  probs, boxes = 0.0, 0.0
+  for cls_logits, deltas, stds in heads:
+    probs = probs + class_probs(cls_logits)
+    boxes = boxes + ops.clip_boxes(
+        ops.decode_deltas(deltas.astype(jnp.float32), refined, stds,
+                              scale_clip=scale_clip), image_size)
+  probs = probs / len(heads)
+  boxes = boxes / len(heads)
+  if ev.score_times_objectness:
+    probs = probs * objectness[..., None]
+  # Padding cells picked only because fewer than topk cells are inside the
+  # image (objectness -inf -> 0) are no detections.
+  probs = jnp.where(objectness[..., None] > 0, probs, 0.0)
+  return select_detections(boxes, probs, score_threshold=ev.score_threshold,
+                           nms_threshold=ev.nms_threshold,
+                           max_detections=ev.max_detections)
+
+
+def make_predict_fn(model, config) -> Callable[..., dict[str, Array]]:
+  """One jitted function: images -> detections in canvas pixels.
+
+  Returns fn(variables, images [B, Hc, Wc, 3], image_size [B, 2] or None)
+  -> dict boxes [B, M, 4] (canvas pixels), scores [B, M], classes int32
+  [B, M] (1..K), valid bool [B, M]. image_size None clips to the canvas.
+  Shard `images` over devices (see `evaluate`) for data parallelism; the
+  computation follows the input sharding.
+  """
+
+  def predict(variables, images, image_size=None):
+    canvas_hw = images.shape[1:3]
+    if image_size is None:
+      image_size = jnp.broadcast_to(jnp.asarray(canvas_hw, jnp.int32),
+                                    (images.shape[0], 2))
+    outputs = model.apply(variables, images, train=False)
+    anchors = anchors_lib.dense_anchors(
+        canvas_hw, config.model.s_levels, config.model.anchor_scale)
+
+    def t_head_fn(boxes, box_levels):
+      return model.apply(variables, outputs['t_features'], boxes, box_levels,
+                         method='t_head')
+
+    return postprocess(outputs, anchors['boxes'], image_size, config,
+                       t_head_fn, anchor_level=anchors['level'])
+
+  return jax.jit(predict)
