@@ -61,9 +61,11 @@ def main(argv):
   train_lib.initialize_distributed()  # no-op for one process
   config = restore.load_config(_WORKDIR.value, _CONFIG.value,
                                head=_HEAD.value)
-  train_lib.enable_compile_cache(config.train.compile_cache, _WORKDIR.value)
   variables, step = restore.restore_variables(_WORKDIR.value,
                                               _CHECKPOINT.value)
+  # After the checks a user's mistake fails (no checkpoint): its log line
+  # would come before their one-line error.
+  train_lib.enable_compile_cache(config.train.compile_cache, _WORKDIR.value)
   logging.info('evaluating step %s on %d devices (%d processes)', step,
                jax.device_count(), jax.process_count())
   eval_lib.evaluate(config, variables, _WORKDIR.value, step, viz=_VIZ.value)
