@@ -40,6 +40,22 @@ def select_positions(refine_logits: Array, topk: int) -> tuple[Array, Array]:
   return idx.astype(jnp.int32), jax.nn.sigmoid(logits)
 
 
+def inference_positions(refine_logits: Array, anchor_boxes: Array,
+                        image_size: Array, config) -> tuple[Array, Array]:
+  """The positions inference reads: `select_positions` with
+  `eval.pre_nms_topk`, over the cells inside the image only when
+  `proposals.inside_image` (padding cells get objectness 0).
+
+  refine_logits [B, A], anchor_boxes [A, 4], image_size [B, 2] (h, w).
+  """
+  refine_logits = refine_logits.astype(jnp.float32)
+  if config.proposals.inside_image:
+    inside = proposals_lib.cells_inside_image(
+        jnp.asarray(anchor_boxes, jnp.float32), image_size)
+    refine_logits = jnp.where(inside, refine_logits, -jnp.inf)
+  return select_positions(refine_logits, config.eval.pre_nms_topk)
+
+
 def class_probs(cls_logits: Array) -> Array:
   """Softmax over [.., L] logits with the background (index 0) dropped."""
   return jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)[..., 1:]
@@ -117,12 +133,8 @@ def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
   """
   ev = config.eval
   scale_clip = config.box.scale_clip
-  refine_logits = outputs['refine_logits'].astype(jnp.float32)
-  if config.proposals.inside_image:
-    inside = proposals_lib.cells_inside_image(
-        jnp.asarray(anchor_boxes, jnp.float32), image_size)
-    refine_logits = jnp.where(inside, refine_logits, -jnp.inf)
-  idx, objectness = select_positions(refine_logits, ev.pre_nms_topk)
+  idx, objectness = inference_positions(outputs['refine_logits'],
+                                        anchor_boxes, image_size, config)
   refined = ops.decode_deltas(
       _gather(outputs['refine_deltas'], idx).astype(jnp.float32),
       jnp.asarray(anchor_boxes, jnp.float32)[idx], config.refine.stds,

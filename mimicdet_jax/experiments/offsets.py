@@ -4,7 +4,7 @@ r"""Do the S-head's deformable taps follow the refined box? A diagnostic.
 
 Restores DIR's latest checkpoint (config from DIR/config.json), runs the
 network on the first validation images and, at the positions inference reads
-(the top `eval.pre_nms_topk` cells inside the image by objectness), compares
+(`postprocess.inference_positions`), compares
 the offsets the S-head's deformable convs use with `box_aligned_offsets`,
 the offsets that would put the k x k taps on the bins of the refined box
 there. Prints and returns, per kernel (P3's and the shared P4..P7 one), in
@@ -23,7 +23,6 @@ import json
 import sys
 from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,7 +32,6 @@ from mimicdet_jax.data import pipeline
 from mimicdet_jax.models import anchors as anchors_lib
 from mimicdet_jax.models import heads
 from mimicdet_jax.models import mimicdet
-from mimicdet_jax.targets import proposals as proposals_lib
 
 
 def offset_alignment(config, variables, images: np.ndarray,
@@ -45,10 +43,8 @@ def offset_alignment(config, variables, images: np.ndarray,
   out, inter = model.apply(variables, jnp.asarray(images), train=False,
                            mutable=['intermediates'])
   anchors = anchors_lib.dense_anchors(canvas, levels, config.model.anchor_scale)
-  logits = jnp.where(proposals_lib.cells_inside_image(
-      jnp.asarray(anchors['boxes']), jnp.asarray(image_size)),
-                     out['refine_logits'], -jnp.inf)
-  idx, _ = postprocess.select_positions(logits, config.eval.pre_nms_topk)
+  idx, _ = postprocess.inference_positions(
+      out['refine_logits'], anchors['boxes'], jnp.asarray(image_size), config)
   idx = np.asarray(idx)
   s_inter = inter['intermediates']['s_head_net']
   finest = min(levels)
