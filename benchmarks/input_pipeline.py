@@ -11,8 +11,10 @@ so they compress like photographs, ~100-200 kB) and a COCO-format JSON with
 side 800, longer <= 1333, canvas 896x1408):
 
   load       `CocoSource[i]`: read + JPEG decode + checks, ms per image
-  transform  `transforms.transform_example(train=True)`: resize, flip,
-             pad (and normalise when `data.device_normalize` is False)
+  transform  the loader's `pipeline.TrainTransform`: resize, flip (and
+             normalise when `data.device_normalize` is False), ms per image
+  collate    `transforms.collate`: every image into one zero canvas of the
+             batch, ms per image
   loader     `pipeline.make_train_loader` at each `data.num_workers`: the
              real grain loader, images/s after its first batch
   to device  `jax.device_put` of one batch, ms and MB (on the CPU backend
@@ -124,10 +126,13 @@ def measure(config, source, *, batch: int, batches: int, workers) -> dict:
                                                           Image.BILINEAR))
   row['resize_ms'] = _ms_per_call(resize, raw)
   rng = np.random.default_rng(0)
+  train_transform = pipeline.TrainTransform(data)  # what the loader runs
   row['transform_ms'] = _ms_per_call(
-      lambda ex: transforms.transform_example(
-          ex, data, train=True, rng=rng,
-          normalize=not data.device_normalize), raw)
+      lambda ex: train_transform.random_map(ex, rng), raw)
+  examples = [train_transform.random_map(ex, rng) for ex in raw]
+  groups = [examples[i:i + batch] for i in range(0, n - batch + 1, batch)]
+  row['collate_ms'] = _ms_per_call(
+      lambda g: transforms.collate(g, data.canvas_buckets), groups) / batch
   for w in workers:
     config.data.num_workers = w
     config.train.batch_size = batch

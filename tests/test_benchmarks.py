@@ -314,3 +314,4 @@ def test_input_pipeline_dataset_and_both_image_paths(tmp_path):
   assert rows[False]['batch_image_dtype'] == 'float32'
   assert rows[False]['batch_image_mb'] == 4 * rows[True]['batch_image_mb']
   assert rows[True]['loader_0_workers_images_per_s'] > 0
+  assert rows[True]['collate_ms'] > 0 and rows[True]['transform_ms'] > 0

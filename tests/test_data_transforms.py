@@ -192,3 +192,39 @@ def test_image_ids_past_int32_survive_transform_and_collate():
   batch = transforms.collate([out, out], _data().canvas_buckets)
   assert batch['image_id'].dtype == np.int64
   assert batch['image_id'].tolist() == [big, big]
+
+
+@pytest.mark.parametrize('normalize', [False, True])
+def test_unpadded_train_examples_collate_to_the_padded_batch(normalize):
+  """pad=False (the training loader's path): the batch is the same array as
+  padding each example to its own bucket first, and each image sits in the
+  top-left corner of a zero canvas (NumPy placement as the reference)."""
+  data = _data(hflip_prob=0.5)
+  rng_img = np.random.default_rng(3)
+  raws = [_raw(h, w, [[2, 3, 30, 40]],
+               image=rng_img.integers(0, 256, (h, w, 3), np.uint8))
+          for h, w in ((100, 200), (200, 100), (90, 91), (64, 250))]
+  seeds = [11, 12, 13, 14]
+  make = lambda pad: [transforms.transform_example(
+      r, data, train=True, rng=np.random.default_rng(s), normalize=normalize,
+      pad=pad) for r, s in zip(raws, seeds)]
+  padded, unpadded = make(True), make(False)
+  for p, u in zip(padded, unpadded):
+    h, w = u['image_size']
+    assert u['image'].shape[:2] == (h, w)  # not padded
+    assert p['image'].shape[:2] != (h, w) or (h, w) in data.canvas_buckets
+    np.testing.assert_array_equal(u['boxes'], p['boxes'])
+  for fixed in (None, (256, 256)):
+    want = transforms.collate(padded, data.canvas_buckets, fixed)
+    got = transforms.collate(unpadded, data.canvas_buckets, fixed)
+    assert set(got) == set(want)
+    for k in want:
+      assert got[k].dtype == want[k].dtype, k
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    ref = np.zeros_like(want['image'])
+    for i, u in enumerate(unpadded):
+      h, w = u['image_size']
+      ref[i, :h, :w] = u['image']
+    np.testing.assert_array_equal(got['image'], ref)
+  # Mixed orientations need the square bucket.
+  assert got['image'].shape[1:3] == (256, 256)

@@ -86,6 +86,7 @@ class TrainTransform(grain.RandomMapTransform):
   """Raw example -> model example with random scale and flip.
 
   With `data.device_normalize` the image stays uint8 (the step normalises).
+  Images leave unpadded; the batch_fn (`transforms.collate`) pads them.
   """
 
   def __init__(self, data):
@@ -94,7 +95,7 @@ class TrainTransform(grain.RandomMapTransform):
   def random_map(self, element, rng: np.random.Generator):
     return transforms.transform_example(
         element, self._data, train=True, rng=rng,
-        normalize=not self._data.device_normalize)
+        normalize=not self._data.device_normalize, pad=False)
 
 
 class EvalTransform(grain.MapTransform):

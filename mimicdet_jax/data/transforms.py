@@ -124,7 +124,7 @@ def _truncate(boxes: np.ndarray, max_boxes: int, image_id: int) -> np.ndarray:
 def transform_example(example: Example, data, *, train: bool,
                       rng: np.random.Generator | None = None,
                       canvas: tuple[int, int] | None = None,
-                      normalize: bool = True) -> Example:
+                      normalize: bool = True, pad: bool = True) -> Example:
   """Raw example dict -> model example dict (docs/ARCHITECTURE.md).
 
   Args:
@@ -137,6 +137,10 @@ def transform_example(example: Example, data, *, train: bool,
     canvas: (Hc, Wc) to pad to; None = smallest bucket that holds the image.
     normalize: False keeps the pixels: image uint8 [Hc, Wc, 3], zero-padded,
       for `normalize_on_device`.
+    pad: False returns the image at its resized size [h, w, 3], unpadded
+      (`canvas` unused): `collate` writes it straight into the batch's
+      canvas, so a training image is copied once instead of three times
+      (pad to its own bucket, pad to the batch's, stack).
 
   Returns:
     image float32 [Hc, Wc, 3] normalised and zero-padded (uint8 pixels when
@@ -168,13 +172,17 @@ def transform_example(example: Example, data, *, train: bool,
     boxes = np.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0],
                       boxes[:, 3]], axis=1)
 
-  if canvas is None:
+  if not pad:
+    canvas = (new_h, new_w)
+  elif canvas is None:
     canvas = choose_canvas([(new_h, new_w)], data.canvas_buckets)
   hc, wc = canvas
   if new_h > hc or new_w > wc:
     raise ValueError(f'image of (h, w)=({new_h}, {new_w}) does not fit the '
                      f'canvas {canvas} (data.canvas_buckets)')
-  if normalize:
+  if not pad and not normalize:
+    padded = image  # collate copies it into the batch's canvas
+  elif normalize:
     mean, inv_std = _mean_and_inv_std(data)
     padded = np.zeros((hc, wc, 3), np.float32)
     inside = padded[:new_h, :new_w]  # a view: normalise in place, pad stays 0
@@ -239,28 +247,28 @@ def normalize_on_device(images, image_size, data):
   return jnp.where(inside, normalised, jnp.float32(0))
 
 
-def pad_to_canvas(example: Example, canvas: tuple[int, int]) -> Example:
-  """Zero-pads a model example's image to a larger canvas (boxes unchanged)."""
-  hc, wc = canvas
-  image = example['image']
-  if image.shape[:2] == (hc, wc):
-    return example
-  h, w = (int(v) for v in example['image_size'])
-  if h > hc or w > wc:
-    raise ValueError(f'image of (h, w)=({h}, {w}) does not fit canvas {canvas}')
-  padded = np.zeros((hc, wc, image.shape[2]), image.dtype)
-  ch, cw = min(image.shape[0], hc), min(image.shape[1], wc)
-  padded[:ch, :cw] = image[:ch, :cw]
-  return dict(example, image=padded)
-
-
 def collate(examples: Sequence[Example], buckets: Sequence[Sequence[int]],
             fixed_canvas: tuple[int, int] | None = None) -> Example:
   """Stacks model examples into a batch [B, ...] on one canvas.
 
   The canvas is `fixed_canvas`, else the smallest bucket holding every image.
+  Examples may be padded (to any canvas) or not (`transform_example(...,
+  pad=False)`): only the `image_size` corner of each image is copied, into
+  one zero-initialised batch array, and the rest of the canvas is 0 either
+  way.
   """
   canvas = fixed_canvas or choose_canvas(
       [e['image_size'] for e in examples], buckets)
-  examples = [pad_to_canvas(e, canvas) for e in examples]
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  hc, wc = canvas
+  first = examples[0]['image']
+  images = np.zeros((len(examples), hc, wc) + first.shape[2:], first.dtype)
+  for i, e in enumerate(examples):
+    h, w = (int(v) for v in e['image_size'])
+    if h > hc or w > wc:
+      raise ValueError(f'image of (h, w)=({h}, {w}) does not fit canvas '
+                       f'{canvas}')
+    images[i, :h, :w] = e['image'][:h, :w]
+  batch = {k: np.stack([e[k] for e in examples])
+           for k in examples[0] if k != 'image'}
+  batch['image'] = images
+  return {k: batch[k] for k in examples[0]}
