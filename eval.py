@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mimicdet_jax import config_lib
 from mimicdet_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -46,30 +47,30 @@ def main(argv):
     if not (_DETECTIONS.value and _ANNOTATIONS.value):
       raise app.UsageError('--detections and --annotations go together')
     # Scoring only needs pycocotools, not JAX or the model.
-    from mimicdet_jax import coco_results  # pylint: disable=g-import-not-at-top
-    coco_results.score_file(_DETECTIONS.value, _ANNOTATIONS.value,
+    from mimicdet_jax.evaluation import coco as coco_eval  # pylint: disable=g-import-not-at-top
+    coco_eval.score_file(_DETECTIONS.value, _ANNOTATIONS.value,
                             _METRICS_OUT.value)
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (or --detections/--annotations)')
   # pylint: disable=g-import-not-at-top
   import jax
-  from mimicdet_jax import eval_lib
-  from mimicdet_jax import restore
-  from mimicdet_jax import train_lib
+  from mimicdet_jax.evaluation import evaluate as evaluate_lib
+  from mimicdet_jax.evaluation import restore
+  from mimicdet_jax.training import launch
   # pylint: enable=g-import-not-at-top
-  train_lib.initialize_distributed()  # no-op for one process
+  launch.initialize_distributed()  # no-op for one process
   config = restore.load_config(_WORKDIR.value, _CONFIG.value,
                                head=_HEAD.value)
   variables, step = restore.restore_variables(_WORKDIR.value,
                                               _CHECKPOINT.value)
   # After the checks a user's mistake fails (no checkpoint): its log line
   # would come before their one-line error.
-  train_lib.enable_compile_cache(config.train.compile_cache, _WORKDIR.value)
+  launch.enable_compile_cache(config.train.compile_cache, _WORKDIR.value)
   logging.info('evaluating step %s on %d devices (%d processes)', step,
                jax.device_count(), jax.process_count())
-  eval_lib.evaluate(config, variables, _WORKDIR.value, step, viz=_VIZ.value)
+  evaluate_lib.evaluate(config, variables, _WORKDIR.value, step, viz=_VIZ.value)
 
 
 if __name__ == '__main__':
-  errors.run_absl(main)  # missing files, unknown ids or keys: one line, exit 1
+  config_lib.run_absl(main)  # missing files, unknown ids or keys: one line, exit 1

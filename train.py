@@ -14,8 +14,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mimicdet_jax import config_lib
 from mimicdet_jax import errors
-from mimicdet_jax import train_lib
+from mimicdet_jax.training import launch
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Recipe config file (configs/*.py).', lock_config=True)
@@ -36,11 +37,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  train_lib.quiet_library_logs()
-  train_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+  launch.quiet_library_logs()
+  launch.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                    _PROCESS_ID.value)
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  launch.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  errors.run_absl(main)  # bad input, unknown keys, NaN losses: one line, exit 1
+  config_lib.run_absl(main)  # bad input, unknown keys, NaN losses: one line, exit 1

@@ -156,7 +156,7 @@ HEAD_INIT_STD = 0.01  # as models/heads.py DENSE_INIT_STD
 def init_variables(config, model, init: str = 'auto', seed: int = 0) -> dict:
   """Model variables {'params', 'frozen'} for a benchmark.
 
-  init='model': train_lib.init_variables, the real initialisers.
+  init='model': state_lib.init_variables, the real initialisers.
   init='numpy': the same tree and shapes (jax.eval_shape, nothing compiled)
   filled by NumPy at the real initialisers' scales (He fan-out normal in the
   backbone, 1/fan_in in the pyramid, N(0, 0.01) in the heads), zero biases,
@@ -165,16 +165,16 @@ def init_variables(config, model, init: str = 'auto', seed: int = 0) -> dict:
   minutes on a loaded 2-core machine and the values do not change the cost
   of a step, so 'auto' picks 'numpy' on CPU and 'model' elsewhere.
   """
-  # Imported here: train_lib pulls in orbax/grain, which the numpy path
+  # Imported here: mimicdet_jax.training pulls in orbax/grain, which the numpy path
   # does not need.
-  from mimicdet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.training import state as state_lib
   if init not in INITS:
     raise ValueError(f'init={init!r}; expected one of {INITS}')
   if init == 'auto':
     init = 'numpy' if jax.default_backend() == 'cpu' else 'model'
   init_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 0x1a1f)
   if init == 'model':
-    return train_lib.init_variables(config, model, init_rng)
+    return state_lib.init_variables(config, model, init_rng)
   h, w = canvas_of(config)
   shapes = jax.eval_shape(
       lambda r: model.init(r, jax.numpy.zeros((1, h, w, 3)), train=False),

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import common as bench
 from mimicdet_jax import config_lib
-from mimicdet_jax import postprocess
+from mimicdet_jax.evaluation import postprocess
 from mimicdet_jax.models import mimicdet
 # pylint: enable=g-import-not-at-top,wrong-import-position
 

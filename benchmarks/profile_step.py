@@ -5,7 +5,7 @@ r"""Where the training step's time goes: a jax.profiler trace, summed per op.
       --batch 2 --dtype bf16 --size 896x1408 --trace_dir /tmp/r50_trace  # GPU
 
 Builds the same step as benchmarks/train_step.py (benchmarks/step.py:
-train_lib's pmapped step on random in-memory batches), runs `--warmup`
+mimicdet_jax.training's pmapped step on random in-memory batches), runs `--warmup`
 steps, then traces `--steps` steps with `jax.profiler` and reads the trace
 back (benchmarks/profiling.py) (`jax.profiler.ProfileData`): the
 XLA op events (the CPU thunk executor's worker threads, or a GPU's "XLA Ops"

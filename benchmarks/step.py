@@ -12,7 +12,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import common as bench
-from mimicdet_jax import train_lib
+from mimicdet_jax.training import optim
+from mimicdet_jax.training import parallel as parallel_lib
+from mimicdet_jax.training import state as state_lib
+from mimicdet_jax.training import step as step_lib
 from mimicdet_jax.losses import total
 from mimicdet_jax.models import backbones
 from mimicdet_jax.models import mimicdet
@@ -37,12 +40,12 @@ def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
   """The real training step, its replicated state and one device batch.
 
   Returns:
-    (p_step, rstate, batch, flops): the train_lib step wrapped as
+    (p_step, rstate, batch, flops): the mimicdet_jax.training step wrapped as
     `train.parallelism` says (pmap, or jit(shard_map) over the local
     devices), the step-0 state replicated over the local devices, a
     synthetic batch already laid out over them ([local_devices,
     per_device_batch, ...] for pmap, one global array for shard_map;
-    `train_lib.DataParallel(...).host` reads the metrics), and the model
+    `parallel_lib.DataParallel(...).host` reads the metrics), and the model
     FLOPs of one device's step (convolutions and matmuls of the forward and
     backward pass, from the step's jaxpr; None when not count_flops, which
     saves tracing the whole step once more).
@@ -51,12 +54,12 @@ def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
   variables = bench.init_variables(config, model, init, seed)
   frozen_mask = backbones.frozen_param_mask(
       variables['params'], config.model.backbone.frozen_stages)
-  state, tx = train_lib.create_train_state(
+  state, tx = state_lib.create_train_state(
       config, variables, frozen_mask, jax.random.PRNGKey(seed))
-  train_step = train_lib.make_train_step(
+  train_step = step_lib.make_train_step(
       total.make_loss_fn(model, config), tx, frozen_mask,
       loss_per_image=config.train.loss_per_image,
-      lr_schedule=train_lib.make_lr_schedule(config))
+      lr_schedule=optim.make_lr_schedule(config))
   ndev = jax.local_device_count()
   examples = bench.synthetic_examples(
       config, (ndev, per_device_batch), boxes_per_image=boxes_per_image,
@@ -68,22 +71,22 @@ def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
     shapes = lambda tree: jax.tree.map(  # pylint: disable=g-long-lambda
         lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
     flops = bench.matmul_flops(jax.make_jaxpr(
-        train_step, axis_env=[(train_lib.AXIS, ndev)])(
+        train_step, axis_env=[(step_lib.AXIS, ndev)])(
             shapes(state), shapes(jax.tree.map(lambda x: x[0], examples))))
   if config.train.parallelism == 'shard_map':
     # jit(shard_map) over the local devices: global arrays, replicated state.
-    parallel = train_lib.DataParallel('shard_map', jax.local_devices())
+    parallel = parallel_lib.DataParallel('shard_map', jax.local_devices())
     return (parallel.wrap(train_step), parallel.put_state(state),
             parallel.put_batch(examples), flops)
-  return (train_lib.pmap_train_step(train_step), train_lib.replicate(state),
+  return (parallel_lib.pmap_train_step(train_step), parallel_lib.replicate(state),
           batch, flops)
 
 
 def _shard(x: np.ndarray):
   """[local_devices, ...] host array -> one slice per device, laid out as
-  train_lib.replicate lays out the state (so the step compiles once)."""
+  parallel_lib.replicate lays out the state (so the step compiles once)."""
   devices = jax.local_devices()
   sharding = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.array(devices), (train_lib.AXIS,)),
-      jax.sharding.PartitionSpec(train_lib.AXIS))
+      jax.sharding.Mesh(np.array(devices), (step_lib.AXIS,)),
+      jax.sharding.PartitionSpec(step_lib.AXIS))
   return jax.device_put(x, sharding)

@@ -5,7 +5,7 @@ r"""Training-step throughput of MimicDet on synthetic in-memory batches.
   python benchmarks/train_step.py --config configs/mimicdet_r50_fpn_1x.py \
       --batch 2 --dtype bf16 --size 896x1408 --json out/r50_b2.json  # GPU
 
-Builds exactly the step `train.py` runs (train_lib create_train_state, make_train_step, pmap_train_step over every local
+Builds exactly the step `train.py` runs (training.state.create_train_state, training.step.make_train_step, training.parallel.pmap_train_step over every local
 device, losses.total.make_loss_fn) and feeds it random images with a few
 random gt boxes each, already on the devices, so that the input pipeline is
 not measured. Variables: `--init` (see benchmarks/common.py; NumPy-filled
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common as bench
 from benchmarks import step as step_lib
 from mimicdet_jax import config_lib
-from mimicdet_jax import train_lib
+from mimicdet_jax.training import parallel as parallel_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -114,7 +114,7 @@ def benchmark(config, per_device_batch: int, *, steps: int, warmup: int,
   window_s = time.perf_counter() - t0
   counter.stop()
 
-  last = train_lib.DataParallel(config.train.parallelism,
+  last = parallel_lib.DataParallel(config.train.parallelism,
                                 jax.local_devices()).host(metrics)
   step_s = window_s / max(steps, 1)
   dtype = config.model.dtype

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from mimicdet_jax import errors
 from mimicdet_jax.errors import ConfigError
 
 
@@ -75,7 +76,7 @@ def check_override_keys(argv: list[str], flag_name: str = 'config') -> None:
 
   ml_collections' own error is a bare KeyError with only the last component;
   this names the whole dotted key and the config file. Call it with sys.argv
-  before absl parses the flags (`errors.run_absl` does).
+  before absl parses the flags (`run_absl` does).
 
   Raises:
     ConfigError: an unknown key, or a --config file that does not load.
@@ -223,3 +224,16 @@ def parse_overrides(argv: Sequence[str], config: ml_collections.ConfigDict
     out[key] = parse_value(text, get_key(config, key))
     i += 1
   return out
+
+
+def run_absl(main, check_config_flags: bool = True) -> None:
+  """`absl.app.run(main)` for an entry point with a `--config` file flag.
+
+  Checks the `--config.<key>=...` overrides first (absl would otherwise stop
+  with ml_collections' bare KeyError), then runs `main` under `errors.cli`.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  if check_config_flags:
+    errors.cli(check_override_keys)(sys.argv)
+  app.run(errors.cli(main))

@@ -17,10 +17,11 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
+from mimicdet_jax import config_lib
 from mimicdet_jax import errors
-from mimicdet_jax import eval_lib
-from mimicdet_jax import restore
-from mimicdet_jax import train_lib
+from mimicdet_jax.evaluation import evaluate as evaluate_lib
+from mimicdet_jax.evaluation import restore
+from mimicdet_jax.training import launch
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
                                           'The demo recipe.')
@@ -58,7 +59,7 @@ def _saved_metrics(workdir: str, step: int, folder: str = 'eval'):
 
 def main(argv):
   del argv
-  train_lib.quiet_library_logs()
+  launch.quiet_library_logs()
   config, workdir = _CONFIG.value, _WORKDIR.value
   _data_paths(config, _DATA.value)
   config.eval.at_end = False  # evaluated below, once, with the pictures
@@ -69,7 +70,7 @@ def main(argv):
     print(f'{workdir} already holds the step-{total} checkpoint: not training again')
     train_minutes = None
   else:
-    train_lib.train_and_evaluate(config, workdir)
+    launch.train_and_evaluate(config, workdir)
     train_minutes = (time.time() - start) / 60
   steps = restore.checkpoint_steps(workdir)
   if not steps or steps[-1] < total:
@@ -84,14 +85,14 @@ def main(argv):
     resolved = restore.load_config(workdir, config)
     variables, step = restore.restore_variables(workdir, 'latest')
     if metrics is None:
-      metrics = eval_lib.evaluate(resolved, variables, workdir, step)
+      metrics = evaluate_lib.evaluate(resolved, variables, workdir, step)
     if t_metrics is None:
       # The teacher on the same checkpoint (eval.py --config.eval.head=t),
       # so that every user sees how far the S-head is from it.
       t_recipe = copy.deepcopy(config)
       t_recipe.eval.head = 't'
       t_config = restore.load_config(workdir, t_recipe)
-      t_metrics = eval_lib.evaluate(t_config, variables, workdir, step, viz=0,
+      t_metrics = evaluate_lib.evaluate(t_config, variables, workdir, step, viz=0,
                                     out_dir=os.path.join(workdir, 'eval_t'))
     eval_minutes = (time.time() - start) / 60
   else:
@@ -124,4 +125,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  errors.run_absl(main)
+  config_lib.run_absl(main)

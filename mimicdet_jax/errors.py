@@ -4,8 +4,9 @@ A `UserError` is a mistake the user can fix without reading code: a missing
 or unreadable file, a bad annotation, an unknown config key or value, a
 workdir without a checkpoint, image or category ids that do not match. Its
 message names the file, id or key. Every entry point (train.py, eval.py,
-`python -m mimicdet_jax.predict`, `.demo`, `.tools.import_weights`,
-`.experiments.ablate`) runs its main through `cli` (or `run_absl`), which
+`python -m mimicdet_jax.evaluation.predict`, `.demo`, `.tools.import_weights`,
+`.experiments.ablate`) runs its main through `cli` (or
+`config_lib.run_absl`, which also checks `--config.<key>` overrides), which
 prints such an error as one line on stderr and exits with status 1. Any
 other exception is a bug and keeps its traceback.
 
@@ -16,6 +17,8 @@ import functools
 import os
 import sys
 from typing import Callable, NoReturn, TypeVar
+
+# This module imports nothing of mimicdet_jax: every other module may import it.
 
 F = TypeVar('F', bound=Callable)
 
@@ -57,16 +60,3 @@ def cli(main: F) -> F:
       exit_with(e)
 
   return wrapped  # type: ignore[return-value]
-
-
-def run_absl(main: Callable, check_config_flags: bool = True) -> None:
-  """`absl.app.run(main)` for an entry point with a `--config` file flag.
-
-  Checks the `--config.<key>=...` overrides first (absl would otherwise stop
-  with ml_collections' bare KeyError), then runs `main` under `cli`.
-  """
-  from absl import app  # pylint: disable=g-import-not-at-top
-  if check_config_flags:
-    from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
-    cli(config_lib.check_override_keys)(sys.argv)
-  app.run(cli(main))

@@ -21,7 +21,8 @@ import numpy as np
 from configs import demo  # pylint: disable=wrong-import-position
 from mimicdet_jax import checkpoint as checkpoint_lib
 from mimicdet_jax import config_lib
-from mimicdet_jax import train_lib
+from mimicdet_jax.training import launch
+from mimicdet_jax.training import state as state_lib
 
 STEP = 3
 
@@ -63,12 +64,12 @@ def make_workdir(root: str):
   recipe = tiny_config(data_dir)
   config = config_lib.resolve(recipe, len(synthetic.CATEGORIES))
   workdir = os.path.join(root, 'work')
-  train_lib.write_config(config, workdir)
+  launch.write_config(config, workdir)
   model = mimicdet.MimicDet(config)
-  variables = train_lib.init_variables(config, model, jax.random.PRNGKey(0))
+  variables = state_lib.init_variables(config, model, jax.random.PRNGKey(0))
   mask = backbones.frozen_param_mask(variables['params'],
                                      config.model.backbone.frozen_stages)
-  state, _ = train_lib.create_train_state(config, variables, mask,
+  state, _ = state_lib.create_train_state(config, variables, mask,
                                           jax.random.PRNGKey(0))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                      save_every=1, keep=1)
@@ -98,8 +99,8 @@ def _gather_main():
   parser.add_argument('--process_id', type=int, required=True)
   parser.add_argument('--out', required=True)
   args = parser.parse_args()
-  from mimicdet_jax import inference  # pylint: disable=g-import-not-at-top
-  train_lib.initialize_distributed(args.coordinator, args.num_processes,
+  from mimicdet_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
+  launch.initialize_distributed(args.coordinator, args.num_processes,
                                    args.process_id)
   gathered = inference.gather_across_hosts(host_detections(args.process_id))
   if jax.process_index() == 0:

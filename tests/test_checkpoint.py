@@ -1,7 +1,7 @@
 """Tests of mimicdet_jax.checkpoint and of resuming after SIGKILL.
 
 The kill tests run tests/train_helper.py (a small Flax model through
-train_lib.run_training) in separate processes.
+loop_lib.run_training) in separate processes.
 """
 import json
 import os

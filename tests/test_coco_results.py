@@ -1,11 +1,11 @@
-"""coco_results: result writing and pycocotools scoring, against COCOeval."""
+"""evaluation.coco: result writing and pycocotools scoring, against COCOeval."""
 import json
 
 import numpy as np
 import pytest
 
 from configs import common
-from mimicdet_jax import coco_results
+from mimicdet_jax.evaluation import coco as coco_eval
 
 
 def test_to_original_pixels_rescales_per_axis_and_clips():
@@ -13,12 +13,12 @@ def test_to_original_pixels_rescales_per_axis_and_clips():
                     [[0., 0., 30., 30.], [0., 0., 0., 0.]]], np.float32)
   image_size = np.array([[300, 200], [20, 25]])  # resized (h, w)
   orig = np.array([[150, 100], [40, 50]])  # (h, w): factor 1/2, then 2
-  out = coco_results.to_original_pixels(boxes, image_size, orig)
+  out = coco_eval.to_original_pixels(boxes, image_size, orig)
   np.testing.assert_allclose(out[0, 0], [5, 10, 25, 150])  # y2 200 -> 150
   np.testing.assert_allclose(out[0, 1], [0, 0, 4, 4])
   np.testing.assert_allclose(out[1, 0], [0, 0, 50, 40])  # x 60->50, y 60->40
   # Rounded resize: 333 x 500 -> 800 x 1201 (scale 2.4024 nominal).
-  out = coco_results.to_original_pixels(np.array([[[0, 0, 1201, 800]]]),
+  out = coco_eval.to_original_pixels(np.array([[[0, 0, 1201, 800]]]),
                                         np.array([[800, 1201]]),
                                         np.array([[333, 500]]))
   np.testing.assert_allclose(out[0, 0], [0, 0, 500, 333], rtol=1e-6)
@@ -71,23 +71,23 @@ def test_perfect_detections_through_result_writing_give_ap_1(tmp_path):
   batch = dict(image_id=np.array([i['id'] for i in imgs]),
                image_size=image_size, orig_size=np.array([[i['height'], i['width']] for i in imgs]),
                example_valid=np.array([True, True, True]))
-  results = coco_results.detections_to_coco(dets, batch, label_to_cat)
+  results = coco_eval.detections_to_coco(dets, batch, label_to_cat)
   assert len(results) == 6
   assert {r['category_id'] for r in results} == {3, 17, 90}
-  metrics = coco_results.coco_evaluate(str(path), results, verbose=False)
+  metrics = coco_eval.coco_evaluate(str(path), results, verbose=False)
   assert metrics['AP'] == pytest.approx(1.0)
   assert metrics['AP50'] == pytest.approx(1.0)
   assert set(metrics['per_class']) == {'cat', 'dog', 'boat'}
   assert all(v == pytest.approx(1.0) for v in metrics['per_class'].values())
   # A padding image (example_valid False) is skipped.
   batch['example_valid'] = np.array([True, False, True])
-  assert len(coco_results.detections_to_coco(dets, batch, label_to_cat)) == 5
+  assert len(coco_eval.detections_to_coco(dets, batch, label_to_cat)) == 5
 
 
 def test_empty_detections_score_zero_with_warning(tmp_path, capsys):
   path = tmp_path / 'gt.json'
   path.write_text(json.dumps(_gt_dataset()))
-  metrics = coco_results.coco_evaluate(str(path), [], verbose=True)
+  metrics = coco_eval.coco_evaluate(str(path), [], verbose=True)
   assert metrics['AP'] == 0.0 and metrics['AR100'] == 0.0
   assert metrics['num_detections'] == 0
   assert all(v == 0.0 for v in metrics['per_class'].values())
@@ -107,7 +107,7 @@ def test_per_class_ap_matches_pycocotools_per_category(tmp_path):
     dets.append(dict(image_id=a['image_id'], category_id=a['category_id'],
                      bbox=[x + rng.normal(0, 3), y + rng.normal(0, 3), w, h],
                      score=float(rng.uniform())))
-  metrics = coco_results.coco_evaluate(str(path), dets, verbose=False)
+  metrics = coco_eval.coco_evaluate(str(path), dets, verbose=False)
   coco = COCO(str(path))
   for cat in gt['categories']:
     e = COCOeval(coco, coco.loadRes(dets), 'bbox')
@@ -156,10 +156,10 @@ def test_ground_truth_rebuilt_from_a_source_scores_like_the_file(tmp_path):
                score=float(rng.uniform())) for a in gt['annotations']]
   config = common.base_config()
   config.data.val_annotations = ''  # unset: rebuild from the source
-  coco, name = coco_results.ground_truth(_ListSource(gt), config)
+  coco, name = coco_eval.ground_truth(_ListSource(gt), config)
   assert name is None
-  rebuilt = coco_results.coco_evaluate(coco, dets, verbose=False)
-  from_file = coco_results.coco_evaluate(str(path), dets, verbose=False)
-  for key in coco_results.SUMMARY_KEYS:
+  rebuilt = coco_eval.coco_evaluate(coco, dets, verbose=False)
+  from_file = coco_eval.coco_evaluate(str(path), dets, verbose=False)
+  for key in coco_eval.SUMMARY_KEYS:
     assert rebuilt[key] == pytest.approx(from_file[key]), key
   assert rebuilt['per_class'] == pytest.approx(from_file['per_class'])

@@ -26,9 +26,9 @@ def _parse(argv):
 
 _APP = """
 from ml_collections import config_flags
-from mimicdet_jax import errors
+from mimicdet_jax import config_lib
 _CONFIG = config_flags.DEFINE_config_file('config')
-errors.run_absl(
+config_lib.run_absl(
     lambda _: print(_CONFIG.value.optim.base_lr, _CONFIG.value.mimic.paths))
 """
 
@@ -82,7 +82,7 @@ def test_override_changes_value():
 def test_unknown_key_names_the_key():
   out = _run_app('--config', 'configs/demo.py', '--config.optim.no_such_key=1')
   assert out.returncode == 1
-  # One line, no traceback (errors.run_absl), naming the key and the file.
+  # One line, no traceback (config_lib.run_absl), naming the key and the file.
   assert len(out.stderr.strip().splitlines()) == 1, out.stderr
   assert "'optim.no_such_key'" in out.stderr
   assert 'configs/demo.py' in out.stderr

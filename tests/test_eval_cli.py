@@ -130,7 +130,9 @@ def test_eval_cli_on_a_checkpoint_writes_coco_results(workdir):
 @pytest.mark.slow
 def test_evaluate_t_and_both_heads(workdir, tmp_path):
   import ml_collections
-  from mimicdet_jax import config_lib, eval_lib, restore
+  from mimicdet_jax import config_lib
+  from mimicdet_jax.evaluation import evaluate as evaluate_lib
+  from mimicdet_jax.evaluation import restore
   recipe, config, _, work = workdir
   variables, step = restore.restore_variables(work, str(3))
   boxes = {}
@@ -141,7 +143,7 @@ def test_evaluate_t_and_both_heads(workdir, tmp_path):
     # Random weights: objectness starts near its prior, so products are tiny.
     c.eval.score_threshold = 0.0
     c = config_lib.resolve(c, config.model.num_classes)
-    metrics = eval_lib.evaluate(c, variables, work, step, viz=0,
+    metrics = evaluate_lib.evaluate(c, variables, work, step, viz=0,
                                 out_dir=str(tmp_path / head))
     assert metrics['num_detections'] > 0
     dets = json.loads((tmp_path / head / 'detections.json').read_text())

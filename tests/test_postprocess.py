@@ -7,7 +7,7 @@ import pytest
 
 from configs import common
 from mimicdet_jax import config_lib
-from mimicdet_jax import postprocess
+from mimicdet_jax.evaluation import postprocess
 from mimicdet_jax.models import anchors as anchors_lib
 from tests import np_refs
 

@@ -1,4 +1,4 @@
-"""mimicdet_jax.predict: odd-sized grey and RGBA images through a checkpoint."""
+"""mimicdet_jax.evaluation.predict: odd-sized grey and RGBA images through a checkpoint."""
 import json
 import os
 
@@ -8,8 +8,8 @@ from PIL import Image
 import pytest
 
 from configs import demo
-from mimicdet_jax import restore
-from mimicdet_jax import predict
+from mimicdet_jax.evaluation import restore
+from mimicdet_jax.evaluation import predict
 from tests import eval_helper
 
 

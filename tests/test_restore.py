@@ -7,7 +7,7 @@ import pytest
 
 from configs import demo
 from mimicdet_jax import config_lib
-from mimicdet_jax import restore
+from mimicdet_jax.evaluation import restore
 from mimicdet_jax.data import validation
 
 

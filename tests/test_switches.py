@@ -21,7 +21,7 @@ import pytest
 
 import configs.demo
 from mimicdet_jax import config_lib
-from mimicdet_jax import postprocess
+from mimicdet_jax.evaluation import postprocess
 from mimicdet_jax.losses import total
 from mimicdet_jax.models import heads
 from mimicdet_jax.models import mimicdet

@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 
-from mimicdet_jax import train_lib
+from mimicdet_jax.training import optim
 from tests import train_helper as th
 
 
@@ -20,7 +20,7 @@ def test_adamw_matches_numpy_reference():
   params = jax.tree.map(lambda x: np.asarray(x, np.float32),
                         th.toy_variables()['params'])
   mask = jax.tree.map(lambda _: False, params)
-  tx = train_lib.make_optimizer(c, mask)
+  tx = optim.make_optimizer(c, mask)
   state = tx.init(params)
   update = jax.jit(tx.update)
 

@@ -1,6 +1,6 @@
 """A small Flax model and grain data for the training-machinery tests.
 
-Imported by tests/test_train_lib.py and tests/test_checkpoint.py, and run as
+Imported by tests/test_training.py and tests/test_checkpoint.py, and run as
 a script (a separate process) by the SIGKILL/SIGTERM and two-process tests:
 
   python tests/train_helper.py --workdir DIR --total_steps 6 \
@@ -28,7 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mimicdet_jax import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mimicdet_jax.training import launch
+from mimicdet_jax.training import loop as loop_lib
 
 IMAGE = 8  # toy images are [IMAGE, IMAGE, 3]
 
@@ -168,12 +169,12 @@ def demo_config(data_dir: str, **train_overrides) -> ml_collections.ConfigDict:
 
 def run_demo(workdir: str, config: ml_collections.ConfigDict, *,
              on_step_end=None):
-  """train_lib's MimicDet wiring, with the consumed image ids recorded."""
-  kwargs = train_lib.build_training(config, str(workdir))
+  """training.launch's MimicDet wiring, with the consumed image ids recorded."""
+  kwargs = launch.build_training(config, str(workdir))
   kwargs['train_iter'] = Recording(kwargs['train_iter'], 'image_id')
   kwargs['eval_fn'] = None
   recording = kwargs['train_iter']
-  final = train_lib.run_training(kwargs.pop('config'), kwargs.pop('workdir'),
+  final = loop_lib.run_training(kwargs.pop('config'), kwargs.pop('workdir'),
                                  on_step_end=on_step_end, **kwargs)
   return final, recording.seen
 
@@ -187,7 +188,7 @@ def run_toy(workdir: str, config: ml_collections.ConfigDict, *,
                     process_index=jax.process_index(),
                     process_count=jax.process_count(), nan_from=nan_from)
   recording = Recording(it, 'index')
-  final = train_lib.run_training(
+  final = loop_lib.run_training(
       config, str(workdir), variables=variables,
       frozen_mask=toy_frozen_mask(variables['params']), loss_fn=toy_loss,
       train_iter=recording, on_step_end=on_step_end)
@@ -244,7 +245,7 @@ def main():
   if args.kill_in_save >= 0:
     kill_inside_save(args.kill_in_save)
 
-  train_lib.initialize_distributed(args.coordinator, args.num_processes,
+  launch.initialize_distributed(args.coordinator, args.num_processes,
                                    args.process_id)
 
   def on_step_end(step):

@@ -6,7 +6,7 @@ r"""Ablation grid: one flag per design choice of the paper, one command per tabl
       [--val_images N] [--reference mimic_off] [--report_only]
 
 Each (variant, seed) is one ordinary training run in DIR/<variant>/seed<k>,
-trained by `train_lib.train_and_evaluate` and scored by `eval_lib.evaluate`
+trained by `launch.train_and_evaluate` and scored by `evaluate_lib.evaluate`
 twice on its final checkpoint: S-head (eval.head=s, the detector) and T-head
 (eval.head=t, the teacher). Runs go one after the other; re-running the same
 command resumes the grid: finished runs (DIR/<variant>/seed<k>/run.json with
@@ -297,15 +297,16 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str
     RuntimeError: training stopped before total_steps (SIGTERM/SIGINT: the
       loop checkpoints and returns), so the run is not finished.
   """
-  from mimicdet_jax import eval_lib  # pylint: disable=g-import-not-at-top
-  from mimicdet_jax import restore  # pylint: disable=g-import-not-at-top
-  from mimicdet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.evaluation import restore  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.training import launch
+  from mimicdet_jax.training import loop as loop_lib
 
   total_steps = int(config.train.total_steps)
   start = time.time()
   try:
-    state = train_lib.train_and_evaluate(config, workdir)
-  except train_lib.NonFiniteLossError as e:
+    state = launch.train_and_evaluate(config, workdir)
+  except loop_lib.NonFiniteLossError as e:
     return {'diverged': str(e).splitlines()[0]}
   wall_train = time.time() - start
   if int(state.step) < total_steps:
@@ -319,7 +320,7 @@ def train_and_score(config: ml_collections.ConfigDict, workdir: str
     head_config = copy.deepcopy(config)
     head_config.eval.head = head
     resolved = restore.resolve_config(head_config, workdir)
-    metrics = eval_lib.evaluate(resolved, variables, workdir, step, viz=0,
+    metrics = evaluate_lib.evaluate(resolved, variables, workdir, step, viz=0,
                                 out_dir=os.path.join(workdir, f'eval_{head}'))
     for key in ('AP', 'AP50', 'AP75'):
       result[f'{head}_{key}'] = float(metrics[key])

@@ -6,7 +6,7 @@ r"""S-head and T-head AP against training steps, from a run's checkpoints.
 Every checkpoint a run kept (WORKDIR/checkpoints/<step>) is scored twice on
 the validation split of the run's own config (WORKDIR/config.json): the
 S-head (eval.head=s, the detector) and the T-head (eval.head=t, its teacher),
-with `eval_lib.evaluate`. The numbers go to RUN_DIR/curve.json ({step: {s_AP,
+with `evaluate_lib.evaluate`. The numbers go to RUN_DIR/curve.json ({step: {s_AP,
 t_AP, s_AP50, t_AP50}}, reused on the next call) and one PNG plots AP against
 steps, solid S-head, dashed T-head, one colour per label (runs that share a
 label are averaged at their common steps, each seed drawn thin).
@@ -26,8 +26,8 @@ CURVE_FILE = 'curve.json'
 
 def score_checkpoints(run_dir: str) -> dict:
   """{step: {s_AP, s_AP50, t_AP, t_AP50}} for every checkpoint of run_dir."""
-  from mimicdet_jax import eval_lib  # pylint: disable=g-import-not-at-top
-  from mimicdet_jax import restore  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.evaluation import restore  # pylint: disable=g-import-not-at-top
   path = os.path.join(run_dir, CURVE_FILE)
   curve = {}
   if os.path.exists(path):
@@ -43,7 +43,7 @@ def score_checkpoints(run_dir: str) -> dict:
         recipe = json.load(f)
       recipe['eval']['head'] = head
       config = restore.load_config(run_dir, recipe)
-      metrics = eval_lib.evaluate(
+      metrics = evaluate_lib.evaluate(
           config, variables, run_dir, step, viz=0,
           out_dir=os.path.join(run_dir, 'curve', f'{step}_{head}'))
       for key in ('AP', 'AP50'):

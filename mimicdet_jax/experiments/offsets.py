@@ -26,8 +26,8 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from mimicdet_jax import postprocess
-from mimicdet_jax import restore
+from mimicdet_jax.evaluation import postprocess
+from mimicdet_jax.evaluation import restore
 from mimicdet_jax.data import pipeline
 from mimicdet_jax.models import anchors as anchors_lib
 from mimicdet_jax.models import heads

@@ -2,7 +2,7 @@
 
 `make_loss_fn(model, config)` returns `total_loss(params, frozen, batch, rng)`
 -> `(loss, aux)`, a pure function of one device's batch (docs/ARCHITECTURE.md)
-that train_lib differentiates. The steps, in order:
+that training.step differentiates. The steps, in order:
 
   1. dense forward pass (backbone, pyramid, refinement module, S-head);
   2. refinement targets and loss (targets/refine.py);

@@ -1,4 +1,4 @@
-"""Tests of mimicdet_jax.train_lib on a small Flax model (tests/train_helper.py).
+"""Tests of mimicdet_jax.training on a small Flax model (tests/train_helper.py).
 
 The MimicDet end-to-end runs are in tests/test_multihost.py and the slow
 tests at the bottom of this file.
@@ -12,7 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from mimicdet_jax import train_lib
+from mimicdet_jax.training import launch
+from mimicdet_jax.training import loop as loop_lib
+from mimicdet_jax.training import optim
+from mimicdet_jax.training import parallel as parallel_lib
+from mimicdet_jax.training import state as state_lib
+from mimicdet_jax.training import step as step_lib
 from tests import train_helper as th
 
 
@@ -37,7 +42,7 @@ def test_lr_schedule_matches_warmup_multistep_reference():
   c.optim.warmup_factor = 0.001
   c.optim.decay_steps = (30, 45)
   c.optim.decay_factor = 0.1
-  schedule = train_lib.make_lr_schedule(c)
+  schedule = optim.make_lr_schedule(c)
   for step in [0, 1, 5, 9, 10, 11, 29, 30, 31, 44, 45, 100]:
     want = _detectron2_lr(step, 0.04, 10, 0.001, (30, 45), 0.1)
     np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-5,
@@ -77,7 +82,7 @@ def test_optimizer_matches_pytorch_sgd_reference(clip):
   c.optim.grad_clip_norm = clip
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), _toy_params())
   mask = _frozen(params)
-  tx = train_lib.make_optimizer(c, mask)
+  tx = optim.make_optimizer(c, mask)
   opt_state = tx.init(params)
   update = jax.jit(tx.update)
   # Frozen leaves hold no optimiser state: the state is the momentum of the
@@ -125,11 +130,11 @@ def test_optimizer_matches_pytorch_sgd_reference(clip):
 # ----------------------------------------------------------- pmapped step
 def _step_fn(config, variables, per_image=True):
   mask = th.toy_frozen_mask(variables['params'])
-  state, tx = train_lib.create_train_state(config, variables, mask,
+  state, tx = state_lib.create_train_state(config, variables, mask,
                                            jax.random.PRNGKey(3))
-  step = train_lib.make_train_step(
+  step = step_lib.make_train_step(
       th.toy_loss, tx, mask, loss_per_image=per_image,
-      lr_schedule=train_lib.make_lr_schedule(config))
+      lr_schedule=optim.make_lr_schedule(config))
   return state, step
 
 
@@ -150,14 +155,14 @@ def test_eight_devices_batch_one_equals_one_device_batch_eight():
   results = {}
   for n_dev in (8, 1):
     devices = jax.local_devices()[:n_dev]
-    p_step = train_lib.pmap_train_step(step, devices=devices)
+    p_step = parallel_lib.pmap_train_step(step, devices=devices)
     split = jax.tree.map(lambda x: x.reshape((n_dev, 8 // n_dev) + x.shape[1:]),
                          batch)
-    rstate = train_lib.replicate(state, devices)
+    rstate = parallel_lib.replicate(state, devices)
     for _ in range(2):  # two steps: momentum and the folded key matter
       rstate, metrics = p_step(rstate, split)
-    results[n_dev] = (train_lib.first_replica(rstate),
-                      train_lib.first_replica(metrics))
+    results[n_dev] = (parallel_lib.first_replica(rstate),
+                      parallel_lib.first_replica(metrics))
   p8, m8 = results[8]
   p1, m1 = results[1]
   moved = [np.max(np.abs(a - b)) for a, b in zip(
@@ -172,15 +177,15 @@ def test_replicas_agree_and_dropout_uses_the_key():
   config = th.toy_config()
   variables = th.toy_variables()
   state, step = _step_fn(config, variables)
-  p_step = train_lib.pmap_train_step(step)
+  p_step = parallel_lib.pmap_train_step(step)
   batch = jax.tree.map(lambda x: x.reshape((8, 1) + x.shape[1:]), _batch(8))
-  rstate, _ = p_step(train_lib.replicate(state), batch)
+  rstate, _ = p_step(parallel_lib.replicate(state), batch)
   for leaf in jax.tree.leaves(rstate.params):
     arr = np.asarray(leaf)
     np.testing.assert_array_equal(arr, np.broadcast_to(arr[0], arr.shape))
   # Same batch, another base key: a different dropout mask, other params.
   state2 = state.replace(rng=np.asarray(jax.random.PRNGKey(4), np.uint32))
-  rstate2, _ = p_step(train_lib.replicate(state2), batch)
+  rstate2, _ = p_step(parallel_lib.replicate(state2), batch)
   diff = max(np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in zip(
       jax.tree.leaves(rstate.params), jax.tree.leaves(rstate2.params)))
   assert diff > 1e-6
@@ -190,15 +195,15 @@ def test_nonfinite_step_is_skipped_and_counted():
   config = th.toy_config()
   variables = th.toy_variables()
   state, step = _step_fn(config, variables)
-  p_step = train_lib.pmap_train_step(step, devices=jax.local_devices()[:2])
+  p_step = parallel_lib.pmap_train_step(step, devices=jax.local_devices()[:2])
   shape = lambda b: jax.tree.map(lambda x: x.reshape((2, 4) + x.shape[1:]), b)
-  rstate = train_lib.replicate(state, jax.local_devices()[:2])
+  rstate = parallel_lib.replicate(state, jax.local_devices()[:2])
   rstate, _ = p_step(rstate, shape(_batch(8)))
-  before = train_lib.first_replica(rstate)
+  before = parallel_lib.first_replica(rstate)
   # One NaN pixel in one image on one device poisons the averaged loss.
   rstate, m = p_step(rstate, shape(_batch(8, nan_index=6)))
-  after = train_lib.first_replica(rstate)
-  m = train_lib.first_replica(m)
+  after = parallel_lib.first_replica(rstate)
+  m = parallel_lib.first_replica(m)
   assert m['finite'] == 0 and not np.isfinite(m['loss'])
   assert int(after.step) == 2
   assert int(after.nonfinite_streak) == 1 and int(after.nonfinite_total) == 1
@@ -206,9 +211,9 @@ def test_nonfinite_step_is_skipped_and_counted():
                   jax.tree.leaves((after.params, after.opt_state))):
     np.testing.assert_array_equal(a, b)
   rstate, m = p_step(rstate, shape(_batch(8)))
-  final = train_lib.first_replica(rstate)
+  final = parallel_lib.first_replica(rstate)
   assert int(final.nonfinite_streak) == 0 and int(final.nonfinite_total) == 1
-  assert train_lib.first_replica(m)['finite'] == 1
+  assert parallel_lib.first_replica(m)['finite'] == 1
   assert not np.array_equal(jax.tree.leaves(final.params)[-1],
                             jax.tree.leaves(after.params)[-1])
 
@@ -247,12 +252,12 @@ def test_shard_map_equals_pmap_on_eight_devices():
   batch = _batch(8)
   devices = jax.local_devices()[:8]
   runs = {
-      'pmap': _train_steps(train_lib.DataParallel('pmap', devices), state,
+      'pmap': _train_steps(parallel_lib.DataParallel('pmap', devices), state,
                            step, batch, 8),
-      'shard_map': _train_steps(train_lib.DataParallel('shard_map', devices),
+      'shard_map': _train_steps(parallel_lib.DataParallel('shard_map', devices),
                                 state, step, batch, 8),
       'one_device': _train_steps(
-          train_lib.DataParallel('pmap', devices[:1]), state, step, batch, 1),
+          parallel_lib.DataParallel('pmap', devices[:1]), state, step, batch, 1),
   }
   (sp, sm), (pp, pm) = runs['shard_map'], runs['pmap']
   moved = max(np.max(np.abs(a - b)) for a, b in zip(
@@ -274,7 +279,7 @@ def test_shard_map_equals_pmap_on_eight_devices():
 def test_unknown_parallelism_names_the_key():
   with pytest.raises(ValueError, match=r"train\.parallelism='pjit'.*'pmap', "
                      r"'shard_map'"):
-    train_lib.DataParallel('pjit')
+    parallel_lib.DataParallel('pjit')
   from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = th.toy_config(parallelism='pjit')
   with pytest.raises(ValueError, match=r"train\.parallelism='pjit'"):
@@ -329,7 +334,7 @@ def test_nan_batches_stop_training_with_a_message(tmp_path):
   config = th.toy_config(total_steps=20, max_consecutive_nonfinite=3,
                          log_every=1)
   # Examples >= 16 are NaN: with batch 8, steps 3, 4, 5, ... are poisoned.
-  with pytest.raises(train_lib.NonFiniteLossError) as err:
+  with pytest.raises(loop_lib.NonFiniteLossError) as err:
     _run(tmp_path, config, nan_from=16)
   msg = str(err.value)
   assert 'step 5' in msg and '3 consecutive' in msg and '(steps 3..5)' in msg
@@ -356,11 +361,11 @@ def test_sigterm_saves_at_the_next_step_boundary(tmp_path):
 # -------------------------------------------------- compilation cache
 _CACHE_PROBE = """
 import sys, jax, jax.numpy as jnp
-from mimicdet_jax import train_lib
+from mimicdet_jax.training import launch
 hits = []
 jax.monitoring.register_event_listener(
     lambda name, **kw: hits.append(name))
-print(train_lib.enable_compile_cache(sys.argv[1], sys.argv[2]))
+print(launch.enable_compile_cache(sys.argv[1], sys.argv[2]))
 jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((32, 32))).block_until_ready()
 print('HITS', hits.count('/jax/compilation_cache/cache_hits'))
 """
@@ -380,7 +385,7 @@ def test_compile_cache_second_process_loads_instead_of_compiling(tmp_path):
   assert first[0] == second[0] == str(tmp_path / 'jax_cache')
   assert first[1] == 'HITS 0' and second[1] != 'HITS 0', (first, second)
   assert os.listdir(tmp_path / 'jax_cache')
-  assert train_lib.enable_compile_cache('', str(tmp_path)) is None
+  assert launch.enable_compile_cache('', str(tmp_path)) is None
 
 
 # ------------------------------------------------------ MimicDet (slow, CPU)
@@ -421,25 +426,25 @@ def test_mimicdet_eight_devices_batch_one_equals_one_device_batch_eight(
   batch = next(iter(pipeline.make_train_loader(
       config, source, num_local_devices=1, process_index=0, process_count=1)))
   model = mimicdet.MimicDet(config)
-  variables = train_lib.init_variables(config, model, jax.random.PRNGKey(0))
+  variables = state_lib.init_variables(config, model, jax.random.PRNGKey(0))
   mask = backbones.frozen_param_mask(variables['params'],
                                      config.model.backbone.frozen_stages)
-  state, tx = train_lib.create_train_state(config, variables, mask,
+  state, tx = state_lib.create_train_state(config, variables, mask,
                                            jax.random.PRNGKey(1))
-  step = train_lib.make_train_step(total.make_loss_fn(model, config), tx, mask,
+  step = step_lib.make_train_step(total.make_loss_fn(model, config), tx, mask,
                                    loss_per_image=True)
   finals = {}
   for n_dev in (8, 1):
     devices = jax.local_devices()[:n_dev]
     split = jax.tree.map(
         lambda x: x.reshape((n_dev, 8 // n_dev) + x.shape[2:]), batch)
-    rstate, metrics = train_lib.pmap_train_step(step, devices)(
-        train_lib.replicate(state, devices), split)
-    finals[n_dev] = train_lib.first_replica((rstate.params, metrics))
+    rstate, metrics = parallel_lib.pmap_train_step(step, devices)(
+        parallel_lib.replicate(state, devices), split)
+    finals[n_dev] = parallel_lib.first_replica((rstate.params, metrics))
   (p8, m8), (p1, m1) = finals[8], finals[1]
   assert m8['finite'] == 1
   np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
-  lr = train_lib.peak_learning_rate(config)
+  lr = optim.peak_learning_rate(config)
   assert lr == pytest.approx(0.01)
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
       jax.tree.leaves(p8), jax.tree.leaves(variables['params'])))

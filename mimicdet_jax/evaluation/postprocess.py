@@ -4,7 +4,7 @@
 at most `eval.max_detections` boxes per image; `make_predict_fn` wraps the
 model and `postprocess` into one jitted function (eval.py, predict,
 benchmarks). Boxes are (x1, y1, x2, y2) float32 in *canvas* pixels (the
-network input, resized and padded); coco_results.to_original_pixels maps
+network input, resized and padded); coco_eval.to_original_pixels maps
 them back to the image file.
 """
 from typing import Callable, Mapping, Optional

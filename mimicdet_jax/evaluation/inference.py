@@ -1,7 +1,7 @@
 """Running a predict function over batches: data-parallel over this host's
 devices, and gathering every host's detections on all of them.
 
-Used by the evaluation loop (eval_lib.evaluate) and by predict. `run_inference`
+Used by the evaluation loop (evaluate_lib.evaluate) and by predict. `run_inference`
 returns host NumPy arrays; `gather_across_hosts` concatenates them over the
 processes of a multi-host run (a no-op for one process).
 """

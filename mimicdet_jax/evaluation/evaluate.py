@@ -5,7 +5,7 @@ training ones (restore.check_categories), runs the predict function
 (postprocess.make_predict_fn) on every local device (inference.run_inference),
 gathers every host's results on process 0 (inference.gather_across_hosts),
 writes WORKDIR/eval/detections.json and metrics.json
-(coco_results.detections_to_coco, coco_results.coco_evaluate) and draws the
+(coco_eval.detections_to_coco, coco_eval.coco_evaluate) and draws the
 first images (viz.draw_detections).
 """
 import functools
@@ -16,11 +16,11 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from mimicdet_jax import coco_results
-from mimicdet_jax import inference
-from mimicdet_jax import postprocess
-from mimicdet_jax import restore
-from mimicdet_jax import viz as viz_lib  # `viz` is evaluate's argument
+from mimicdet_jax.evaluation import coco as coco_eval
+from mimicdet_jax.evaluation import inference
+from mimicdet_jax.evaluation import postprocess
+from mimicdet_jax.evaluation import restore
+from mimicdet_jax.evaluation import viz as viz_lib  # `viz` is evaluate's argument
 
 
 @functools.lru_cache(maxsize=4)
@@ -89,20 +89,20 @@ def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
   dets = inference.gather_across_hosts(dets)
   if pid != 0:
     return None
-  results = coco_results.detections_to_coco(dets, dets,
+  results = coco_eval.detections_to_coco(dets, dets,
                                             source.label_to_category_id)
   det_path = os.path.join(out_dir, 'detections.json')
-  coco_results.write_json(det_path, results)
+  coco_eval.write_json(det_path, results)
   if step is not None:
     print(f'Evaluation at step {step} on {len(dets["image_id"])} images:')
-  coco_gt, gt_name = coco_results.ground_truth(source, config)
-  metrics = coco_results.coco_evaluate(coco_gt, results)
+  coco_gt, gt_name = coco_eval.ground_truth(source, config)
+  metrics = coco_eval.coco_evaluate(coco_gt, results)
   metrics.update(step=step, annotations=gt_name,
                  detections=os.path.abspath(det_path))
-  coco_results.write_json(os.path.join(out_dir, 'metrics.json'), metrics)
+  coco_eval.write_json(os.path.join(out_dir, 'metrics.json'), metrics)
   with open(os.path.join(out_dir, 'history.jsonl'), 'a') as f:
     f.write(json.dumps({k: v for k, v in metrics.items()
-                        if k in coco_results.SUMMARY_KEYS or k == 'step'})
+                        if k in coco_eval.SUMMARY_KEYS or k == 'step'})
             + '\n')
   if drawn:
     print(f'{len(drawn)} pictures (gt green, detections red, score >= '

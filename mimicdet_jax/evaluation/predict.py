@@ -1,6 +1,6 @@
 r"""Runs a checkpoint on a folder of images; writes pictures and a JSON.
 
-  python -m mimicdet_jax.predict --workdir DIR --images FOLDER --out OUT \
+  python -m mimicdet_jax.evaluation.predict --workdir DIR --images FOLDER --out OUT \
       [--config configs/demo.py] [--checkpoint latest|STEP|PATH] \
       [--config.eval.viz_score_threshold=0.5]
 
@@ -31,12 +31,13 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from mimicdet_jax import config_lib
 from mimicdet_jax import errors
-from mimicdet_jax import coco_results
-from mimicdet_jax import inference
-from mimicdet_jax import postprocess
-from mimicdet_jax import restore
-from mimicdet_jax import viz
+from mimicdet_jax.evaluation import coco as coco_eval
+from mimicdet_jax.evaluation import inference
+from mimicdet_jax.evaluation import postprocess
+from mimicdet_jax.evaluation import restore
+from mimicdet_jax.evaluation import viz
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff',
                     '.webp', '.ppm', '.pgm')
@@ -124,7 +125,7 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
           f'{image_dir}: none of the {len(paths)} image files could be read '
           f'(first: {skipped[0][0]}: {skipped[0][1]})') from None
     raise
-  boxes = coco_results.to_original_pixels(dets['boxes'], dets['image_size'],
+  boxes = coco_eval.to_original_pixels(dets['boxes'], dets['image_size'],
                                           dets['orig_size'])
   images = []
   for i, image_id in enumerate(dets['image_id']):
@@ -148,7 +149,7 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
   result = dict(checkpoint_step=step, class_names=class_names, images=images,
                 skipped=[dict(file_name=os.path.basename(p), error=reason)
                          for p, reason in skipped])
-  coco_results.write_json(os.path.join(out_dir, 'detections.json'), result)
+  coco_eval.write_json(os.path.join(out_dir, 'detections.json'), result)
   return result
 
 
@@ -187,4 +188,4 @@ if __name__ == '__main__':
   _OUT = flags.DEFINE_string('out', None, 'Output folder.', required=True)
   _CHECKPOINT = flags.DEFINE_string(
       'checkpoint', 'latest', "'latest', a step number or a checkpoint path.")
-  errors.run_absl(main)
+  config_lib.run_absl(main)

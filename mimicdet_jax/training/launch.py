@@ -1,0 +1,179 @@
+"""Launching a MimicDet training run: train.py's `train_and_evaluate`.
+
+`build_training` wires the MimicDet model, losses and data into
+`loop.run_training`; around it, the start-up a run needs: joining a
+multi-process run (`initialize_distributed`), the persistent compilation
+cache, quiet library logs, and WORKDIR/config.json and categories.json.
+"""
+import json
+import logging as std_logging
+import os
+from typing import Any, Callable, Optional
+
+from absl import logging
+import jax
+import ml_collections
+
+from mimicdet_jax import config_lib
+from mimicdet_jax.training import loop
+from mimicdet_jax.training import state as state_lib
+
+
+def initialize_distributed(coordinator_address: str = '',
+                           num_processes: int = 0,
+                           process_id: int = -1) -> None:
+  """Joins a multi-process run (no-op for a single process).
+
+  Explicit arguments win; otherwise `jax.distributed.initialize()` is called
+  with no arguments on TPU pods and under SLURM with several tasks, where JAX
+  finds the coordinator itself. On CPU the collectives go through gloo.
+  """
+  if coordinator_address:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
+  elif (int(os.environ.get('SLURM_NTASKS', '1')) > 1 or
+        len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1 or
+        os.environ.get('MEGASCALE_COORDINATOR_ADDRESS')):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('distributed: process %d of %d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+# ------------------------------------------------------ compilation cache
+def enable_compile_cache(cache_dir: str, workdir: str = '') -> Optional[str]:
+  """Turns on JAX's persistent compilation cache (train.compile_cache).
+
+  A restart of the same config (same shapes, devices, flags and JAX version)
+  then loads the compiled executables instead of compiling them again. Call
+  it before the first compilation of the process: JAX reads the setting
+  once, when it compiles first.
+
+  Args:
+    cache_dir: '' = off; '~' is expanded; a relative path is under `workdir`
+      (e.g. 'jax_cache'), an absolute one is shared by every run.
+    workdir: the run's output directory.
+
+  Returns:
+    The absolute cache directory, or None when off.
+  """
+  if not cache_dir:
+    return None
+  path = os.path.expanduser(cache_dir)
+  if not os.path.isabs(path):
+    path = os.path.join(workdir, path)
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', path)
+  # Cache every executable, not only those that took over a second: on
+  # restart the dozens of small ones (init, eval helpers) add up too.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  logging.info('compilation cache: %s', path)
+  return path
+
+
+class _QuietLibraries:
+  """Drops INFO lines of orbax (dozens per checkpoint) from the log."""
+
+  def filter(self, record) -> bool:
+    return (record.levelno >= std_logging.WARNING or
+            '/orbax/' not in record.pathname)
+
+
+def quiet_library_logs() -> None:
+  """Keeps orbax's per-checkpoint INFO lines out of the absl log."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def write_config(config: Any, workdir: str) -> None:
+  """DIR/config.json: the resolved config, as plain JSON."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  d = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(d, f, indent=2, sort_keys=True, default=str)
+
+
+def write_categories(categories: list, workdir: str) -> None:
+  """DIR/categories.json: [{'id', 'name'}] of labels 1..K, in label order.
+
+  Evaluation and predict read it to map labels back to category ids (and
+  names) and to check that a validation file has the same categories.
+  """
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  from mimicdet_jax.evaluation import restore  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, restore.CATEGORIES_FILE), 'w') as f:
+    json.dump([{'id': int(c['id']), 'name': str(c['name'])}
+               for c in categories], f, indent=1)
+
+
+def _eval_fn(config, workdir: str) -> Callable:
+  """evaluation.evaluate.evaluate(config, variables, workdir, step)."""
+  # Imported here: training needs evaluation only for the periodic and final
+  # evaluation of a run, not for its machinery.
+  from mimicdet_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  return lambda variables, step: evaluate_lib.evaluate(
+      config, variables, workdir, step)
+
+
+def build_training(config: ml_collections.ConfigDict, workdir: str, *,
+                   compile_cache: bool = False) -> dict:
+  """Resolves the config and builds what `loop.run_training` takes for MimicDet.
+
+  Resolves the config against the training data (number of classes), checks
+  that the validation file (when there is one) has the same categories,
+  turns on the compilation cache (train.compile_cache) when `compile_cache`,
+  writes WORKDIR/config.json and WORKDIR/categories.json, builds model
+  variables (backbone from model.backbone_init), losses and this process's
+  data shard.
+
+  Returns:
+    Keyword arguments of `loop.run_training` (config, workdir, variables,
+    frozen_mask, loss_fn, train_iter, eval_fn).
+  """
+  # Imported here so that the generic machinery above does not need them.
+  from mimicdet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.losses import total  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.models import backbones  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
+
+  source = pipeline.build_source(config.data, 'train')
+  pipeline.check_val_categories(config.data, source)
+  config = config_lib.resolve(config, source.num_classes)
+  if compile_cache:  # after the data checks (a bad file fails first), before
+    enable_compile_cache(config.train.compile_cache, workdir)  # compiling
+  write_config(config, workdir)
+  write_categories(source.categories, workdir)
+  logging.info('training %s: %d classes, global batch %d on %d devices '
+               '(%d processes)', config.model.backbone.arch,
+               config.model.num_classes, config.train.batch_size,
+               jax.device_count(), jax.process_count())
+
+  model = mimicdet.MimicDet(config)
+  init_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x1a1f)
+  variables = state_lib.init_variables(config, model, init_rng)
+  frozen_mask = backbones.frozen_param_mask(
+      variables['params'], config.model.backbone.frozen_stages)
+  loader = pipeline.make_train_loader(
+      config, source, num_local_devices=jax.local_device_count(),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return dict(config=config, workdir=workdir, variables=variables,
+              frozen_mask=frozen_mask,
+              loss_fn=total.make_loss_fn(model, config),
+              train_iter=iter(loader),
+              eval_fn=_eval_fn(config, workdir))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> state_lib.TrainState:
+  """Trains (and optionally evaluates) MimicDet as `config` says: train.py."""
+  kwargs = build_training(config, workdir, compile_cache=True)
+  return loop.run_training(kwargs.pop('config'), kwargs.pop('workdir'), **kwargs)

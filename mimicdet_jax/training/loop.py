@@ -1,0 +1,188 @@
+"""The training loop: resume, step, log, check, checkpoint, evaluate, stop.
+
+`run_training` trains until train.total_steps from WORKDIR/checkpoints;
+`summarize_window` averages the fetched metrics of a log window;
+`NonFiniteLossError` ends a run after too many skipped steps in a row.
+"""
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from mimicdet_jax import checkpoint as checkpoint_lib
+from mimicdet_jax import errors
+from mimicdet_jax.training import metrics as metrics_lib
+from mimicdet_jax.training import optim
+from mimicdet_jax.training import parallel as parallel_lib
+from mimicdet_jax.training import preemption
+from mimicdet_jax.training import state as state_lib
+from mimicdet_jax.training import step as step_lib
+
+PyTree = Any
+
+
+def summarize_window(window: list[dict], elapsed: float,
+                     global_batch: int) -> dict:
+  """Averages fetched per-step metrics over the finite steps of a window.
+
+  Counters and lr are taken from the last step; images_per_sec and
+  step_time from the wall time of the window (the first window includes
+  compilation).
+  """
+  last = window[-1]
+  finite = [m for m in window if m['finite'] > 0]
+  out = {}
+  for k in last:
+    if k in ('finite', 'nonfinite_streak', 'nonfinite_total', 'lr'):
+      continue
+    out[k] = (float(np.mean([m[k] for m in finite])) if finite
+              else float(last[k]))
+  out['lr'] = float(last['lr'])
+  out['nonfinite_steps'] = float(len(window) - len(finite))
+  out['nonfinite_total'] = float(last['nonfinite_total'])
+  out['step_time'] = elapsed / len(window)
+  out['images_per_sec'] = global_batch * len(window) / max(elapsed, 1e-9)
+  return out
+
+
+class NonFiniteLossError(errors.UserError, RuntimeError):
+  """Raised after train.max_consecutive_nonfinite skipped steps in a row.
+
+  A UserError (the fix is in the config or data: lower the lr, clip the
+  gradients): train.py reports it as one line and exits with status 1.
+  """
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str, *,
+                 variables: Mapping[str, PyTree],
+                 frozen_mask: PyTree,
+                 loss_fn: step_lib.LossFn,
+                 train_iter: Iterator[Mapping[str, np.ndarray]],
+                 eval_fn: Optional[Callable[[PyTree, int], Any]] = None,
+                 on_step_end: Optional[Callable[[int], None]] = None
+                 ) -> state_lib.TrainState:
+  """Trains until train.total_steps, resuming from WORKDIR/checkpoints.
+
+  Args:
+    config: the resolved config (train.*, optim.*, seed).
+    workdir: output directory (checkpoints/, metrics.jsonl, tensorboard/).
+    variables: initial {'params', 'frozen'} (overwritten by a checkpoint).
+    frozen_mask: like variables['params'], True = not trained.
+    loss_fn: see `step.LossFn`; called on one device's batch.
+    train_iter: yields this process's batches, every leaf shaped
+      [local_device_count, per_device_batch, ...]; must have
+      get_state()/set_state() (a grain iterator) for exact resume.
+    eval_fn: eval_fn(variables, step), run every train.eval_every steps and
+      at the end when eval.at_end (process-collective).
+    on_step_end: called with the step number after each step's bookkeeping.
+
+  Returns:
+    The final TrainState as host arrays (replica 0).
+
+  Raises:
+    NonFiniteLossError: train.max_consecutive_nonfinite skipped steps in a row.
+  """
+  t = config.train
+  is_main = jax.process_index() == 0
+  num_devices = jax.device_count()
+  if t.batch_size % num_devices:
+    raise ValueError(f'train.batch_size={t.batch_size} is not divisible by '
+                     f'the {num_devices} devices')
+
+  state, tx = state_lib.create_train_state(config, variables, frozen_mask,
+                                 jax.random.PRNGKey(config.seed))
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), save_every=t.checkpoint_every,
+      keep=t.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(latest, state, train_iter)
+    logging.info('resumed from step %d', latest)
+  start_step = int(state.step)
+
+  lr_schedule = optim.make_lr_schedule(config)
+  parallel = parallel_lib.DataParallel(t.parallelism)
+  logging.info('train.parallelism=%s', t.parallelism)
+  p_step = parallel.wrap(step_lib.make_train_step(
+      loss_fn, tx, frozen_mask, loss_per_image=t.loss_per_image,
+      lr_schedule=lr_schedule))
+  rstate = parallel.put_state(state)
+  del state
+
+  writer = metrics_lib.MetricWriter(workdir, start_step, enabled=is_main)
+  stop = preemption.StopSignal()
+  multi_process = jax.process_count() > 1
+  preemption_sync = preemption.PreemptionSync()
+  if not multi_process:
+    stop.install()
+  check_every = max(1, min(t.log_every, t.max_consecutive_nonfinite))
+  bar = tqdm.tqdm(total=t.total_steps, initial=start_step, unit='step',
+                  dynamic_ncols=True, disable=not is_main)
+  window, last_metrics = [], None
+  window_start = time.time()
+  step = start_step
+  try:
+    while step < t.total_steps:
+      batch = next(train_iter)
+      rstate, last_metrics = p_step(rstate, parallel.put_batch(batch))
+      window.append(last_metrics)
+      step += 1
+      bar.update(1)
+      is_last = step == t.total_steps
+
+      if step % t.log_every == 0 or is_last:
+        fetched = [parallel.host(m) for m in window]
+        now = time.time()
+        scalars = summarize_window(fetched, now - window_start, t.batch_size)
+        writer.write(step, scalars)
+        bar.set_postfix(loss=f"{scalars['loss']:.4f}",
+                        img_s=f"{scalars['images_per_sec']:.1f}")
+        window, window_start = [], now
+
+      if step % check_every == 0 or is_last:
+        terms = parallel.host(last_metrics)
+        streak = int(terms['nonfinite_streak'])
+        if streak >= t.max_consecutive_nonfinite:
+          msg = (f'training stopped at step {step}: {streak} consecutive '
+                 f'non-finite losses (steps {step - streak + 1}..{step}); '
+                 'loss terms at step {}: {}'.format(step, ', '.join(
+                     f'{k}={float(v):.6g}' for k, v in sorted(terms.items()))))
+          logging.error(msg)
+          raise NonFiniteLossError(msg)
+
+      stop_now = (stop.requested is not None if not multi_process
+                  else preemption_sync(step))
+      if step % t.checkpoint_every == 0 or is_last or stop_now:
+        ckpt.save(step, parallel.host(rstate), train_iter,
+                  force=is_last or stop_now)
+
+      if eval_fn is not None and t.eval_every > 0 and (
+          step % t.eval_every == 0) and not is_last:
+        eval_fn(_variables_of(parallel.host(rstate)), step)
+
+      if on_step_end is not None:
+        on_step_end(step)
+      if stop_now:
+        logging.warning('stopped at step %d after a checkpoint', step)
+        break
+
+    final = parallel.host(rstate)
+    if (eval_fn is not None and step == t.total_steps and
+        step > start_step and (config.eval.at_end or t.eval_every > 0)):
+      ckpt.wait()
+      eval_fn(_variables_of(final), step)
+    return final
+  finally:
+    bar.close()
+    stop.uninstall()
+    writer.close()
+    ckpt.close()
+
+
+def _variables_of(state: state_lib.TrainState) -> dict:
+  return {'params': state.params, 'frozen': state.frozen}

@@ -1,0 +1,110 @@
+"""One optimiser step on one device's batch (axis 'data').
+
+`make_train_step`: the loss (once per image by default, see the PRNG policy
+below), gradients averaged with `lax.pmean`, the update, and the skipping of
+non-finite steps, decided on device. `parallel.DataParallel` runs it over the
+devices.
+
+PRNG policy: the replicated `state.rng` is folded with the step; with
+`train.loss_per_image` (default) the loss runs once per image (vmap over the
+per-device batch, each image a batch of one) with that key folded with the
+image's *global* index in the global batch, so sampling and loss
+normalisation do not depend on how the batch is split over devices or hosts
+(8 devices x 1 image == 1 device x 8 images). Without it the loss sees the
+whole per-device batch and the key folded with the device index.
+"""
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import optax
+
+from mimicdet_jax.training.state import TrainState
+
+PyTree = Any
+# loss_fn(params, frozen, batch, rng) -> (loss [], aux {name: []}).
+LossFn = Callable[[PyTree, PyTree, Mapping[str, jax.Array], jax.Array],
+                  tuple[jax.Array, Mapping[str, jax.Array]]]
+
+AXIS = 'data'
+
+
+def _global_norm_of(tree: PyTree, mask: PyTree) -> jax.Array:
+  leaves = [jnp.sum(jnp.square(g.astype(jnp.float32)))
+            for g, m in zip(jax.tree.leaves(tree), jax.tree.leaves(mask))
+            if not m]
+  return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros((), jnp.float32)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    frozen_mask: PyTree, *, loss_per_image: bool = True,
+                    lr_schedule: Optional[optax.Schedule] = None
+                    ) -> Callable[[TrainState, Mapping[str, jax.Array]],
+                                  tuple[TrainState, dict]]:
+  """One optimiser step on one device's batch, over axis 'data' (DataParallel).
+
+  Args:
+    loss_fn: loss_fn(params, frozen, batch, rng) -> (loss, aux) on a batch
+      with a leading per-device batch dimension.
+    tx: from `make_optimizer`.
+    frozen_mask: like params; frozen leaves are left out of the grad norm.
+    loss_per_image: see the module docstring (PRNG policy).
+    lr_schedule: reported as metrics['lr'] (of the update count).
+
+  Returns:
+    train_step(state, batch) -> (state, metrics). Metrics are scalars equal
+    on every replica: the loss and every aux term (pmean over devices),
+    grad_norm (of the averaged trainable gradients), lr, finite (1/0),
+    nonfinite_streak, nonfinite_total.
+    A step whose averaged loss or gradient norm is not finite leaves params
+    and optimiser state unchanged (decided on device, no host sync).
+  """
+
+  def device_loss(params, frozen, batch, step_rng):
+    if not loss_per_image:
+      rng = jax.random.fold_in(step_rng, lax.axis_index(AXIS))
+      return loss_fn(params, frozen, batch, rng)
+    per_device = jax.tree.leaves(batch)[0].shape[0]
+    global_index = lax.axis_index(AXIS) * per_device + jnp.arange(per_device)
+    keys = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(global_index)
+
+    def one_image(example, key):
+      return loss_fn(params, frozen,
+                     jax.tree.map(lambda x: x[None], example), key)
+
+    losses, aux = jax.vmap(one_image)(batch, keys)
+    return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
+
+  def train_step(state: TrainState, batch):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(device_loss, has_aux=True)(
+        state.params, state.frozen, batch, step_rng)
+    grads = lax.pmean(grads, AXIS)
+    loss = lax.pmean(loss, AXIS)
+    aux = lax.pmean(dict(aux), AXIS)
+    grad_norm = _global_norm_of(grads, frozen_mask)
+
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    total = state.nonfinite_total + jnp.where(finite, 0, 1)
+    lr = (lr_schedule(state.num_updates) if lr_schedule is not None
+          else jnp.zeros(()))
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        nonfinite_streak=streak.astype(jnp.int32),
+        nonfinite_total=total.astype(jnp.int32))
+    metrics = dict(aux)
+    metrics.update(loss=loss, grad_norm=grad_norm,
+                   lr=jnp.asarray(lr, jnp.float32),
+                   finite=finite.astype(jnp.float32),
+                   nonfinite_streak=streak, nonfinite_total=total)
+    return new_state, metrics
+
+  return train_step
