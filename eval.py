@@ -49,7 +49,7 @@ def main(argv):
     # Scoring only needs pycocotools, not JAX or the model.
     from mimicdet_jax.evaluation import coco as coco_eval  # pylint: disable=g-import-not-at-top
     coco_eval.score_file(_DETECTIONS.value, _ANNOTATIONS.value,
-                            _METRICS_OUT.value)
+                         _METRICS_OUT.value)
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (or --detections/--annotations)')

@@ -19,8 +19,8 @@ def test_to_original_pixels_rescales_per_axis_and_clips():
   np.testing.assert_allclose(out[1, 0], [0, 0, 50, 40])  # x 60->50, y 60->40
   # Rounded resize: 333 x 500 -> 800 x 1201 (scale 2.4024 nominal).
   out = coco_eval.to_original_pixels(np.array([[[0, 0, 1201, 800]]]),
-                                        np.array([[800, 1201]]),
-                                        np.array([[333, 500]]))
+                                     np.array([[800, 1201]]),
+                                     np.array([[333, 500]]))
   np.testing.assert_allclose(out[0, 0], [0, 0, 500, 333], rtol=1e-6)
 
 

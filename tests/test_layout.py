@@ -99,10 +99,18 @@ def test_errors_imports_nothing_of_the_package():
 
 
 def test_layers_point_down():
-  """ops <- models <- targets <- losses; evaluation and serving never import
-  training; serving's loader imports nothing of the package."""
+  """ops <- models <- targets <- losses <- data (data's transforms are read by
+  losses, so data sits beside them: it imports none of the four); evaluation
+  and serving never import training; serving's loader imports nothing of the
+  package."""
   graph = import_graph()
   order = ['ops', 'models', 'targets', 'losses']
+  above = ('mimicdet_jax.training', 'mimicdet_jax.evaluation',
+           'mimicdet_jax.serving', 'mimicdet_jax.experiments',
+           'mimicdet_jax.demo')
+  for name, deps in graph.items():
+    if name.split('.')[1:2] and name.split('.')[1] in order + ['data']:
+      assert not any(d.startswith(above) for d in deps), (name, deps)
   for name, deps in graph.items():
     parts = name.split('.')
     if len(parts) > 1 and parts[1] in order:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mimicdet_jax.evaluation import viz
+from mimicdet_jax import viz
 
 
 def test_outline_on_the_box_edges():

@@ -298,7 +298,7 @@ def write_split(out_dir: str, split: str, num_images: int, seed: int,
 
 def write_viz(out_dir: str, split: str, count: int) -> list[str]:
   """Draws the first `count` images of a written split with their gt boxes."""
-  from mimicdet_jax.evaluation import viz  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax import viz  # pylint: disable=g-import-not-at-top
   from mimicdet_jax.data import coco  # pylint: disable=g-import-not-at-top
   source = coco.CocoSource(os.path.join(out_dir, 'annotations', f'{split}.json'),
                            os.path.join(out_dir, split))

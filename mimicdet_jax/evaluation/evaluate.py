@@ -20,7 +20,7 @@ from mimicdet_jax.evaluation import coco as coco_eval
 from mimicdet_jax.evaluation import inference
 from mimicdet_jax.evaluation import postprocess
 from mimicdet_jax.evaluation import restore
-from mimicdet_jax.evaluation import viz as viz_lib  # `viz` is evaluate's argument
+from mimicdet_jax import viz as viz_lib  # `viz` is evaluate's argument
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,7 +90,7 @@ def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
   if pid != 0:
     return None
   results = coco_eval.detections_to_coco(dets, dets,
-                                            source.label_to_category_id)
+                                         source.label_to_category_id)
   det_path = os.path.join(out_dir, 'detections.json')
   coco_eval.write_json(det_path, results)
   if step is not None:

@@ -37,7 +37,7 @@ from mimicdet_jax.evaluation import coco as coco_eval
 from mimicdet_jax.evaluation import inference
 from mimicdet_jax.evaluation import postprocess
 from mimicdet_jax.evaluation import restore
-from mimicdet_jax.evaluation import viz
+from mimicdet_jax import viz
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff',
                     '.webp', '.ppm', '.pgm')
@@ -126,7 +126,7 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
           f'(first: {skipped[0][0]}: {skipped[0][1]})') from None
     raise
   boxes = coco_eval.to_original_pixels(dets['boxes'], dets['image_size'],
-                                          dets['orig_size'])
+                                       dets['orig_size'])
   images = []
   for i, image_id in enumerate(dets['image_id']):
     path = paths[int(image_id)]
