@@ -20,6 +20,7 @@ import configs.demo
 from mimicdet_jax import errors
 from mimicdet_jax.experiments import ablate
 from mimicdet_jax.experiments import report
+from tests import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -280,7 +281,7 @@ def test_cli_killed_after_first_run_resumes(tmp_path):
          '--base', 'configs/demo.py', '--grid', 'mimic_off,both', '--seeds',
          '0', '--workdir', str(work), '--steps', '2'] + _tiny_flags(data)
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+             XLA_FLAGS=subprocess_env.xla_flags(1))
   first = work / 'mimic_off' / 'seed0'
   log = tmp_path / 'first.log'  # a file: a full pipe would block the child
   with open(log, 'w') as out:

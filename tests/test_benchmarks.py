@@ -22,6 +22,7 @@ sys.path.insert(0, REPO)
 from benchmarks import common as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import peer_torchvision  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests import subprocess_env
 
 # Shrinks the demo config further (widths, box counts): the scripts' logic is
 # the same at any size.
@@ -195,7 +196,7 @@ def test_peer_ratios_are_ours_over_theirs():
 # ------------------------------------------------------------------ scripts
 def _run(script, args, tmp_path, devices=1):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=subprocess_env.xla_flags(devices))
   out = tmp_path / 'result.json'
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, 'benchmarks', script),

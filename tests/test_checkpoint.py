@@ -14,6 +14,7 @@ import pytest
 
 from mimicdet_jax import checkpoint
 from tests import train_helper as th
+from tests import subprocess_env
 
 HELPER = os.path.join(os.path.dirname(__file__), 'train_helper.py')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +76,7 @@ def test_interval_and_keep_last(tmp_path):
 
 def _helper(workdir, *args, devices=8):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             XLA_FLAGS=subprocess_env.xla_flags(devices),
              PYTHONPATH=REPO)
   return subprocess.run(
       [sys.executable, HELPER, '--workdir', str(workdir), *map(str, args)],

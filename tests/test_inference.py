@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+from tests import subprocess_env
 
 
 def test_gather_across_two_processes(tmp_path):
@@ -11,7 +12,7 @@ def test_gather_across_two_processes(tmp_path):
   from tests import multiprocess
   out = tmp_path / 'gathered.json'
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+             XLA_FLAGS=subprocess_env.xla_flags(1))
   results = multiprocess.run(
       lambda coordinator, i: [
           os.path.join('tests', 'eval_helper.py'), '--coordinator',

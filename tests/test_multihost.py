@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests import multiprocess
+from tests import subprocess_env
 
 HELPER = os.path.join(os.path.dirname(__file__), 'train_helper.py')
 REPO = multiprocess.REPO
@@ -22,7 +23,7 @@ REPO = multiprocess.REPO
 
 def _two_processes(workdir, *extra, timeout=900):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+             XLA_FLAGS=subprocess_env.xla_flags(1))
   results = multiprocess.run(
       lambda coordinator, i: [
           HELPER, '--workdir', str(workdir), '--coordinator', coordinator,

@@ -19,6 +19,7 @@ from mimicdet_jax.training import parallel as parallel_lib
 from mimicdet_jax.training import state as state_lib
 from mimicdet_jax.training import step as step_lib
 from tests import train_helper as th
+from tests import subprocess_env
 
 
 # ------------------------------------------------------------------ schedule
@@ -508,7 +509,7 @@ def test_train_py_cli_two_steps_then_eval(synthetic_data, tmp_path):
       '--config.train.batch_size=2', '--config.train.total_steps=2',
       '--config.train.log_every=1', '--config.train.checkpoint_every=1']
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+             XLA_FLAGS=subprocess_env.xla_flags(1))
   r = subprocess.run([sys.executable, 'train.py', '--config', 'configs/demo.py',
                       '--workdir', str(tmp_path), *flags], cwd=repo, env=env,
                      capture_output=True, text=True, timeout=1800)
