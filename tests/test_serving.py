@@ -140,6 +140,13 @@ def test_signature_and_platforms(served):
   blob = open(os.path.join(served['out'], entry['file']), 'rb').read()
   assert entry['file'] == 'detector_128x128.jaxexport'
   assert entry['bytes'] == len(blob)
+  # Self-contained, but without the T-head's weights: smaller than all the
+  # checkpoint's variables (graph included).
+  weights = sum(np.asarray(x).nbytes for x in jax.tree.leaves(
+      served['variables']))
+  t_head = sum(np.asarray(x).nbytes for x in jax.tree.leaves(
+      served['variables']['params']['t_head_net']))
+  assert weights - t_head < len(blob) < weights
   # Lowered for tpu and cuda on this CPU-only machine, in the same module.
   exp = jax.export.deserialize(bytearray(blob))
   assert exp.platforms == ('cpu', 'cuda', 'tpu')

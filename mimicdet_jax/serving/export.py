@@ -62,6 +62,23 @@ def s_head_config(config) -> ml_collections.FrozenConfigDict:
   return ml_collections.FrozenConfigDict(c)
 
 
+# MimicDet.setup's attribute holding the T-head: its weights stay out of
+# the artifact (the S-head detector never calls it).
+T_HEAD_MODULE = 't_head_net'
+
+
+def s_head_variables(variables) -> dict:
+  """{'params', 'frozen'} without the T-head's subtrees (host arrays).
+
+  Flax reads a module's parameters only when the module runs, so the
+  S-head predictor applies without them; constants the graph receives but
+  does not use would otherwise still be serialized.
+  """
+  return {col: jax.tree.map(np.asarray, {k: v for k, v in tree.items()
+                                         if k != T_HEAD_MODULE})
+          for col, tree in variables.items()}
+
+
 def category_table(categories: Sequence[dict]) -> np.ndarray:
   """int32 [K + 1]: label -> category id; index 0 (no detection) -> -1."""
   ids = [int(c['id']) for c in categories]
@@ -114,7 +131,8 @@ def export_detector(config, variables, categories: Sequence[dict],
 
   Args:
     config: the resolved config the checkpoint trained with.
-    variables: {'params', 'frozen'} (host arrays), baked into the artifacts.
+    variables: {'params', 'frozen'}; all but the T-head's are baked into
+      the artifacts.
     categories: [{'id', 'name'}] of labels 1..K, in label order.
     out_dir: created if missing; signature.json is written last.
     step: the checkpoint step, recorded.
@@ -136,7 +154,7 @@ def export_detector(config, variables, categories: Sequence[dict],
         f'{len(categories)} categories for a model of '
         f'{config.model.num_classes} classes')
   config = s_head_config(config)
-  variables = jax.tree.map(np.asarray, variables)
+  variables = s_head_variables(variables)
   fn = jax.jit(detector_function(config, variables, categories))
   os.makedirs(out_dir, exist_ok=True)
   (batch,) = jax.export.symbolic_shape('b')
