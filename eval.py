@@ -4,6 +4,9 @@ r"""Evaluates a MimicDet checkpoint with pycocotools, or scores a result file.
   # DIR/eval/metrics.json, DIR/eval/viz/*.png with --viz N)
   python eval.py --config configs/mimicdet_r50_fpn_1x.py --workdir DIR \
       [--checkpoint latest|STEP|PATH] [--viz N] [--head s|t|both]
+  # an exported detector (serving/export.py) on the validation split of
+  # --config (or of DIR/config.json with --workdir); writes EXPORTED/eval/
+  python eval.py --exported EXPORTED (--config C | --workdir DIR) [--out OUT]
   # only score an existing COCO results file
   python eval.py --detections dets.json --annotations instances_val2017.json \
       [--metrics-out metrics.json]
@@ -38,6 +41,13 @@ _METRICS_OUT = flags.DEFINE_string(
     'metrics-out', None,
     'Scoring only: where metrics.json goes (default: beside --detections).')
 flags.DEFINE_alias('metrics_out', 'metrics-out')
+_EXPORTED = flags.DEFINE_string(
+    'exported', None, 'An exported detector directory (serving/export.py) to '
+    'evaluate instead of a checkpoint; the validation data comes from --config '
+    'or WORKDIR/config.json.')
+_OUT = flags.DEFINE_string(
+    'out', None, 'With --exported: where detections.json and metrics.json go '
+    '(default EXPORTED/eval).')
 
 
 def main(argv):
@@ -50,6 +60,18 @@ def main(argv):
     from mimicdet_jax.evaluation import coco as coco_eval  # pylint: disable=g-import-not-at-top
     coco_eval.score_file(_DETECTIONS.value, _ANNOTATIONS.value,
                          _METRICS_OUT.value)
+    return
+  if _EXPORTED.value:
+    if not (_WORKDIR.value or _CONFIG.value):
+      raise app.UsageError('--exported needs --config or --workdir (the '
+                           'validation data)')
+    # pylint: disable=g-import-not-at-top
+    from mimicdet_jax.evaluation import exported
+    from mimicdet_jax.evaluation import restore
+    # pylint: enable=g-import-not-at-top
+    detector = exported.load_detector(_EXPORTED.value)
+    config = restore.load_config(_WORKDIR.value, _CONFIG.value)
+    exported.evaluate_exported(config, detector, _OUT.value)
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (or --detections/--annotations)')

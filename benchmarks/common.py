@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import sys
+import time
 from typing import Any, Mapping, Optional
 
 import jax
@@ -335,6 +336,28 @@ class CompileCounter:
   def stop(self) -> 'CompileCounter':
     self.active = False
     return self
+
+
+def time_calls(fn, args, *, reps: int, warmup: int) -> tuple[dict, Any]:
+  """(timing, last output) of fn(*args): the first call (trace, compile,
+  run), then `reps` timed calls after `warmup - 1` more untimed ones, each
+  ended by block_until_ready."""
+  counter = CompileCounter()
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - t0
+  for _ in range(max(warmup - 1, 0)):
+    out = jax.block_until_ready(fn(*args))
+  counter.start()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  counter.stop()
+  return dict(first_call_s=first, median_s=float(np.median(times)),
+              min_s=float(np.min(times)), reps=reps,
+              recompiles_in_timed_calls=counter.count), out
 
 
 def write_json(path: Optional[str], result: Mapping[str, Any]) -> None:

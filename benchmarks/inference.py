@@ -20,7 +20,6 @@ passes the default score threshold (0.005) and NMS sees its worst case
 """
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -58,26 +57,6 @@ _JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
 flags.mark_flags_as_required(['config'])
 
 
-def time_calls(fn, args, *, reps: int, warmup: int) -> dict:
-  """First call, then `reps` timed calls after `warmup - 1` more untimed ones."""
-  counter = bench.CompileCounter()
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - t0
-  for _ in range(max(warmup - 1, 0)):
-    out = jax.block_until_ready(fn(*args))
-  counter.start()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  counter.stop()
-  return dict(first_call_s=first, median_s=float(np.median(times)),
-              min_s=float(np.min(times)), reps=reps,
-              recompiles_in_timed_calls=counter.count), out
-
-
 def benchmark(raw_config, *, batches, heads, size=None, dtype=None, reps=5,
               warmup=1, forward_only=False, init='auto',
               num_classes=-1) -> dict:
@@ -98,7 +77,7 @@ def benchmark(raw_config, *, batches, heads, size=None, dtype=None, reps=5,
       images = jax.device_put(np.random.default_rng(b).standard_normal(
           (b, h, w, 3), np.float32))
       image_size = jnp.asarray(np.tile([[h, w]], (b, 1)), jnp.int32)
-      timing, dets = time_calls(predict, (variables, images, image_size),
+      timing, dets = bench.time_calls(predict, (variables, images, image_size),
                                 reps=reps, warmup=warmup)
       rows.append(dict(
           what=f'predict head={head}', head=head, batch=b, **timing,
@@ -111,7 +90,7 @@ def benchmark(raw_config, *, batches, heads, size=None, dtype=None, reps=5,
     for b in batches:
       images = jax.device_put(np.random.default_rng(b).standard_normal(
           (b, h, w, 3), np.float32))
-      timing, _ = time_calls(forward, (variables, images), reps=reps,
+      timing, _ = bench.time_calls(forward, (variables, images), reps=reps,
                              warmup=warmup)
       rows.append(dict(what='forward only (model.apply)', head='-', batch=b,
                        **timing, images_per_s=b / timing['median_s'],

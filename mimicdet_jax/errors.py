@@ -35,6 +35,11 @@ class MissingFileError(UserError, FileNotFoundError):
   """A file or directory the command needs is not there (e.g. a checkpoint)."""
 
 
+class ArtifactError(UserError, ValueError):
+  """An exported detector directory or an input it cannot take
+  (serving/detector.py's DetectorError, re-raised by evaluation/exported.py)."""
+
+
 def one_line(error: BaseException) -> str:
   """The error's message on one line (newlines become '; ')."""
   parts = [p.strip() for p in str(error).splitlines() if p.strip()]

@@ -49,8 +49,13 @@ def tiny_config(data_dir: str):
   return c
 
 
-def make_workdir(root: str):
+def make_workdir(root: str, init: str = 'model', edit=None):
   """root/data (5 val images) + root/work (config.json, checkpoint STEP).
+
+  init: 'model' runs the real initialisers (jitted model.init: ~40 s of
+  XLA compile on 2 cores); 'numpy' fills the same tree at their scales
+  (benchmarks/common.init_variables, a few seconds). edit(recipe) may change
+  the tiny config before it is resolved and written.
 
   Returns (recipe config, resolved config, data dir, workdir).
   """
@@ -62,11 +67,17 @@ def make_workdir(root: str):
                   '0', '--min-size', '96', '--max-size', '160', '--workers',
                   '1'])
   recipe = tiny_config(data_dir)
+  if edit is not None:
+    edit(recipe)
   config = config_lib.resolve(recipe, len(synthetic.CATEGORIES))
   workdir = os.path.join(root, 'work')
   launch.write_config(config, workdir)
   model = mimicdet.MimicDet(config)
-  variables = state_lib.init_variables(config, model, jax.random.PRNGKey(0))
+  if init == 'numpy':
+    from benchmarks import common as bench  # pylint: disable=g-import-not-at-top
+    variables = bench.init_variables(config, model, 'numpy')
+  else:
+    variables = state_lib.init_variables(config, model, jax.random.PRNGKey(0))
   mask = backbones.frozen_param_mask(variables['params'],
                                      config.model.backbone.frozen_stages)
   state, _ = state_lib.create_train_state(config, variables, mask,

@@ -1,7 +1,8 @@
 """COCO result writing and COCO scoring (pycocotools); no JAX.
 
 - `detections_to_coco`: canvas boxes of a batch -> COCO result dicts in
-  original-image pixels, xywh, with the annotation file's category ids.
+  original-image pixels, xywh, with the annotation file's category ids;
+  `image_results` writes one image's (also for the exported detector).
 - `coco_evaluate`: pycocotools on a result list -> the metrics dict written
   to `metrics.json` (schema in docs/EVAL.md); `ground_truth` gives it the
   validation set of any source.
@@ -65,7 +66,6 @@ def detections_to_coco(dets: Mapping[str, np.ndarray],
   """
   boxes = to_original_pixels(dets['boxes'], batch['image_size'],
                              batch['orig_size'])
-  xywh = np.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], -1)
   scores = np.asarray(dets['scores'])
   classes = np.asarray(dets['classes'])
   valid = np.asarray(dets['valid'], bool)
@@ -74,14 +74,27 @@ def detections_to_coco(dets: Mapping[str, np.ndarray],
                                        np.ones(len(image_ids), bool)), bool)
   results = []
   for b in np.nonzero(example_valid)[0]:
-    for m in np.nonzero(valid[b])[0]:
-      results.append({
-          'image_id': int(image_ids[b]),
-          'category_id': int(label_to_category_id[int(classes[b, m])]),
-          'bbox': [round(float(v), 2) for v in xywh[b, m]],
-          'score': round(float(scores[b, m]), 5),
-      })
+    keep = valid[b]
+    results += image_results(
+        image_ids[b], boxes[b][keep], scores[b][keep],
+        [label_to_category_id[int(c)] for c in classes[b][keep]])
   return results
+
+
+def image_results(image_id, boxes: np.ndarray, scores: np.ndarray,
+                  category_ids: Sequence[int]) -> list[dict[str, Any]]:
+  """One image's detections -> COCO results-format dicts.
+
+  boxes [n, 4] x1y1x2y2 in original pixels (the exported detector's output,
+  or `to_original_pixels` of canvas boxes), scores [n], category ids [n].
+  Coordinates are rounded to 0.01 px and scores to 1e-5, for every path.
+  """
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], -1)
+  return [{'image_id': int(image_id), 'category_id': int(c),
+           'bbox': [round(float(v), 2) for v in box],
+           'score': round(float(s), 5)}
+          for box, s, c in zip(xywh, np.asarray(scores), category_ids)]
 
 
 def coco_evaluate(annotations, detections: Sequence[Mapping[str, Any]],

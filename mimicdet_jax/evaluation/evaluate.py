@@ -91,10 +91,26 @@ def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
     return None
   results = coco_eval.detections_to_coco(dets, dets,
                                          source.label_to_category_id)
+  metrics = write_and_score(config, source, results, out_dir, step,
+                            len(dets['image_id']))
+  if drawn:
+    print(f'{len(drawn)} pictures (gt green, detections red, score >= '
+          f'{config.eval.viz_score_threshold}) in {os.path.dirname(drawn[0])}')
+  return metrics
+
+
+def write_and_score(config, source, results: list, out_dir: str,
+                    step: Optional[int], num_images: int) -> dict[str, Any]:
+  """OUT/detections.json, pycocotools, OUT/metrics.json and history.jsonl.
+
+  `results` are COCO results-format dicts of the validation `source`; the
+  checkpoint (`evaluate`) and the exported detector
+  (evaluation/exported.evaluate_exported) are scored by this same code.
+  """
   det_path = os.path.join(out_dir, 'detections.json')
   coco_eval.write_json(det_path, results)
   if step is not None:
-    print(f'Evaluation at step {step} on {len(dets["image_id"])} images:')
+    print(f'Evaluation at step {step} on {num_images} images:')
   coco_gt, gt_name = coco_eval.ground_truth(source, config)
   metrics = coco_eval.coco_evaluate(coco_gt, results)
   metrics.update(step=step, annotations=gt_name,
@@ -104,7 +120,4 @@ def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
     f.write(json.dumps({k: v for k, v in metrics.items()
                         if k in coco_eval.SUMMARY_KEYS or k == 'step'})
             + '\n')
-  if drawn:
-    print(f'{len(drawn)} pictures (gt green, detections red, score >= '
-          f'{config.eval.viz_score_threshold}) in {os.path.dirname(drawn[0])}')
   return metrics

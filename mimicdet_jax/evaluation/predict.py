@@ -3,6 +3,8 @@ r"""Runs a checkpoint on a folder of images; writes pictures and a JSON.
   python -m mimicdet_jax.evaluation.predict --workdir DIR --images FOLDER --out OUT \
       [--config configs/demo.py] [--checkpoint latest|STEP|PATH] \
       [--config.eval.viz_score_threshold=0.5]
+  # the same with an exported detector (serving/export.py) instead
+  python -m mimicdet_jax.evaluation.predict --exported EXPORTED --images FOLDER --out OUT
 
 Any image Pillow reads works: any size, grey, palette or RGBA (converted to
 RGB; transparency is dropped). For every image OUT gets <name>.png with the
@@ -81,6 +83,24 @@ def _batches(paths: Sequence[str], data, batch_size: int,
     yield transforms.collate(examples, data.canvas_buckets)
 
 
+def image_paths(image_dir: str) -> list[str]:
+  """`list_images`, with the user errors of a missing or empty folder."""
+  if not os.path.isdir(image_dir):
+    raise errors.MissingFileError(f'{image_dir}: image folder not found')
+  paths = list_images(image_dir)
+  if not paths:
+    raise errors.MissingFileError(
+        f'{image_dir}: no image files ({", ".join(IMAGE_EXTENSIONS)})')
+  return paths
+
+
+def _none_readable(image_dir: str, paths, skipped):
+  from mimicdet_jax.data import validation  # pylint: disable=g-import-not-at-top
+  return validation.BadInputError(
+      f'{image_dir}: none of the {len(paths)} image files could be read '
+      f'(first: {skipped[0][0]}: {skipped[0][1]})')
+
+
 def predict_folder(config, variables, image_dir: str, out_dir: str,
                    class_names: Optional[Sequence[str]] = None,
                    step: Optional[int] = None, model=None) -> dict:
@@ -104,14 +124,7 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
   if model is None:
     from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
     model = mimicdet.MimicDet(config)
-  if not os.path.isdir(image_dir):
-    raise errors.MissingFileError(f'{image_dir}: image folder not found')
-  paths = list_images(image_dir)
-  if not paths:
-    raise errors.MissingFileError(
-        f'{image_dir}: no image files ({", ".join(IMAGE_EXTENSIONS)})')
-  class_names = list(class_names or [])
-  os.makedirs(out_dir, exist_ok=True)
+  paths = image_paths(image_dir)
   predict_fn = postprocess.make_predict_fn(model, config)
   skipped = []
   try:
@@ -120,22 +133,69 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
         _batches(paths, config.data, int(config.eval.batch_size), skipped))
   except ValueError:
     if len(skipped) == len(paths):
-      from mimicdet_jax.data import validation  # pylint: disable=g-import-not-at-top
-      raise validation.BadInputError(
-          f'{image_dir}: none of the {len(paths)} image files could be read '
-          f'(first: {skipped[0][0]}: {skipped[0][1]})') from None
+      raise _none_readable(image_dir, paths, skipped) from None
     raise
   boxes = coco_eval.to_original_pixels(dets['boxes'], dets['image_size'],
                                        dets['orig_size'])
-  images = []
+  detections = []
   for i, image_id in enumerate(dets['image_id']):
-    path = paths[int(image_id)]
     valid = dets['valid'][i]
-    b, s, c = boxes[i][valid], dets['scores'][i][valid], dets['classes'][i][valid]
+    detections.append((paths[int(image_id)], boxes[i][valid],
+                       dets['scores'][i][valid], dets['classes'][i][valid]))
+  return write_predictions(out_dir, detections, class_names,
+                           config.eval.viz_score_threshold, step, skipped)
+
+
+def predict_folder_exported(detector, image_dir: str, out_dir: str,
+                            viz_score_threshold: float,
+                            batch_size: int = 8) -> dict:
+  """`predict_folder` with an exported detector (serving/detector.py).
+
+  Labels are 1 + the index of the category in the artifact's categories
+  (label order), class names theirs; checkpoint_step is the artifact's.
+  """
+  from mimicdet_jax.evaluation import exported  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.serving import detector as detector_lib  # pylint: disable=g-import-not-at-top
+  paths = image_paths(image_dir)
+  skipped, readable = [], []
+  for path in paths:
+    try:
+      readable.append((path, detector_lib.read_image(path)))
+    except detector_lib.DetectorError as e:
+      logging.warning('%s: skipped (%s)', path, e)
+      skipped.append((path, str(e).split(': ', 1)[-1]))
+  if not readable:
+    raise _none_readable(image_dir, paths, skipped)
+  label_of = {int(c['id']): k + 1 for k, c in enumerate(detector.categories)}
+  step = min(max(1, int(batch_size)), detector.max_batch)
+  detections = []
+  for start in range(0, len(readable), step):
+    chunk = readable[start:start + step]
+    for (path, _), dets in zip(chunk, exported.detect(
+        detector, [image for _, image in chunk])):
+      labels = np.array([label_of[int(c)] for c in dets['category_ids']],
+                        np.int32)
+      detections.append((path, dets['boxes'], dets['scores'], labels))
+  return write_predictions(
+      out_dir, detections, [c['name'] for c in detector.categories],
+      viz_score_threshold, detector.signature.get('checkpoint_step'), skipped)
+
+
+def write_predictions(out_dir: str, detections, class_names, viz_score_threshold,
+                      step, skipped) -> dict:
+  """OUT/<name>.png per image and OUT/detections.json (module docstring).
+
+  detections: [(path, boxes [n, 4] original pixels, scores [n], labels [n])];
+  skipped: [(path, reason)].
+  """
+  class_names = list(class_names or [])
+  os.makedirs(out_dir, exist_ok=True)
+  images = []
+  for path, b, s, c in detections:
     with Image.open(path) as img:
       rgb = np.asarray(img.convert('RGB'))
     picture = viz.draw_detections(rgb, b, s, c, class_names,
-                                  config.eval.viz_score_threshold)
+                                  viz_score_threshold)
     stem = os.path.splitext(os.path.basename(path))[0]
     picture.save(os.path.join(out_dir, f'{stem}.png'))
     images.append(dict(
@@ -156,17 +216,22 @@ def predict_folder(config, variables, image_dir: str, out_dir: str,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = restore.load_config(_WORKDIR.value, _CONFIG.value)
-  variables, step = restore.restore_variables(_WORKDIR.value,
-                                              _CHECKPOINT.value)
-  categories, _ = restore.training_categories(config, _WORKDIR.value)
-  names = [c['name'] for c in categories or []]
-  if len(names) != config.model.num_classes:
-    names = restore.class_names_from_annotations(config.data, 'val')
-    if names is None or len(names) != config.model.num_classes:
-      names = None
-  result = predict_folder(config, variables, _IMAGES.value, _OUT.value,
-                          names, step)
+  if _EXPORTED.value:
+    from mimicdet_jax.evaluation import exported  # pylint: disable=g-import-not-at-top
+    if _CONFIG.value is None:
+      from configs import common  # pylint: disable=g-import-not-at-top
+      eval_config = common.base_config().eval
+    else:
+      eval_config = _CONFIG.value.eval
+    detector = exported.load_detector(_EXPORTED.value)
+    result = predict_folder_exported(
+        detector, _IMAGES.value, _OUT.value, eval_config.viz_score_threshold,
+        eval_config.batch_size)
+  else:
+    if not _WORKDIR.value:
+      raise app.UsageError('--workdir (a checkpoint) or --exported (an '
+                           'exported detector) is required')
+    result = _predict_checkpoint()
   n = sum(len(im['detections']) for im in result['images'])
   logging.info('%d images, %d detections', len(result['images']), n)
   print(f'{len(result["images"])} pictures and detections.json '
@@ -176,13 +241,29 @@ def main(argv):
           ', '.join(s['file_name'] for s in result['skipped']))
 
 
+def _predict_checkpoint() -> dict:
+  config = restore.load_config(_WORKDIR.value, _CONFIG.value)
+  variables, step = restore.restore_variables(_WORKDIR.value,
+                                              _CHECKPOINT.value)
+  categories, _ = restore.training_categories(config, _WORKDIR.value)
+  names = [c['name'] for c in categories or []]
+  if len(names) != config.model.num_classes:
+    names = restore.class_names_from_annotations(config.data, 'val')
+    if names is None or len(names) != config.model.num_classes:
+      names = None
+  return predict_folder(config, variables, _IMAGES.value, _OUT.value, names,
+                        step)
+
+
 if __name__ == '__main__':
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _CONFIG = config_flags.DEFINE_config_file(
       'config', None, 'Recipe config (default: WORKDIR/config.json).',
       lock_config=True)
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'Training WORKDIR.',
-                                 required=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Training WORKDIR.')
+  _EXPORTED = flags.DEFINE_string(
+      'exported', None, 'An exported detector directory (serving/export.py) '
+      'instead of a checkpoint; --config then only sets eval.*.')
   _IMAGES = flags.DEFINE_string('images', None, 'Folder of images.',
                                 required=True)
   _OUT = flags.DEFINE_string('out', None, 'Output folder.', required=True)

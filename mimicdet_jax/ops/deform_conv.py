@@ -177,7 +177,9 @@ def deform_conv2d(x: Array, offset: Array, kernel: Array,
     out = jnp.einsum('brwkgc,kcgo->brwgo', cols, w_mat.astype(cols.dtype))
     return out.reshape(out.shape[:3] + (cout,))
 
-  per_row = b * wo * k * cin * 4
+  # A batch that is symbolic (jax.export) chunks as one image would: the
+  # chunk size must be a Python int.
+  per_row = (b if isinstance(b, int) else 1) * wo * k * cin * 4
   rows = max(1, min(ho, max_gather_elements // per_row))
   if rows >= ho:
     return rows_out(quads, w_mat, offset, mask, jnp.arange(ho))
