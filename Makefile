@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/demo
 DEMO_DATA ?= data/synthetic
+PROXY_DATA ?= data/photos
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: venv test test-slow test-extras demo demo-data bench bench-peer clean
+.PHONY: venv test test-slow test-extras demo demo-data proxy-data bench bench-peer clean
 
 venv: $(STAMP)
 
@@ -37,6 +38,13 @@ test-extras: $(STAMP)
 demo-data: $(STAMP)
 	test -f $(DEMO_DATA)/annotations/val.json || \
 	  $(PY) -m mimicdet_jax.data.synthetic $(DEMO_DATA) --num-train 2000 --num-val 200 --seed 0 --viz 4
+
+# The real-image proxy (docs/DATA.md): objects cut from the photographs that
+# scikit-image, scikit-learn and matplotlib ship; train it with
+# configs/proxy_real.py (the demo's recipe).
+proxy-data: $(STAMP)
+	test -f $(PROXY_DATA)/annotations/val.json || \
+	  $(PY) -m mimicdet_jax.data.photos $(PROXY_DATA) --num-train 1500 --num-val 300 --seed 0 --viz 4
 
 demo: demo-data
 	$(PY) -m mimicdet_jax.demo --config configs/demo.py --workdir $(DEMO_DIR) --data $(DEMO_DATA)

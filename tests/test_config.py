@@ -55,6 +55,17 @@ def test_recipe_loads_and_resolves(path):
   hash(resolved)  # Flax modules hold it: must be hashable
 
 
+def test_proxy_recipe_is_the_demo_recipe_on_other_data():
+  """configs/proxy_real.py changes only the data paths (a fair comparison)."""
+  demo = _parse(['--config=configs/demo.py']).to_dict()
+  proxy = _parse(['--config=configs/proxy_real.py']).to_dict()
+  paths = ('train_annotations', 'train_images', 'val_annotations', 'val_images')
+  for key in paths:
+    assert proxy['data'][key].startswith('data/photos/')
+    del demo['data'][key], proxy['data'][key]
+  assert proxy == demo
+
+
 def test_spec_numbers_in_r50_recipe():
   c = _parse(['--config=configs/mimicdet_r50_fpn_1x.py'])
   assert c.refine.pos_shrink == 0.3
