@@ -19,8 +19,10 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
+# Two workers, one test file each at a time (a file shares its fixtures):
+# 6.4 min on the slower 2-core machine (docs/BENCHMARKS.md, "Test suite").
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
