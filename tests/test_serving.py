@@ -400,3 +400,7 @@ def test_command_line_errors_are_one_line(served, tmp_path):
   _set_signature(out, artifacts=[entry])
   _one_line_error(_run('eval.py', '--exported', str(out), '--workdir',
                        served['work']), str(art), 'mismatched signature')
+  _one_line_error(_run('-m', 'mimicdet_jax.serving.export', '--workdir',
+                       served['work'], '--out', str(tmp_path / 'x'),
+                       '--platforms', 'cpu,gpu'),
+                  '--platforms cpu,gpu', 'cuda')

@@ -116,6 +116,15 @@ def config_hash(config) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
+def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+  platforms = tuple(platforms)
+  unknown = sorted(set(platforms) - set(KNOWN_PLATFORMS))
+  if unknown or not platforms:
+    raise errors.ConfigError(f'--platforms {",".join(platforms)}: expected '
+                             f'some of {",".join(KNOWN_PLATFORMS)}')
+  return platforms
+
+
 def _write_bytes(path: str, blob: bytes) -> None:
   tmp = f'{path}.tmp'
   with open(tmp, 'wb') as f:
@@ -141,11 +150,7 @@ def export_detector(config, variables, categories: Sequence[dict],
   Returns:
     The signature dict.
   """
-  platforms = tuple(platforms)
-  unknown = sorted(set(platforms) - set(KNOWN_PLATFORMS))
-  if unknown or not platforms:
-    raise errors.ConfigError(f'--platforms {",".join(platforms)}: expected '
-                             f'some of {",".join(KNOWN_PLATFORMS)}')
+  platforms = check_platforms(platforms)
   if max_batch < 1:
     raise errors.ConfigError(f'--max_batch {max_batch}: must be >= 1')
   categories = [dict(id=int(c['id']), name=str(c['name'])) for c in categories]
@@ -248,7 +253,8 @@ def export_workdir(workdir: str, out_dir: str, config=None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  platforms = tuple(p.strip() for p in _PLATFORMS.value.split(',') if p.strip())
+  platforms = check_platforms(
+      p.strip() for p in _PLATFORMS.value.split(',') if p.strip())
   sig = export_workdir(_WORKDIR.value, _OUT.value, _CONFIG.value,
                        _CHECKPOINT.value, platforms=platforms,
                        max_batch=_MAX_BATCH.value)
