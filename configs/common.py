@@ -160,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.decay_steps = (60000, 80000)
   c.optim.decay_factor = 0.1
   c.optim.grad_clip_norm = 0.0  # 0 = off
+  # lr x this for the S-head (params s_head_net) only: its own param group.
+  # 1.0 = one lr for the whole model, the paper's recipe (docs/S_HEAD_GAP.md, E8).
+  c.optim.s_head_lr_mult = 1.0
 
   # ---------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()

@@ -46,3 +46,70 @@ def test_adamw_matches_numpy_reference():
   for got, want in zip(jax.tree.leaves(p), leaves):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
+
+
+def test_s_head_lr_mult_is_a_param_group_of_its_own():
+  """optim.s_head_lr_mult: SGD + momentum + decay, S-head leaves at lr x 3."""
+  c = th.toy_config()
+  c.optim.optimizer = 'sgd'
+  c.optim.base_lr = 0.1
+  c.optim.base_batch_size = 8
+  c.train.batch_size = 8
+  c.optim.warmup_steps = 0
+  c.optim.decay_steps = (2,)
+  c.optim.decay_factor = 0.5
+  c.optim.weight_decay = 0.01
+  c.optim.momentum = 0.9
+  c.optim.s_head_lr_mult = 3.0
+  rng = np.random.default_rng(1)
+  params = {'s_head_net': {'kernel': rng.normal(size=(3, 2)).astype(np.float32),
+                           'bias': rng.normal(size=(2,)).astype(np.float32)},
+            'backbone': {'kernel': rng.normal(size=(2, 2)).astype(np.float32),
+                         'bias': rng.normal(size=(2,)).astype(np.float32)},
+            'fpn': {'kernel': rng.normal(size=(4,)).astype(np.float32)}}
+  mask = jax.tree.map(lambda _: False, params)
+  mask['fpn']['kernel'] = True  # frozen: never moves
+  tx = optim.make_optimizer(c, mask)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  want = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  mom = jax.tree.map(np.zeros_like, want)
+  p = params
+  for t in range(4):
+    grads = jax.tree.map(
+        lambda x: rng.normal(size=x.shape).astype(np.float32), p)
+    lr = 0.1 * (0.5 if t >= 2 else 1.0)
+    for group in ('s_head_net', 'backbone'):
+      for name in ('kernel', 'bias'):
+        g = np.asarray(grads[group][name], np.float64)
+        if want[group][name].ndim > 1:
+          g = g + 0.01 * want[group][name]
+        mom[group][name] = 0.9 * mom[group][name] + g
+        glr = lr * (3.0 if group == 's_head_net' else 1.0)
+        want[group][name] = want[group][name] - glr * mom[group][name]
+    updates, state = update(grads, state, p)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+  for got, ref in zip(jax.tree.leaves(p), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_s_head_lr_mult_one_keeps_the_single_group_state():
+  """At the default 1.0 the optimiser state is the pre-key one (old
+  checkpoints restore), and a non-positive multiplier is refused."""
+  c = th.toy_config()
+  params = {'s_head_net': {'kernel': np.ones((2, 2), np.float32)},
+            'fpn': {'kernel': np.ones((2, 2), np.float32)}}
+  mask = jax.tree.map(lambda _: False, params)
+  c.optim.s_head_lr_mult = 1.0
+  state = optim.make_optimizer(c, mask).init(params)
+  assert set(state.inner_states) == {'trainable', 'frozen'}
+  c.optim.s_head_lr_mult = 2.0
+  state = optim.make_optimizer(c, mask).init(params)
+  assert set(state.inner_states) == {'trainable', 'frozen', 's_head'}
+  c.optim.s_head_lr_mult = 0.0
+  try:
+    optim.make_optimizer(c, mask)
+  except ValueError as e:
+    assert 's_head_lr_mult' in str(e)
+  else:
+    raise AssertionError('s_head_lr_mult=0 was accepted')

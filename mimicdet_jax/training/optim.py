@@ -53,6 +53,10 @@ def make_optimizer(config: ml_collections.ConfigDict,
   leaves with ndim > 1 (no decay on norm scales and biases);
   m <- momentum * m + g; p <- p - lr(t) * m.
   Frozen leaves (frozen_mask True) get a zero update and hold no state.
+  The S-head's leaves (params['s_head_net']) take lr(t) x
+  optim.s_head_lr_mult (a parameter group of their own, as a torch
+  optimiser's param_groups; weight decay scales with it, as there); at the
+  default 1.0 there is one group, the paper's recipe.
 
   Args:
     config: reads optim.* and train.batch_size.
@@ -77,7 +81,23 @@ def make_optimizer(config: ml_collections.ConfigDict,
   else:
     raise ValueError(f"optim.optimizer={o.optimizer!r}; expected 'sgd' or 'adamw'")
   chain.append(optax.scale_by_learning_rate(make_lr_schedule(config)))
-  labels = jax.tree.map(lambda f: 'frozen' if f else 'trainable', frozen_mask)
-  return optax.multi_transform(
-      {'trainable': optax.chain(*chain), 'frozen': optax.set_to_zero()},
-      labels)
+  mult = float(o.get('s_head_lr_mult', 1.0))
+  if mult <= 0:
+    raise ValueError(f'optim.s_head_lr_mult={mult}; expected > 0')
+  transforms = {'trainable': optax.chain(*chain),
+                'frozen': optax.set_to_zero()}
+  if mult != 1.0:
+    transforms['s_head'] = optax.chain(*chain, optax.scale(mult))
+  return optax.multi_transform(transforms,
+                               param_labels(frozen_mask, mult != 1.0))
+
+
+def param_labels(frozen_mask: PyTree, s_head_group: bool) -> PyTree:
+  """'frozen' | 's_head' | 'trainable' per leaf (see make_optimizer)."""
+  def label(path, frozen):
+    if frozen:
+      return 'frozen'
+    top = getattr(path[0], 'key', None) if path else None
+    return 's_head' if s_head_group and top == 's_head_net' else 'trainable'
+
+  return jax.tree_util.tree_map_with_path(label, frozen_mask)

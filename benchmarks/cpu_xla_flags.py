@@ -1,0 +1,97 @@
+r"""XLA:CPU options on the demo training step, measured side by side in one run.
+
+  python benchmarks/cpu_xla_flags.py --steps 20 [--variants base,onednn_dot]
+
+Each variant runs `benchmarks/train_step.py --config configs/demo.py --batch 4`
+in a fresh process with its own XLA_FLAGS (the flags are read once, when
+the backend starts), the baseline first and again last so that drift of a
+shared machine shows. The table gives the steady-state step, its ratio to
+the first baseline, the XLA compile seconds, and the loss after the same
+warm-up + timed steps on the same batch (a variant that changes the maths
+changes it beyond float noise). docs/BENCHMARKS.md has the results.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Options of jaxlib 0.10's XLA:CPU (`strings libjax_common.so`); the fusion
+# lists default to empty, i.e. off.
+VARIANTS = {
+    'base': '',
+    'onednn_custom_call': '--xla_cpu_experimental_onednn_custom_call=true',
+    'onednn_dot': '--xla_cpu_experimental_onednn_fusion_type=dot',
+    'onednn_dot_eltwise':
+        '--xla_cpu_experimental_onednn_fusion_type=dot,eltwise',
+    'ynn_dot': '--xla_cpu_experimental_ynn_fusion_type=dot',
+    'ynn_dot_eltwise_reduce':
+        '--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce',
+    'xnn_dot': '--xla_cpu_experimental_xnn_fusion_type=dot',
+    'xnn_dot_eltwise_reduce':
+        '--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce',
+    'no_multi_thread_eigen': '--xla_cpu_multi_thread_eigen=false',
+    'vector_width_256': '--xla_cpu_prefer_vector_width=256',
+}
+
+
+def run(name, flags, args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + flags).strip()
+  with tempfile.NamedTemporaryFile(suffix='.json') as f:
+    cmd = [sys.executable, os.path.join(_HERE, 'train_step.py'),
+           '--config', args.config, '--batch', str(args.batch),
+           '--steps', str(args.steps), '--warmup', str(args.warmup),
+           '--json', f.name]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                       check=False)
+    if p.returncode:
+      tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+      return dict(name=name, flags=flags, error=' | '.join(tail))
+    with open(f.name) as g:
+      r = json.load(g)
+  return dict(name=name, flags=flags, step_s=r['step_s'],
+              compile_s=r['first_step_backend_compile_s'],
+              loss=r['last_loss'])
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--config', default='configs/demo.py')
+  ap.add_argument('--batch', type=int, default=4)
+  ap.add_argument('--steps', type=int, default=20)
+  ap.add_argument('--warmup', type=int, default=3)
+  ap.add_argument('--variants', default=','.join(VARIANTS))
+  ap.add_argument('--json', default=None)
+  args = ap.parse_args()
+  names = [n for n in args.variants.split(',') if n]
+  unknown = sorted(set(names) - set(VARIANTS))
+  if unknown:
+    sys.exit(f'unknown variants: {unknown}; known: {sorted(VARIANTS)}')
+  order = ['base'] + [n for n in names if n != 'base'] + ['base']
+  rows = []
+  for name in order:
+    r = run(name, VARIANTS[name], args)
+    rows.append(r)
+    print(json.dumps(r), flush=True)
+  base = rows[0].get('step_s')
+  print(f'\n| variant | XLA_FLAGS | step | / base | compile | loss |')
+  print('|---|---|---|---|---|---|')
+  for r in rows:
+    if 'error' in r:
+      print(f"| {r['name']} | `{r['flags']}` | failed: {r['error'][:80]} "
+            '| | | |')
+      continue
+    print(f"| {r['name']} | `{r['flags'] or '(none)'}` | "
+          f"{r['step_s'] * 1e3:.0f} ms | {r['step_s'] / base:.2f} | "
+          f"{r['compile_s']:.1f} s | {r['loss']:.5f} |")
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
