@@ -22,6 +22,7 @@ from mimicdet_jax import errors
 from mimicdet_jax.evaluation import evaluate as evaluate_lib
 from mimicdet_jax.evaluation import restore
 from mimicdet_jax.training import launch
+from mimicdet_jax.training import metrics as metrics_log
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py',
                                           'The demo recipe.')
@@ -33,6 +34,9 @@ _DATA = flags.DEFINE_string(
 # The bar for the S-head, printed beside the result (issues 8 and 14).
 TARGET_AP50 = 0.50
 TARGET_AP = 0.50
+# Demo step times the README's minutes were measured with (seconds, batch 4;
+# docs/BENCHMARKS.md): a faster and a slower machine of the 2-core kind.
+REFERENCE_STEP_S = (0.20, 0.41)
 COLUMNS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
 
@@ -117,6 +121,13 @@ def main(argv):
     spent.append(f'scoring and pictures {eval_minutes:.1f} min')
   print('  this run: ' + (', '.join(spent) or 'reused the saved checkpoint '
                           'and metrics'))
+  step_s = metrics_log.median_step_time(
+      metrics_log.read_metrics(os.path.join(workdir, 'metrics.jsonl')))
+  if step_s is not None:
+    print(f'  {step_s:.2f} s per training step here (median, batch '
+          f'{config.train.batch_size}, {total} steps); README\'s minutes: '
+          f'{REFERENCE_STEP_S[0]:.2f} s on the faster 2-core machines, '
+          f'{REFERENCE_STEP_S[1]:.2f} s on the slower ones')
   print('\nPictures:')
   print(f'  detections (gt green, detections red): {os.path.join(workdir, "eval", "viz")}')
   print(f'  training data with its boxes:          {os.path.join(_DATA.value, "viz")}')

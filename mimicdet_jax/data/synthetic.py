@@ -24,10 +24,7 @@ what `CocoSource` reads back from disk.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import json
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -35,6 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mimicdet_jax.data import generated
 
 CATEGORIES = (
     {'id': 1, 'name': 'circle'},
@@ -230,21 +229,8 @@ def _cover(a: np.ndarray, b: np.ndarray) -> float:
   return float(iw * ih / small)
 
 
-def _write_image(args: tuple[str, str, int, int, int, int, str]) -> dict[str, Any]:
-  """Renders and saves one image; returns its size and annotations (worker fn)."""
-  image_dir, split, index, seed, min_size, max_size, image_format = args
-  ex = render_example(seed, split, index, min_size, max_size)
-  file_name = f'{index:06d}.{image_format}'
-  pil = Image.fromarray(ex['image'])
-  if image_format == 'jpg':
-    # 4:4:4 chroma keeps colour edges (and so the boxes) sharp.
-    pil.save(os.path.join(image_dir, file_name), quality=92, subsampling=0)
-  else:
-    pil.save(os.path.join(image_dir, file_name))
-  h, w = ex['image'].shape[:2]
-  return {'file_name': file_name, 'height': h, 'width': w,
-          'boxes': ex['boxes'].tolist(), 'category_ids': ex['category_ids'].tolist(),
-          'areas': ex['areas'].tolist()}
+# 4:4:4 chroma keeps colour edges (and so the boxes) sharp.
+_JPEG = {'quality': 92, 'subsampling': 0}
 
 
 def write_split(out_dir: str, split: str, num_images: int, seed: int,
@@ -255,45 +241,12 @@ def write_split(out_dir: str, split: str, num_images: int, seed: int,
   Image ids are 1..num_images, annotation ids 1..; file names 000000.jpg, ...
   The output does not depend on `workers` (each image has its own rng).
   """
-  if image_format not in ('jpg', 'png'):
-    raise ValueError(f'image_format must be jpg or png, got {image_format!r}')
-  image_dir = os.path.join(out_dir, split)
-  ann_dir = os.path.join(out_dir, 'annotations')
-  os.makedirs(image_dir, exist_ok=True)
-  os.makedirs(ann_dir, exist_ok=True)
-  jobs = [(image_dir, split, i, seed, min_size, max_size, image_format)
-          for i in range(num_images)]
-  if workers > 1 and num_images > 1:
-    # 'spawn': a fork of a process that has imported JAX (a test, a
-    # notebook) can deadlock on JAX's threads; the workers need only NumPy
-    # and Pillow.
-    with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context('spawn')) as pool:
-      results = list(pool.map(_write_image, jobs, chunksize=16))
-  else:
-    results = [_write_image(job) for job in jobs]
-  images, annotations = [], []
-  for index, res in enumerate(results):
-    image_id = index + 1
-    images.append({'id': image_id, 'file_name': res['file_name'],
-                   'height': res['height'], 'width': res['width']})
-    for box, cat, area in zip(res['boxes'], res['category_ids'], res['areas']):
-      x1, y1, x2, y2 = (int(v) for v in box)
-      annotations.append({
-          'id': len(annotations) + 1, 'image_id': image_id, 'category_id': cat,
-          'bbox': [x1, y1, x2 - x1, y2 - y1], 'area': area, 'iscrowd': 0})
-  dataset = {
-      'info': {'description': 'mimicdet_jax synthetic shapes', 'seed': seed,
-               'split': split, 'min_size': min_size, 'max_size': max_size},
-      'licenses': [],
-      'images': images,
-      'annotations': annotations,
-      'categories': [dict(c) for c in CATEGORIES],
-  }
-  path = os.path.join(ann_dir, f'{split}.json')
-  with open(path, 'w') as f:
-    json.dump(dataset, f)
-  return path
+  return generated.write_split(
+      out_dir, split, num_images, seed, render=render_example,
+      categories=CATEGORIES,
+      description='mimicdet_jax synthetic shapes',
+      min_size=min_size, max_size=max_size, image_format=image_format,
+      jpeg_options=_JPEG, workers=workers)
 
 
 def write_viz(out_dir: str, split: str, count: int) -> list[str]:

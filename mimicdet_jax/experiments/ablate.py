@@ -68,6 +68,9 @@ from mimicdet_jax.experiments.report import format_table
 from mimicdet_jax.experiments.report import PLOT_TERMS  # pylint: disable=unused-import
 from mimicdet_jax.experiments.report import plot_curves
 from mimicdet_jax.experiments.report import summarize
+from mimicdet_jax.training.metrics import median_step_time
+from mimicdet_jax.training.metrics import read_metrics
+from mimicdet_jax.training.metrics import train_time
 
 # name -> config overrides. Every switch is one key of configs/common.py; the
 # defaults (SPEC) are: mimic on, both paths, cosine, stopped teacher, all
@@ -237,35 +240,6 @@ def write_json(path: str, obj: Any) -> None:
 def _jsonable(overrides: Mapping[str, Any]) -> dict[str, Any]:
   """As it reads back from JSON (tuples at any depth become lists)."""
   return json.loads(json.dumps(dict(sorted(overrides.items()))))
-
-
-def read_metrics(path: str) -> list[dict]:
-  """Rows of a training run's metrics.jsonl ([] when absent)."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def train_time(rows: Sequence[Mapping[str, float]]) -> float:
-  """Seconds of training from metrics.jsonl: sum of step_time x steps per row.
-
-  Survives resumes (the training loop drops rows after the checkpoint it
-  resumes from); includes compilation, which sits in each process's first
-  window.
-  """
-  total, prev = 0.0, 0
-  for row in rows:
-    total += float(row.get('step_time', 0.0)) * (int(row['step']) - prev)
-    prev = int(row['step'])
-  return total
-
-
-def median_step_time(rows: Sequence[Mapping[str, float]]) -> Optional[float]:
-  """Median seconds per step over the logged windows (compile-free estimate:
-  only each process's first window holds compilation)."""
-  values = [float(r['step_time']) for r in rows if 'step_time' in r]
-  return float(np.median(values)) if values else None
 
 
 def final_value(rows: Sequence[Mapping[str, float]], key: str,

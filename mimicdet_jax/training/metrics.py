@@ -1,9 +1,10 @@
 """Training metrics: WORKDIR/metrics.jsonl and TensorBoard (process 0)."""
 import json
 import os
-from typing import Mapping
+from typing import Mapping, Optional, Sequence
 
 from absl import logging
+import numpy as np
 
 
 class MetricWriter:
@@ -52,3 +53,32 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+  """Rows of a training run's metrics.jsonl ([] when absent)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def train_time(rows: Sequence[Mapping[str, float]]) -> float:
+  """Seconds of training from metrics.jsonl: sum of step_time x steps per row.
+
+  Survives resumes (the training loop drops rows after the checkpoint it
+  resumes from); includes compilation, which sits in each process's first
+  window.
+  """
+  total, prev = 0.0, 0
+  for row in rows:
+    total += float(row.get('step_time', 0.0)) * (int(row['step']) - prev)
+    prev = int(row['step'])
+  return total
+
+
+def median_step_time(rows: Sequence[Mapping[str, float]]) -> Optional[float]:
+  """Median seconds per step over the logged windows (compile-free estimate:
+  only each process's first window holds compilation)."""
+  values = [float(r['step_time']) for r in rows if 'step_time' in r]
+  return float(np.median(values)) if values else None
