@@ -30,7 +30,7 @@ _CHECKPOINT = flags.DEFINE_string(
 _VIZ = flags.DEFINE_integer(
     'viz', None, 'Draw the first N validation images (default eval.viz).')
 _HEAD = flags.DEFINE_enum(
-    'head', None, ['s', 't', 'both'],
+    'head', None, ['s', 't', 'both', 's_cls+t_box', 't_cls+s_box'],
     'Which head detects (default eval.head of the config): the S-head, the '
     'T-head on the same refined boxes, or the mean of both.')
 _DETECTIONS = flags.DEFINE_string(

@@ -190,7 +190,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ----------------------------------------------------------------- eval
   c.eval = ml_collections.ConfigDict()
-  c.eval.head = 's'  # s | t | both
+  c.eval.head = 's'  # s | t | both (| s_cls+t_box | t_cls+s_box: diagnostics)
   c.eval.pre_nms_topk = 1000
   c.eval.score_threshold = 0.005
   c.eval.nms_threshold = 0.6

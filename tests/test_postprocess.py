@@ -127,7 +127,9 @@ def hand_built_outputs(rng, b, canvas, levels, num_logits):
 
 
 @pytest.mark.parametrize('head,times_obj', [('s', False), ('s', True),
-                                            ('t', False), ('both', True)])
+                                            ('t', False), ('both', True),
+                                            ('s_cls+t_box', False),
+                                            ('t_cls+s_box', True)])
 def test_postprocess_matches_numpy(head, times_obj):
   topk, thr, nms_thr, max_det = 7, 0.1, 0.6, 6
   config = make_config(head=head, score_times_objectness=times_obj,
@@ -170,21 +172,22 @@ def test_postprocess_matches_numpy(head, times_obj):
     obj = sigmoid(outputs['refine_logits'][i][order])
     refined = np_clip(np_decode(outputs['refine_deltas'][i][order],
                                 anchor_boxes[order], (1, 1, 1, 1)), h, w)
-    if head in ('t', 'both'):
+    uses_t = head in ('t', 'both', 's_cls+t_box', 't_cls+s_box')
+    if uses_t:
       np.testing.assert_allclose(np.asarray(seen[0][0])[i], refined,
                                  rtol=1e-5, atol=1e-3)
       # Staggered rule: pooled one level finer than the origin's level.
       np.testing.assert_array_equal(np.asarray(seen[0][1])[i],
                                     anchors['level'][order] - 1)
-    heads = []
-    if head in ('s', 'both'):
-      heads.append((outputs['s_cls_logits'][i][order],
-                    outputs['s_deltas'][i][order]))
-    if head in ('t', 'both'):
-      heads.append((t_cls[i], t_deltas[i]))
-    probs = np.mean([np_softmax(l)[:, 1:] for l, _ in heads], 0)
+    s_pair = (outputs['s_cls_logits'][i][order], outputs['s_deltas'][i][order])
+    t_pair = (t_cls[i], t_deltas[i])
+    cls_from = {'s': [s_pair], 't': [t_pair], 'both': [s_pair, t_pair],
+                's_cls+t_box': [s_pair], 't_cls+s_box': [t_pair]}[head]
+    box_from = {'s': [s_pair], 't': [t_pair], 'both': [s_pair, t_pair],
+                's_cls+t_box': [t_pair], 't_cls+s_box': [s_pair]}[head]
+    probs = np.mean([np_softmax(l)[:, 1:] for l, _ in cls_from], 0)
     boxes = np.mean([np_clip(np_decode(d, refined, (0.1, 0.1, 0.2, 0.2)), h, w)
-                     for _, d in heads], 0)
+                     for _, d in box_from], 0)
     if times_obj:
       probs = probs * obj[:, None]
     refs = np_select(boxes, probs, thr, nms_thr, max_det)

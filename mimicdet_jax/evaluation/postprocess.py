@@ -102,6 +102,25 @@ def select_detections(boxes: Array, probs: Array, *, score_threshold: float,
                              probs.astype(jnp.float32))
 
 
+EVAL_HEADS = ('s', 't', 'both', 's_cls+t_box', 't_cls+s_box')
+
+
+def eval_heads(head: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """eval.head -> (heads whose class scores, heads whose boxes are used).
+
+  's', 't': one head for both; 'both': the mean of the two heads' class
+  probabilities and of their boxes; 's_cls+t_box' / 't_cls+s_box': one
+  head's scores on the other head's boxes (a diagnostic: is a gap between
+  the heads in their scores or in their boxes? docs/S_HEAD_GAP.md E9).
+  """
+  table = {'s': (('s',), ('s',)), 't': (('t',), ('t',)),
+           'both': (('s', 't'), ('s', 't')),
+           's_cls+t_box': (('s',), ('t',)), 't_cls+s_box': (('t',), ('s',))}
+  if head not in table:
+    raise ValueError(f'eval.head={head!r}; expected one of {EVAL_HEADS}')
+  return table[head]
+
+
 def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
                 image_size: Array, config,
                 t_head_fn: Optional[Callable[..., tuple]] = None,
@@ -144,11 +163,12 @@ def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
   # same boxes as the S-head's deltas refer to.
   refined = jax.lax.stop_gradient(refined)
 
-  heads = []
-  if ev.head in ('s', 'both'):
-    heads.append((_gather(outputs['s_cls_logits'], idx),
-                  _gather(outputs['s_deltas'], idx), config.s_head.stds))
-  if ev.head in ('t', 'both'):
+  cls_heads, box_heads = eval_heads(ev.head)
+  raw = {}  # head -> (cls_logits, deltas, stds)
+  if 's' in cls_heads + box_heads:
+    raw['s'] = (_gather(outputs['s_cls_logits'], idx),
+                _gather(outputs['s_deltas'], idx), config.s_head.stds)
+  if 't' in cls_heads + box_heads:
     if t_head_fn is None:
       raise ValueError(f'eval.head={ev.head!r} needs t_head_fn')
     box_levels = None
@@ -157,18 +177,13 @@ def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
         raise ValueError('the staggered T-head level rule needs anchor_level')
       box_levels = mimicdet.t_head_box_levels(config, anchor_level, idx)
     t_cls_logits, _, t_deltas = t_head_fn(refined, box_levels)
-    heads.append((t_cls_logits, t_deltas, config.t_head.stds))
-  if not heads:
-    raise ValueError(f'eval.head={ev.head!r}; expected s, t or both')
+    raw['t'] = (t_cls_logits, t_deltas, config.t_head.stds)
 
-  probs, boxes = 0.0, 0.0
-  for cls_logits, deltas, stds in heads:
-    probs = probs + class_probs(cls_logits)
-    boxes = boxes + ops.clip_boxes(
-        ops.decode_deltas(deltas.astype(jnp.float32), refined, stds,
-                              scale_clip=scale_clip), image_size)
-  probs = probs / len(heads)
-  boxes = boxes / len(heads)
+  probs = sum(class_probs(raw[h][0]) for h in cls_heads) / len(cls_heads)
+  boxes = sum(ops.clip_boxes(
+      ops.decode_deltas(raw[h][1].astype(jnp.float32), refined, raw[h][2],
+                        scale_clip=scale_clip), image_size)
+              for h in box_heads) / len(box_heads)
   if ev.score_times_objectness:
     probs = probs * objectness[..., None]
   # Padding cells picked only because fewer than topk cells are inside the
