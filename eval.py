@@ -30,9 +30,10 @@ _CHECKPOINT = flags.DEFINE_string(
 _VIZ = flags.DEFINE_integer(
     'viz', None, 'Draw the first N validation images (default eval.viz).')
 _HEAD = flags.DEFINE_enum(
-    'head', None, ['s', 't', 'both', 's_cls+t_box', 't_cls+s_box'],
+    'head', None, list(config_lib.EVAL_HEADS),
     'Which head detects (default eval.head of the config): the S-head, the '
-    'T-head on the same refined boxes, or the mean of both.')
+    'T-head on the same refined boxes, the mean of both, or one head\'s '
+    'scores on the other\'s boxes (s_cls+t_box, t_cls+s_box; diagnostics).')
 _DETECTIONS = flags.DEFINE_string(
     'detections', None, 'Scoring only: a COCO results JSON file.')
 _ANNOTATIONS = flags.DEFINE_string(

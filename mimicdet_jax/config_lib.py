@@ -9,6 +9,10 @@ import ml_collections
 from mimicdet_jax import errors
 from mimicdet_jax.errors import ConfigError
 
+# eval.head: the detecting head(s); the two crossed ones are diagnostics
+# (evaluation/postprocess.py `eval_heads`).
+EVAL_HEADS = ('s', 't', 'both', 's_cls+t_box', 't_cls+s_box')
+
 
 def resolve(config: ml_collections.ConfigDict,
             num_classes: int) -> ml_collections.FrozenConfigDict:
@@ -46,7 +50,7 @@ def resolve(config: ml_collections.ConfigDict,
                        ('mimic.distance', ('cosine', 'l2', 'smooth_l1', 'kl')),
                        ('mimic.teacher_grad', ('stopped', 'flowing')),
                        ('mimic.samples', ('all', 'foreground')),
-                       ('eval.head', ('s', 't', 'both', 's_cls+t_box', 't_cls+s_box')),
+                       ('eval.head', EVAL_HEADS),
                        ('t_head.level_rule', ('staggered', 'fpn')),
                        ('s_head.offset_mode', ('learned', 'box', 'box_learned')),
                        ('s_head.sampling', ('ohem', 'balanced')),

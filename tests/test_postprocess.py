@@ -208,3 +208,12 @@ def test_predict_output_boxes_stay_inside_image():
   assert len(boxes) >= 2
   assert boxes[:, 0::2].max() <= 60 and boxes[:, 1::2].max() <= 90
   assert boxes.min() >= 0
+
+
+def test_eval_heads_cover_the_config_choices():
+  from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  for head in config_lib.EVAL_HEADS:
+    cls_heads, box_heads = postprocess.eval_heads(head)
+    assert set(cls_heads) | set(box_heads) <= {'s', 't'}
+  with pytest.raises(ValueError, match='eval.head'):
+    postprocess.eval_heads('s_cls')

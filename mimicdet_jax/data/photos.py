@@ -440,11 +440,7 @@ _JPEG = {'quality': 90}
 def write_split(out_dir: str, split: str, num_images: int, seed: int,
                 min_size: int = 192, max_size: int = 384,
                 image_format: str = 'jpg', workers: int = 1) -> str:
-  """Writes OUT/<split>/ images and OUT/annotations/<split>.json; returns the JSON path.
-
-  Image ids are 1..num_images, annotation ids 1..; file names 000000.jpg, ...
-  The output does not depend on `workers` (each image has its own rng).
-  """
+  """`generated.write_split` with this set's renderer, classes and JPEG options."""
   return generated.write_split(
       out_dir, split, num_images, seed, render=render_example,
       categories=CATEGORIES,

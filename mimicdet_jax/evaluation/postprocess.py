@@ -12,6 +12,7 @@ from typing import Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from mimicdet_jax import config_lib
 from mimicdet_jax import ops
 from mimicdet_jax.models import anchors as anchors_lib
 from mimicdet_jax.models import mimicdet
@@ -102,7 +103,12 @@ def select_detections(boxes: Array, probs: Array, *, score_threshold: float,
                              probs.astype(jnp.float32))
 
 
-EVAL_HEADS = ('s', 't', 'both', 's_cls+t_box', 't_cls+s_box')
+# eval.head -> (heads whose class scores, heads whose boxes are used); the
+# keys are config_lib.EVAL_HEADS (tests/test_postprocess.py).
+_HEAD_SOURCES = {'s': (('s',), ('s',)), 't': (('t',), ('t',)),
+                 'both': (('s', 't'), ('s', 't')),
+                 's_cls+t_box': (('s',), ('t',)),
+                 't_cls+s_box': (('t',), ('s',))}
 
 
 def eval_heads(head: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -113,12 +119,10 @@ def eval_heads(head: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
   head's scores on the other head's boxes (a diagnostic: is a gap between
   the heads in their scores or in their boxes? docs/S_HEAD_GAP.md E9).
   """
-  table = {'s': (('s',), ('s',)), 't': (('t',), ('t',)),
-           'both': (('s', 't'), ('s', 't')),
-           's_cls+t_box': (('s',), ('t',)), 't_cls+s_box': (('t',), ('s',))}
-  if head not in table:
-    raise ValueError(f'eval.head={head!r}; expected one of {EVAL_HEADS}')
-  return table[head]
+  if head not in _HEAD_SOURCES:
+    raise ValueError(f'eval.head={head!r}; expected one of '
+                     f'{config_lib.EVAL_HEADS}')
+  return _HEAD_SOURCES[head]
 
 
 def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
