@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   # CPU) | einsum (one-hot bilinear weights as matmuls, no gather/scatter;
   # for TPUs and scatter-bound GPUs). Same values; docs/BENCHMARKS.md.
   c.t_head.roi_align_impl = 'gather'
+  # none (the paper) | group_norm: GroupNorm before each hidden ReLU (cls
+  # fcs, reg convs, reg fc), as detectron2's GN heads (docs/S_HEAD_GAP.md E12).
+  c.t_head.norm = 'none'
   c.t_head.fc_dim = 1024
   c.t_head.num_convs = 4
   c.t_head.conv_dim = 256
@@ -125,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
   # ohem: the ohem_samples largest losses (the paper); balanced: drawn like
   # the T-head's samples, at most fg_fraction foreground.
   c.s_head.sampling = 'ohem'  # ohem | balanced
+  # none (the paper) | group_norm: GroupNorm before the cls / reg hidden ReLUs
+  # (docs/S_HEAD_GAP.md E12).
+  c.s_head.norm = 'none'
   c.s_head.fg_fraction = 0.25
   c.s_head.stds = (0.1, 0.1, 0.2, 0.2)
 
@@ -160,6 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.decay_steps = (60000, 80000)
   c.optim.decay_factor = 0.1
   c.optim.grad_clip_norm = 0.0  # 0 = off
+  c.optim.adam_eps = 1e-8  # adamw's epsilon (optax's default)
   # lr x this for the S-head (params s_head_net) only: its own param group.
   # 1.0 = one lr for the whole model, the paper's recipe (docs/S_HEAD_GAP.md, E8).
   c.optim.s_head_lr_mult = 1.0

@@ -59,7 +59,9 @@ def resolve(config: ml_collections.ConfigDict,
                        ('data.source', ('coco_json', 'tfds')),
                        ('data.bad_input', ('skip', 'fail')),
                        ('train.parallelism', ('pmap', 'shard_map')),
-                       ('t_head.roi_align_impl', ('gather', 'einsum'))):
+                       ('t_head.roi_align_impl', ('gather', 'einsum')),
+                       ('t_head.norm', ('none', 'group_norm')),
+                       ('s_head.norm', ('none', 'group_norm'))):
     section, name = key.split('.')
     value = c[section][name]
     if value not in allowed:

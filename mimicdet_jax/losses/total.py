@@ -84,6 +84,17 @@ def _f32(x) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
 
 
+def alive_units(features: jax.Array, mask: jax.Array) -> jax.Array:
+  """Share of units (last axis) > 0 on at least one masked row, no gradient.
+
+  features [B, S, D] (post-ReLU), mask [B, S] bool -> scalar in [0, 1].
+  A unit at 0 on every row of a batch gets no gradient from it: when the
+  share falls and stays down, those ReLUs are dead.
+  """
+  on = (jax.lax.stop_gradient(features) > 0) & mask[..., None]
+  return jnp.mean(jnp.any(on, axis=(0, 1)).astype(jnp.float32))
+
+
 def make_loss_fn(model: nn.Module,
                  config: ml_collections.FrozenConfigDict) -> LossFn:
   """Builds total_loss(params, frozen, batch, rng) -> (loss, aux).
@@ -109,7 +120,9 @@ def make_loss_fn(model: nn.Module,
     of the proposals in the S-head loss),
     mimic_num_samples (T-head samples in the mimic, per image),
     mimic_cos_cls / mimic_cos_reg (mean cosine S vs T on the mimic samples,
-    whatever the distance).
+    whatever the distance), t_reg_alive / s_reg_alive (share of the T-head's
+    / S-head's regression-feature units that are > 0 on at least one mimic
+    sample of the batch: a dead-ReLU monitor, docs/S_HEAD_GAP.md E12).
   """
   c = config
   levels = tuple(c.model.s_levels)
@@ -258,7 +271,9 @@ def make_loss_fn(model: nn.Module,
         mimic_cos_cls=mimic_lib.mean_cosine(student['cls'], teacher['cls'],
                                             mimic_mask),
         mimic_cos_reg=mimic_lib.mean_cosine(student['reg'], teacher['reg'],
-                                            mimic_mask))
+                                            mimic_mask),
+        t_reg_alive=alive_units(teacher['reg'], mimic_mask),
+        s_reg_alive=alive_units(student['reg'], mimic_mask))
     return loss, {k: _f32(v) for k, v in aux.items()}
 
   return total_loss

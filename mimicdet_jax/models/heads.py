@@ -38,6 +38,27 @@ c2_msra_fill = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 
+HEAD_NORMS = ('none', 'group_norm')
+
+
+def _normed_relu(x: jax.Array, norm: str, dtype: Any, name: str) -> jax.Array:
+  """ReLU(x), or ReLU(GroupNorm(x)) for norm='group_norm' (t_head.norm,
+  s_head.norm): 32 groups (fewer when the width needs), over the last axis
+  and, for [B, H, W, C] maps, the positions (Wu & He's GN heads).
+
+  The norm keeps each unit's pre-activation centred, so a unit cannot be
+  pushed below zero on every input: under AdamW from scratch the plain
+  ReLU regression features die (docs/S_HEAD_GAP.md, E12).
+  """
+  if norm == 'none':
+    return nn.relu(x)
+  if norm != 'group_norm':
+    raise ValueError(f'head norm must be one of {HEAD_NORMS}, got {norm!r}')
+  gn = nn.GroupNorm(num_groups=math.gcd(32, x.shape[-1]), epsilon=1e-5,
+                    dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.relu(gn(x))
+
+
 def _conv(features: int, kernel: int, dtype: Any, kernel_init, name: str,
           bias_init=zeros) -> nn.Module:
   """A stride-1 conv with torch-style symmetric padding k // 2 (1x1: a matmul)."""
@@ -97,6 +118,7 @@ class THead(nn.Module):
   conv_dim: int = 256
   dtype: Any = jnp.float32
   roi_align_impl: str = 'gather'  # gather | einsum (t_head.roi_align_impl)
+  norm: str = 'none'  # none (the paper) | group_norm (t_head.norm)
 
   @nn.compact
   def __call__(self, features: Mapping[int, jax.Array], boxes: jax.Array,
@@ -129,15 +151,18 @@ class THead(nn.Module):
         n, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init,
         bias_init=zeros, name=name)
     x = rois.reshape(batch * num_boxes, -1)
-    x = nn.relu(dense(self.fc_dim, c2_xavier_fill, 'cls_fc1')(x))
-    x = nn.relu(dense(self.fc_dim, c2_xavier_fill, 'cls_fc2')(x))
+    act = lambda h, name: _normed_relu(h, self.norm, self.dtype, name)  # pylint: disable=g-long-lambda
+    x = act(dense(self.fc_dim, c2_xavier_fill, 'cls_fc1')(x), 'cls_fc1_norm')
+    x = act(dense(self.fc_dim, c2_xavier_fill, 'cls_fc2')(x), 'cls_fc2_norm')
     t_cls_logits = dense(self.num_logits, normal(T_CLS_INIT_STD), 'cls_score')(x)
 
     y = rois
     for i in range(self.num_convs):
-      y = nn.relu(_conv(self.conv_dim, 3, self.dtype, c2_msra_fill, f'reg_conv{i + 1}')(y))
+      y = act(_conv(self.conv_dim, 3, self.dtype, c2_msra_fill,
+                    f'reg_conv{i + 1}')(y), f'reg_conv{i + 1}_norm')
     y = y.reshape(batch * num_boxes, -1)
-    t_reg_feature = nn.relu(dense(self.fc_dim, c2_xavier_fill, 'reg_fc')(y))
+    t_reg_feature = act(dense(self.fc_dim, c2_xavier_fill, 'reg_fc')(y),
+                        'reg_fc_norm')
     t_deltas = dense(4, normal(T_BOX_INIT_STD), 'bbox_pred')(t_reg_feature)
 
     unflatten = lambda a: a.reshape(batch, num_boxes, -1).astype(jnp.float32)
@@ -287,6 +312,7 @@ class SHead(nn.Module):
   refine_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
   scale_clip: float = math.log(1000.0 / 16)
   dtype: Any = jnp.float32
+  norm: str = 'none'  # none (the paper) | group_norm (s_head.norm)
 
   @nn.compact
   def __call__(self, features: Mapping[int, jax.Array],
@@ -314,11 +340,23 @@ class SHead(nn.Module):
     cls_logits = _conv(self.num_logits, 1, self.dtype, init, 'cls_logits')
     reg_hidden = _conv(self.reg_dim, 1, self.dtype, init, 'reg_hidden')
     reg_deltas = _conv(4, 1, self.dtype, init, 'deltas')
+    if self.norm == 'group_norm':  # one GroupNorm per layer, shared by levels
+      cls_norm = nn.GroupNorm(num_groups=math.gcd(32, self.cls_dim),
+                              epsilon=1e-5, dtype=self.dtype,
+                              param_dtype=jnp.float32, name='cls_hidden_norm')
+      reg_norm = nn.GroupNorm(num_groups=math.gcd(32, self.reg_dim),
+                              epsilon=1e-5, dtype=self.dtype,
+                              param_dtype=jnp.float32, name='reg_hidden_norm')
+    elif self.norm == 'none':
+      cls_norm = reg_norm = lambda h: h
+    else:
+      raise ValueError(f'head norm must be one of {HEAD_NORMS}, got '
+                       f'{self.norm!r}')
     out = {}
     for level in self.levels:
       conv = fine_conv if level == finest else coarse_conv
       x = conv(features[level], refine_deltas[level])
-      s_reg_feature = nn.relu(reg_hidden(x))
-      out[level] = (cls_logits(nn.relu(cls_hidden(x))), s_reg_feature,
-                    reg_deltas(s_reg_feature))
+      s_reg_feature = nn.relu(reg_norm(reg_hidden(x)))
+      out[level] = (cls_logits(nn.relu(cls_norm(cls_hidden(x)))),
+                    s_reg_feature, reg_deltas(s_reg_feature))
     return out

@@ -106,7 +106,8 @@ class MimicDet(nn.Module):
         anchor_scale=c.model.anchor_scale,
         refine_stds=tuple(c.refine.stds),
         scale_clip=c.box.scale_clip,
-        dtype=dtype)
+        dtype=dtype,
+        norm=c.s_head.norm)
     self.t_head_net = THead(
         levels=self.t_levels,
         num_logits=c.model.num_classes + 1,
@@ -118,7 +119,8 @@ class MimicDet(nn.Module):
         num_convs=c.t_head.num_convs,
         conv_dim=c.t_head.conv_dim,
         dtype=dtype,
-        roi_align_impl=c.t_head.roi_align_impl)
+        roi_align_impl=c.t_head.roi_align_impl,
+        norm=c.t_head.norm)
 
   def __call__(self, images: jax.Array, train: bool = False) -> dict:
     """Backbone, pyramid, refinement module and S-head on a batch of images.

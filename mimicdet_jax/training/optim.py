@@ -75,7 +75,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
       chain.append(decay)
     chain.append(optax.trace(decay=o.momentum, nesterov=False))
   elif o.optimizer == 'adamw':  # from-scratch CPU demo: converges in fewer steps
-    chain.append(optax.scale_by_adam())
+    chain.append(optax.scale_by_adam(eps=float(o.get('adam_eps', 1e-8))))
     if o.weight_decay > 0:
       chain.append(decay)  # decoupled, as optax.adamw
   else:
