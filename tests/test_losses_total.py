@@ -128,7 +128,7 @@ EXPECTED_AUX = {
     'loss_s_cls', 'loss_s_reg', 'loss_mimic', 'loss_mimic_cls',
     'loss_mimic_reg', 'num_positives', 'proposal_recall', 'num_proposals',
     't_num_fg', 't_fg_iou', 's_num_fg', 's_fg_share', 'mimic_num_samples', 'mimic_cos_cls',
-    'mimic_cos_reg'}
+    'mimic_cos_reg', 't_reg_alive', 's_reg_alive'}
 
 
 WEIGHTS = {'loss_weights.refine': 0.5, 'loss_weights.s_head': 2.0,
