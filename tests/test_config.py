@@ -66,6 +66,20 @@ def test_proxy_recipe_is_the_demo_recipe_on_other_data():
   assert proxy == demo
 
 
+def test_photos_recipe_changes_only_its_documented_keys():
+  """configs/photos.py = configs/proxy_real.py plus exactly photos.CHANGES."""
+  from configs import photos
+  proxy = _parse(['--config=configs/proxy_real.py']).to_dict()
+  mine = _parse(['--config=configs/photos.py']).to_dict()
+  assert photos.CHANGES
+  for dotted, value in photos.CHANGES.items():
+    section, key = dotted.split('.')
+    assert proxy[section][key] != value, dotted  # a real change
+    assert mine[section][key] == value, dotted
+    proxy[section][key] = value
+  assert mine == proxy
+
+
 def test_spec_numbers_in_r50_recipe():
   c = _parse(['--config=configs/mimicdet_r50_fpn_1x.py'])
   assert c.refine.pos_shrink == 0.3

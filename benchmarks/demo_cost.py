@@ -1,0 +1,88 @@
+r"""What a cheaper demo would save: the demo's training step under recipe changes, side by side.
+
+  python benchmarks/demo_cost.py --steps 20 [--variants base,batch2,canvas224]
+
+Each variant runs `benchmarks/train_step.py --config configs/demo.py` in a
+fresh process with its own batch, canvas or `--config.*` overrides; the
+baseline runs first and again last so that drift of a shared machine shows.
+The table gives the steady-state step, its ratio to the first baseline and
+the images per second. Which of them keeps the demo's accuracy bar is a
+training question (docs/RESULTS.md), not this script's.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name -> (batch, extra train_step.py arguments)
+VARIANTS = {
+    'base': (4, []),
+    'batch2': (2, []),
+    'batch3': (3, []),
+    'proposals150': (4, ['--config.proposals.num_proposals=150',
+                         '--config.proposals.pre_nms_topk=150']),
+    's_channels32': (4, ['--config.s_head.channels=32']),
+    'heads_half': (4, ['--config.t_head.num_samples=32',
+                       '--config.s_head.ohem_samples=32']),
+    'photos': (4, ['--config', 'configs/photos.py']),  # the own-data recipe
+}
+
+
+def run(name, args):
+  batch, extra = VARIANTS[name]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  with tempfile.NamedTemporaryFile(suffix='.json') as f:
+    cmd = [sys.executable, os.path.join(_HERE, 'train_step.py'),
+           '--config', args.config, '--batch', str(batch),
+           '--steps', str(args.steps), '--warmup', str(args.warmup),
+           '--json', f.name, *extra]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                       check=False)
+    if p.returncode:
+      tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+      return dict(name=name, error=' | '.join(tail))
+    with open(f.name) as g:
+      r = json.load(g)
+  return dict(name=name, batch=batch, args=' '.join(extra),
+              step_s=r['step_s'], compile_s=r['first_step_backend_compile_s'])
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--config', default='configs/demo.py')
+  ap.add_argument('--steps', type=int, default=20)
+  ap.add_argument('--warmup', type=int, default=3)
+  ap.add_argument('--variants', default=','.join(VARIANTS))
+  ap.add_argument('--json', default=None)
+  args = ap.parse_args()
+  names = [n for n in args.variants.split(',') if n]
+  unknown = sorted(set(names) - set(VARIANTS))
+  if unknown:
+    sys.exit(f'unknown variants: {unknown}; known: {sorted(VARIANTS)}')
+  order = ['base'] + [n for n in names if n != 'base'] + ['base']
+  rows = []
+  for name in order:
+    r = run(name, args)
+    rows.append(r)
+    print(json.dumps(r), flush=True)
+  base = rows[0].get('step_s')
+  print('\n| variant | batch | arguments | step | / base | images/s | compile |')
+  print('|---|---|---|---|---|---|---|')
+  for r in rows:
+    if 'error' in r:
+      print(f"| {r['name']} | | failed: {r['error'][:80]} | | | | |")
+      continue
+    print(f"| {r['name']} | {r['batch']} | `{r['args'] or '(demo)'}` | "
+          f"{r['step_s'] * 1e3:.0f} ms | {r['step_s'] / base:.2f} | "
+          f"{r['batch'] / r['step_s']:.1f} | {r['compile_s']:.1f} s |")
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
