@@ -78,6 +78,14 @@ def report(summary: dict, names: dict[str, tuple[str, str]], step_ms: float,
       f"{summary['events_per_step']:.0f} op events", '', 'by op kind (ms/step):']
   for kind, ms in summary['by_kind'].most_common(12):
     lines.append(f'  {ms:8.2f}  {kind}')
+  groups = profiling.by_group(summary, names)
+  lines += ['', 'by pass and part of the model (ms/step, share of the summed):']
+  for pass_ in ('forward', 'backward', 'outside', 'other'):
+    total = sum(ms for (p, _), ms in groups.items() if p == pass_)
+    lines.append(f"  {total:8.2f}  {pass_:9s} {100 * total / summary['summed_ms']:5.1f} %")
+    for (p, part), ms in groups.most_common():
+      if p == pass_ and ms >= 0.5:
+        lines.append(f'  {ms:8.2f}      {part}')
   lines += ['', f'top {top} ops (ms/step, result shape, JAX source op):']
   for r in top_ops(summary, names, top):
     lines.append(f"  {r['ms']:8.2f}  {r['op']:30s} {r['shape'][:40]:40s} "
@@ -131,6 +139,8 @@ def main(argv):
       **{k: summary[k] for k in ('summed_ms', 'covered_ms', 'span_ms',
                                  'events_per_step')},
       by_kind=dict(summary['by_kind'].most_common()),
+      by_group={f'{p}/{part}': ms for (p, part), ms in
+                profiling.by_group(summary, names).most_common()},
       top_ops=top_ops(summary, names, _TOP.value)))
 
 

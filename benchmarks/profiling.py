@@ -98,3 +98,40 @@ def summarize(events: Iterable[tuple[str, int, int]], steps: int) -> dict:
   return dict(by_op=by_op, by_kind=by_kind,
               summed_ms=sum(by_op.values()), covered_ms=covered / 1e6 / steps,
               span_ms=span / 1e6 / steps, events_per_step=len(events) / steps)
+
+
+# Where a step's op sits, from its JAX source op (HLO op_name). The pass:
+# 'backward' for an op of a transposed (reverse-mode) jvp, 'forward' for one
+# inside the differentiated loss, 'outside' for the rest (targets computed
+# before the loss, optimizer, metrics, input copies). The part: the model's first sub-module after the model call
+# (backbone, fpn, refinement, s_head_net, t_head_net), 'loss and targets'
+# inside the loss but outside the model (targets, proposals' NMS, losses),
+# 'targets, optimizer, rest' outside it, '(no op_name)' for ops XLA made.
+_MODEL_CALL = re.compile(r'MimicDet(?:\.\w+)?\)*$')
+
+
+def op_group(source: str) -> tuple[str, str]:
+  """(pass, part) of one op's JAX source op name."""
+  if not source:
+    return 'other', '(no op_name)'
+  parts = source.split('/')
+  if any(p.startswith('transpose(') for p in parts):
+    pass_ = 'backward'
+  elif any(p.startswith('jvp(') for p in parts):
+    pass_ = 'forward'
+  else:
+    return 'outside', 'targets, optimizer, rest'
+  for i, p in enumerate(parts):
+    if _MODEL_CALL.search(p):
+      modules = [q for q in parts[i + 1:-1] if '(' not in q]
+      return pass_, modules[0] if modules else '(model top level)'
+  return pass_, 'loss and targets'
+
+
+def by_group(summary: dict, names: dict[str, tuple[str, str]]
+             ) -> collections.Counter:
+  """ms per step summed per (pass, part) of op_group, over every op."""
+  out = collections.Counter()
+  for name, ms in summary['by_op'].items():
+    out[op_group(names.get(name, ('', ''))[1])] += ms
+  return out

@@ -283,6 +283,35 @@ def test_profile_trace_names_ops_by_their_jax_source(tmp_path):
   assert 0 < s['covered_ms'] <= s['span_ms'] + 1e-9
 
 
+def test_profile_groups_ops_by_pass_and_model_part():
+  """op_group on source op names as XLA:CPU's compiled demo step spells them,
+  and by_group sums the per-op times of a group."""
+  from benchmarks import profiling  # pylint: disable=g-import-not-at-top
+  g = profiling.op_group
+  assert g('jit(_fun)/jvp(vmap(MimicDet))/s_head_net/coarse_conv/jit(_take)/'
+           'gather') == ('forward', 's_head_net')
+  assert g('jit(_fun)/transpose(jvp(vmap(MimicDet)))/backbone/layer1/block0/'
+           'bn3/add_any') == ('backward', 'backbone')
+  assert g('jit(_fun)/transpose(jvp(vmap(MimicDet.t_head)))/t_head_net/'
+           'vmap(jit(_take))/scatter-add') == ('backward', 't_head_net')
+  assert g('jit(_fun)/jvp(vmap(MimicDet))/concatenate') == (
+      'forward', '(model top level)')
+  assert g('jit(_fun)/jvp(vmap(MimicDet))/fpn/jit(floor_divide)') == (
+      'forward', 'fpn')
+  assert g('jit(_fun)/transpose(jvp(vmap(jit(take_along_axis))))/'
+           'scatter-add') == ('backward', 'loss and targets')
+  assert g('jit(_fun)/jvp(vmap(vmap(jit(nms))))/while') == (
+      'forward', 'loss and targets')
+  assert g('sort') == ('outside', 'targets, optimizer, rest')
+  assert g('') == ('other', '(no op_name)')
+  summary = dict(by_op={'a.1': 2.0, 'b.2': 3.0, 'c.3': 4.0})
+  names = {'a.1': ('f32[1]', 'jit(f)/jvp(vmap(MimicDet))/fpn/add'),
+           'b.2': ('f32[1]', 'jit(f)/jvp(vmap(MimicDet))/fpn/lateral/dot'),
+           'c.3': ('f32[1]', 'jit(f)/transpose(jvp(vmap(MimicDet)))/fpn/x')}
+  assert profiling.by_group(summary, names) == {
+      ('forward', 'fpn'): 5.0, ('backward', 'fpn'): 4.0}
+
+
 @pytest.mark.slow
 def test_profile_step_script(tmp_path):
   r, stdout = _run('profile_step.py', ['--batch', '1', '--size', '128x128',
@@ -292,7 +321,8 @@ def test_profile_step_script(tmp_path):
   assert r['summed_ms'] > 0 and r['top_ops']
   assert any('conv' in row['source'] or 'dot' in row['source']
              for row in r['top_ops'])
-  assert 'by op kind' in stdout
+  assert 'by op kind' in stdout and 'by pass and part' in stdout
+  assert r['by_group'] and abs(sum(r['by_group'].values()) - r['summed_ms']) < 1e-6 * max(1, r['summed_ms'])
 
 
 def test_input_pipeline_dataset_and_both_image_paths(tmp_path):
