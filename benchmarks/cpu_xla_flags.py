@@ -13,11 +13,10 @@ changes it beyond float noise). docs/BENCHMARKS.md has the results.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import side_by_side  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Options of jaxlib 0.10's XLA:CPU (`strings libjax_common.so`); the fusion
 # lists default to empty, i.e. off.
@@ -38,22 +37,12 @@ VARIANTS = {
 }
 
 
-def run(name, flags, args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + flags).strip()
-  with tempfile.NamedTemporaryFile(suffix='.json') as f:
-    cmd = [sys.executable, os.path.join(_HERE, 'train_step.py'),
-           '--config', args.config, '--batch', str(args.batch),
-           '--steps', str(args.steps), '--warmup', str(args.warmup),
-           '--json', f.name]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                       check=False)
-    if p.returncode:
-      tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-      return dict(name=name, flags=flags, error=' | '.join(tail))
-    with open(f.name) as g:
-      r = json.load(g)
-  return dict(name=name, flags=flags, step_s=r['step_s'],
+def run(flags, args):
+  r = side_by_side.train_step(args.config, batch=args.batch, steps=args.steps,
+                              warmup=args.warmup, xla_flags=flags)
+  if 'error' in r:
+    return dict(flags=flags, error=r['error'])
+  return dict(flags=flags, step_s=r['step_s'],
               compile_s=r['first_step_backend_compile_s'],
               loss=r['last_loss'])
 
@@ -68,15 +57,8 @@ def main():
   ap.add_argument('--json', default=None)
   args = ap.parse_args()
   names = [n for n in args.variants.split(',') if n]
-  unknown = sorted(set(names) - set(VARIANTS))
-  if unknown:
-    sys.exit(f'unknown variants: {unknown}; known: {sorted(VARIANTS)}')
-  order = ['base'] + [n for n in names if n != 'base'] + ['base']
-  rows = []
-  for name in order:
-    r = run(name, VARIANTS[name], args)
-    rows.append(r)
-    print(json.dumps(r), flush=True)
+  rows = side_by_side.run_all(names, VARIANTS,
+                              lambda name: run(VARIANTS[name], args))
   base = rows[0].get('step_s')
   print(f'\n| variant | XLA_FLAGS | step | / base | compile | loss |')
   print('|---|---|---|---|---|---|')

@@ -12,11 +12,10 @@ training question (docs/RESULTS.md), not this script's.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import side_by_side  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # name -> (batch, extra train_step.py arguments)
 VARIANTS = {
@@ -34,21 +33,12 @@ VARIANTS = {
 
 def run(name, args):
   batch, extra = VARIANTS[name]
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  with tempfile.NamedTemporaryFile(suffix='.json') as f:
-    cmd = [sys.executable, os.path.join(_HERE, 'train_step.py'),
-           '--config', args.config, '--batch', str(batch),
-           '--steps', str(args.steps), '--warmup', str(args.warmup),
-           '--json', f.name, *extra]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                       check=False)
-    if p.returncode:
-      tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-      return dict(name=name, error=' | '.join(tail))
-    with open(f.name) as g:
-      r = json.load(g)
-  return dict(name=name, batch=batch, args=' '.join(extra),
-              step_s=r['step_s'], compile_s=r['first_step_backend_compile_s'])
+  r = side_by_side.train_step(args.config, batch=batch, steps=args.steps,
+                              warmup=args.warmup, extra_args=extra)
+  if 'error' in r:
+    return r
+  return dict(batch=batch, args=' '.join(extra), step_s=r['step_s'],
+              compile_s=r['first_step_backend_compile_s'])
 
 
 def main():
@@ -60,15 +50,7 @@ def main():
   ap.add_argument('--json', default=None)
   args = ap.parse_args()
   names = [n for n in args.variants.split(',') if n]
-  unknown = sorted(set(names) - set(VARIANTS))
-  if unknown:
-    sys.exit(f'unknown variants: {unknown}; known: {sorted(VARIANTS)}')
-  order = ['base'] + [n for n in names if n != 'base'] + ['base']
-  rows = []
-  for name in order:
-    r = run(name, args)
-    rows.append(r)
-    print(json.dumps(r), flush=True)
+  rows = side_by_side.run_all(names, VARIANTS, lambda name: run(name, args))
   base = rows[0].get('step_s')
   print('\n| variant | batch | arguments | step | / base | images/s | compile |')
   print('|---|---|---|---|---|---|---|')

@@ -346,3 +346,22 @@ def test_input_pipeline_dataset_and_both_image_paths(tmp_path):
   assert rows[False]['batch_image_mb'] == 4 * rows[True]['batch_image_mb']
   assert rows[True]['loader_0_workers_images_per_s'] > 0
   assert rows[True]['collate_ms'] > 0 and rows[True]['transform_ms'] > 0
+
+
+def test_side_by_side_runs_the_baseline_first_and_last(tmp_path):
+  """benchmarks/side_by_side.py (cpu_xla_flags.py, demo_cost.py): the order
+  base, others, base; an unknown variant is named and nothing runs; a
+  failing train_step.py comes back as its error line, not an exception."""
+  from benchmarks import side_by_side  # pylint: disable=g-import-not-at-top
+  ran = []
+  rows = side_by_side.run_all(['a', 'base', 'b'], ['base', 'a', 'b'],
+                              lambda n: ran.append(n) or dict(step_s=1.0))
+  assert ran == ['base', 'a', 'b', 'base']
+  assert [r['name'] for r in rows] == ran and rows[0]['step_s'] == 1.0
+  ran.clear()
+  with pytest.raises(SystemExit, match=r"unknown variants: \['c'\]"):
+    side_by_side.run_all(['a', 'c'], ['base', 'a'], ran.append)
+  assert not ran
+  r = side_by_side.train_step(str(tmp_path / 'missing.py'), batch=1, steps=1,
+                              warmup=0)
+  assert set(r) == {'error'} and 'missing.py' in r['error']

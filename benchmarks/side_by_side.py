@@ -1,0 +1,50 @@
+"""Variants of the training step side by side, each in a fresh process.
+
+The runner that benchmarks/cpu_xla_flags.py (XLA options) and
+benchmarks/demo_cost.py (cheaper demo recipes) share: each variant runs
+`benchmarks/train_step.py` in its own process (XLA_FLAGS are read once, when
+the backend starts; a recipe change recompiles), and the baseline runs first
+and again last so that drift of a shared machine shows in the table.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Callable, Sequence
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def train_step(config: str, *, batch: int, steps: int, warmup: int,
+               extra_args: Sequence[str] = (), xla_flags: str = '') -> dict:
+  """benchmarks/train_step.py's JSON result, or {'error': its last lines}."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + xla_flags).strip()
+  with tempfile.NamedTemporaryFile(suffix='.json') as f:
+    cmd = [sys.executable, os.path.join(_HERE, 'train_step.py'),
+           '--config', config, '--batch', str(batch), '--steps', str(steps),
+           '--warmup', str(warmup), '--json', f.name, *extra_args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                       check=False)
+    if p.returncode:
+      tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+      return dict(error=' | '.join(tail))
+    with open(f.name) as g:
+      return json.load(g)
+
+
+def run_all(names: Sequence[str], known: Sequence[str],
+            run_one: Callable[[str], dict]) -> list[dict]:
+  """run_one(name) for 'base', every other name, then 'base' again.
+
+  Exits with a one-line message naming the unknown variants, if any.
+  """
+  unknown = sorted(set(names) - set(known))
+  if unknown:
+    sys.exit(f'unknown variants: {unknown}; known: {sorted(known)}')
+  rows = []
+  for name in ['base'] + [n for n in names if n != 'base'] + ['base']:
+    rows.append(dict(name=name, **run_one(name)))
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
