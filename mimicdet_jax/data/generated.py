@@ -3,15 +3,18 @@
 Shared by the synthetic shapes (data/synthetic.py) and the real-image proxy
 (data/photos.py): each supplies `render(seed, split, index, min_size,
 max_size) -> {'image', 'boxes', 'category_ids', 'areas'}`, a module-level
-function so that 'spawn' workers can import it.
+function so that 'spawn' workers can import it. Their command lines are
+`main` here, with each set's defaults.
 """
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import functools
 import json
 import multiprocessing
 import os
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
@@ -88,3 +91,60 @@ def write_split(out_dir: str, split: str, num_images: int, seed: int, *,
   with open(path, 'w') as f:
     json.dump(dataset, f)
   return path
+
+
+def write_viz(out_dir: str, split: str, count: int) -> list[str]:
+  """Draws the first `count` images of a written split with their gt boxes."""
+  from mimicdet_jax import viz  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.data import coco  # pylint: disable=g-import-not-at-top
+  source = coco.CocoSource(os.path.join(out_dir, 'annotations', f'{split}.json'),
+                           os.path.join(out_dir, split))
+  viz_dir = os.path.join(out_dir, 'viz')
+  os.makedirs(viz_dir, exist_ok=True)
+  paths = []
+  for i in range(min(count, len(source))):
+    ex = source[i]
+    names = [source.class_names[c - 1] for c in ex['classes'].tolist()]
+    path = os.path.join(viz_dir, f'{split}_{i:03d}.png')
+    viz.draw_boxes(ex['image'], ex['boxes'], names).save(path)
+    paths.append(path)
+  return paths
+
+
+def main(argv: Sequence[str] | None, *, prog: str, description: str,
+         write_split: Callable[..., str], num_train: int, num_val: int,
+         min_size: int, max_size: int, smallest: int) -> None:
+  """The command line of a generated set: both splits, then K viz pictures.
+
+  `write_split(out, split, num, seed, min_size, max_size, format, workers)`
+  is the set's own writer; the numbers are its defaults and, `smallest`, the
+  least image side it can draw.
+  """
+  parser = argparse.ArgumentParser(prog=prog, description=description)
+  parser.add_argument('out', help='output folder')
+  parser.add_argument('--num-train', type=int, default=num_train)
+  parser.add_argument('--num-val', type=int, default=num_val)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--min-size', type=int, default=min_size,
+                      help='smallest image side (px)')
+  parser.add_argument('--max-size', type=int, default=max_size,
+                      help='largest image side (px)')
+  parser.add_argument('--format', choices=('jpg', 'png'), default='jpg')
+  parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
+                      help='processes drawing images (output does not depend on it)')
+  parser.add_argument('--viz', type=int, default=0, metavar='K',
+                      help='draw the first K training images with boxes to OUT/viz')
+  args = parser.parse_args(argv)
+  if not smallest <= args.min_size <= args.max_size:
+    parser.error(f'need {smallest} <= --min-size <= --max-size')
+  start = time.time()
+  for split, num in (('train', args.num_train), ('val', args.num_val)):
+    if num > 0:
+      path = write_split(args.out, split, num, args.seed, args.min_size,
+                         args.max_size, args.format, args.workers)
+      print(f'wrote {num} images and {path}')
+  if args.viz > 0:
+    paths = write_viz(args.out, 'train' if args.num_train else 'val', args.viz)
+    print(f'wrote {len(paths)} pictures with boxes to '
+          f'{os.path.join(args.out, "viz")}')
+  print(f'done in {time.time() - start:.1f} s')

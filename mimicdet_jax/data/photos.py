@@ -30,15 +30,13 @@ re-creates any image in memory.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import importlib.util
 import math
 import os
 import sys
-import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -450,38 +448,10 @@ def write_split(out_dir: str, split: str, num_images: int, seed: int,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  from mimicdet_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog='python -m mimicdet_jax.data.photos', description=__doc__.split(
-          '\n')[0])
-  parser.add_argument('out', help='output folder')
-  parser.add_argument('--num-train', type=int, default=1500)
-  parser.add_argument('--num-val', type=int, default=300)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--min-size', type=int, default=192,
-                      help='smallest image side (px)')
-  parser.add_argument('--max-size', type=int, default=384,
-                      help='largest image side (px)')
-  parser.add_argument('--format', choices=('jpg', 'png'), default='jpg')
-  parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
-                      help='processes drawing images (output does not depend on it)')
-  parser.add_argument('--viz', type=int, default=0, metavar='K',
-                      help='draw the first K training images with boxes to OUT/viz')
-  args = parser.parse_args(argv)
-  if not 64 <= args.min_size <= args.max_size:
-    parser.error('need 64 <= --min-size <= --max-size')
-  start = time.time()
-  for split, num in (('train', args.num_train), ('val', args.num_val)):
-    if num > 0:
-      path = write_split(args.out, split, num, args.seed, args.min_size,
-                         args.max_size, args.format, args.workers)
-      print(f'wrote {num} images and {path}')
-  if args.viz > 0:
-    paths = synthetic.write_viz(args.out, 'train' if args.num_train else 'val',
-                                args.viz)
-    print(f'wrote {len(paths)} pictures with boxes to '
-          f'{os.path.join(args.out, "viz")}')
-  print(f'done in {time.time() - start:.1f} s')
+  generated.main(argv, prog='python -m mimicdet_jax.data.photos',
+                 description=__doc__.split('\n')[0], write_split=write_split,
+                 num_train=1500, num_val=300, min_size=192, max_size=384,
+                 smallest=64)
 
 
 if __name__ == '__main__':

@@ -23,12 +23,9 @@ what `CocoSource` reads back from disk.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
-import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -245,55 +242,11 @@ def write_split(out_dir: str, split: str, num_images: int, seed: int,
       jpeg_options=_JPEG, workers=workers)
 
 
-def write_viz(out_dir: str, split: str, count: int) -> list[str]:
-  """Draws the first `count` images of a written split with their gt boxes."""
-  from mimicdet_jax import viz  # pylint: disable=g-import-not-at-top
-  from mimicdet_jax.data import coco  # pylint: disable=g-import-not-at-top
-  source = coco.CocoSource(os.path.join(out_dir, 'annotations', f'{split}.json'),
-                           os.path.join(out_dir, split))
-  viz_dir = os.path.join(out_dir, 'viz')
-  os.makedirs(viz_dir, exist_ok=True)
-  paths = []
-  for i in range(min(count, len(source))):
-    ex = source[i]
-    names = [source.class_names[c - 1] for c in ex['classes'].tolist()]
-    path = os.path.join(viz_dir, f'{split}_{i:03d}.png')
-    viz.draw_boxes(ex['image'], ex['boxes'], names).save(path)
-    paths.append(path)
-  return paths
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog='python -m mimicdet_jax.data.synthetic', description=__doc__.split(
-          '\n')[0])
-  parser.add_argument('out', help='output folder')
-  parser.add_argument('--num-train', type=int, default=2000)
-  parser.add_argument('--num-val', type=int, default=200)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--min-size', type=int, default=160,
-                      help='smallest image side (px)')
-  parser.add_argument('--max-size', type=int, default=320,
-                      help='largest image side (px)')
-  parser.add_argument('--format', choices=('jpg', 'png'), default='jpg')
-  parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
-                      help='processes drawing images (output does not depend on it)')
-  parser.add_argument('--viz', type=int, default=0, metavar='K',
-                      help='draw the first K training images with boxes to OUT/viz')
-  args = parser.parse_args(argv)
-  if not 16 <= args.min_size <= args.max_size:
-    parser.error('need 16 <= --min-size <= --max-size')
-  start = time.time()
-  for split, num in (('train', args.num_train), ('val', args.num_val)):
-    if num > 0:
-      path = write_split(args.out, split, num, args.seed, args.min_size,
-                         args.max_size, args.format, args.workers)
-      print(f'wrote {num} images and {path}')
-  if args.viz > 0:
-    paths = write_viz(args.out, 'train' if args.num_train else 'val', args.viz)
-    print(f'wrote {len(paths)} pictures with boxes to '
-          f'{os.path.join(args.out, "viz")}')
-  print(f'done in {time.time() - start:.1f} s')
+  generated.main(argv, prog='python -m mimicdet_jax.data.synthetic',
+                 description=__doc__.split('\n')[0], write_split=write_split,
+                 num_train=2000, num_val=200, min_size=160, max_size=320,
+                 smallest=16)
 
 
 if __name__ == '__main__':
