@@ -28,6 +28,8 @@ VARIANTS = {
     'heads_half': (4, ['--config.t_head.num_samples=32',
                        '--config.s_head.ohem_samples=32']),
     'photos': (4, ['--config', 'configs/photos.py']),  # the own-data recipe
+    'batch2_proposals150': (2, ['--config.proposals.num_proposals=150',
+                                '--config.proposals.pre_nms_topk=150']),
 }
 
 
