@@ -141,3 +141,14 @@ def test_no_utils_module_and_every_module_says_its_concern():
     with open(path) as f:
       doc = ast.get_docstring(ast.parse(f.read()))
     assert doc, f'{path}: no opening docstring'
+
+
+def test_longest_first_names_test_files_that_exist():
+  """conftest.LONGEST_FIRST (the suite's file order under xdist) names real
+  test files: a renamed file would silently drop back to collection order."""
+  import conftest  # pylint: disable=g-import-not-at-top
+  here = os.path.dirname(os.path.abspath(__file__))
+  missing = [n for n in conftest.LONGEST_FIRST
+             if not os.path.isfile(os.path.join(here, n))]
+  assert not missing and len(set(conftest.LONGEST_FIRST)) == len(
+      conftest.LONGEST_FIRST)
