@@ -20,7 +20,9 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 # Two workers, one test file each at a time (a file shares its fixtures):
-# 6.4 min on the slower 2-core machine (docs/BENCHMARKS.md, "Test suite").
+# 2.8 min on a quiet 2-core Intel Xeon, 6.4 min on the slower 2-core AMD
+# machine (docs/BENCHMARKS.md, "Test suite"); the longest files run first
+# (tests/conftest.py).
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
