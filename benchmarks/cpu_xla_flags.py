@@ -10,8 +10,6 @@ the first baseline, the XLA compile seconds, and the loss after the same
 warm-up + timed steps on the same batch (a variant that changes the maths
 changes it beyond float noise). docs/BENCHMARKS.md has the results.
 """
-import argparse
-import json
 import os
 import sys
 
@@ -48,19 +46,14 @@ def run(flags, args):
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--config', default='configs/demo.py')
+  ap = side_by_side.arg_parser(__doc__, VARIANTS)
   ap.add_argument('--batch', type=int, default=4)
-  ap.add_argument('--steps', type=int, default=20)
-  ap.add_argument('--warmup', type=int, default=3)
-  ap.add_argument('--variants', default=','.join(VARIANTS))
-  ap.add_argument('--json', default=None)
   args = ap.parse_args()
-  names = [n for n in args.variants.split(',') if n]
+  names = side_by_side.variant_names(args)
   rows = side_by_side.run_all(names, VARIANTS,
                               lambda name: run(VARIANTS[name], args))
   base = rows[0].get('step_s')
-  print(f'\n| variant | XLA_FLAGS | step | / base | compile | loss |')
+  print('\n| variant | XLA_FLAGS | step | / base | compile | loss |')
   print('|---|---|---|---|---|---|')
   for r in rows:
     if 'error' in r:
@@ -70,9 +63,7 @@ def main():
     print(f"| {r['name']} | `{r['flags'] or '(none)'}` | "
           f"{r['step_s'] * 1e3:.0f} ms | {r['step_s'] / base:.2f} | "
           f"{r['compile_s']:.1f} s | {r['loss']:.5f} |")
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=1)
+  side_by_side.save(args.json, rows)
 
 
 if __name__ == '__main__':

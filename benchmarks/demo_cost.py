@@ -9,8 +9,6 @@ The table gives the steady-state step, its ratio to the first baseline and
 the images per second. Which of them keeps the demo's accuracy bar is a
 training question (docs/RESULTS.md), not this script's.
 """
-import argparse
-import json
 import os
 import sys
 
@@ -44,14 +42,9 @@ def run(name, args):
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--config', default='configs/demo.py')
-  ap.add_argument('--steps', type=int, default=20)
-  ap.add_argument('--warmup', type=int, default=3)
-  ap.add_argument('--variants', default=','.join(VARIANTS))
-  ap.add_argument('--json', default=None)
+  ap = side_by_side.arg_parser(__doc__, VARIANTS)
   args = ap.parse_args()
-  names = [n for n in args.variants.split(',') if n]
+  names = side_by_side.variant_names(args)
   rows = side_by_side.run_all(names, VARIANTS, lambda name: run(name, args))
   base = rows[0].get('step_s')
   print('\n| variant | batch | arguments | step | / base | images/s | compile |')
@@ -63,9 +56,7 @@ def main():
     print(f"| {r['name']} | {r['batch']} | `{r['args'] or '(demo)'}` | "
           f"{r['step_s'] * 1e3:.0f} ms | {r['step_s'] / base:.2f} | "
           f"{r['batch'] / r['step_s']:.1f} | {r['compile_s']:.1f} s |")
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=1)
+  side_by_side.save(args.json, rows)
 
 
 if __name__ == '__main__':

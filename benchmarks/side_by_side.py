@@ -6,6 +6,7 @@ benchmarks/demo_cost.py (cheaper demo recipes) share: each variant runs
 the backend starts; a recipe change recompiles), and the baseline runs first
 and again last so that drift of a shared machine shows in the table.
 """
+import argparse
 import json
 import os
 import subprocess
@@ -48,3 +49,24 @@ def run_all(names: Sequence[str], known: Sequence[str],
     rows.append(dict(name=name, **run_one(name)))
     print(json.dumps(rows[-1]), flush=True)
   return rows
+
+
+def arg_parser(doc: str, variants: Sequence[str]) -> argparse.ArgumentParser:
+  """--config, --steps, --warmup, --variants (default: all), --json."""
+  ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+  ap.add_argument('--config', default='configs/demo.py')
+  ap.add_argument('--steps', type=int, default=20)
+  ap.add_argument('--warmup', type=int, default=3)
+  ap.add_argument('--variants', default=','.join(variants))
+  ap.add_argument('--json', default=None, help='also write the rows here')
+  return ap
+
+
+def variant_names(args: argparse.Namespace) -> list[str]:
+  return [n for n in args.variants.split(',') if n]
+
+
+def save(path: str | None, rows: Sequence[dict]) -> None:
+  if path:
+    with open(path, 'w') as f:
+      json.dump(list(rows), f, indent=1)

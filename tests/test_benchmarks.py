@@ -365,3 +365,9 @@ def test_side_by_side_runs_the_baseline_first_and_last(tmp_path):
   r = side_by_side.train_step(str(tmp_path / 'missing.py'), batch=1, steps=1,
                               warmup=0)
   assert set(r) == {'error'} and 'missing.py' in r['error']
+  args = side_by_side.arg_parser('doc', ['base', 'a']).parse_args(
+      ['--variants', 'a,,base', '--json', str(tmp_path / 'rows.json')])
+  assert side_by_side.variant_names(args) == ['a', 'base']
+  side_by_side.save(args.json, rows)
+  with open(args.json) as f:
+    assert json.load(f) == rows
