@@ -52,17 +52,12 @@ def main():
   names = side_by_side.variant_names(args)
   rows = side_by_side.run_all(names, VARIANTS,
                               lambda name: run(VARIANTS[name], args))
-  base = rows[0].get('step_s')
-  print('\n| variant | XLA_FLAGS | step | / base | compile | loss |')
-  print('|---|---|---|---|---|---|')
-  for r in rows:
-    if 'error' in r:
-      print(f"| {r['name']} | `{r['flags']}` | failed: {r['error'][:80]} "
-            '| | | |')
-      continue
-    print(f"| {r['name']} | `{r['flags'] or '(none)'}` | "
-          f"{r['step_s'] * 1e3:.0f} ms | {r['step_s'] / base:.2f} | "
-          f"{r['compile_s']:.1f} s | {r['loss']:.5f} |")
+  side_by_side.print_table(
+      ('variant', 'XLA_FLAGS', 'step', '/ base', 'compile', 'loss'), rows,
+      lambda r, base: [f"`{r['flags'] or '(none)'}`",
+                       f"{r['step_s'] * 1e3:.0f} ms",
+                       f"{r['step_s'] / base:.2f}",
+                       f"{r['compile_s']:.1f} s", f"{r['loss']:.5f}"])
   side_by_side.save(args.json, rows)
 
 

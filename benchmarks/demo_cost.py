@@ -46,16 +46,14 @@ def main():
   args = ap.parse_args()
   names = side_by_side.variant_names(args)
   rows = side_by_side.run_all(names, VARIANTS, lambda name: run(name, args))
-  base = rows[0].get('step_s')
-  print('\n| variant | batch | arguments | step | / base | images/s | compile |')
-  print('|---|---|---|---|---|---|---|')
-  for r in rows:
-    if 'error' in r:
-      print(f"| {r['name']} | | failed: {r['error'][:80]} | | | | |")
-      continue
-    print(f"| {r['name']} | {r['batch']} | `{r['args'] or '(demo)'}` | "
-          f"{r['step_s'] * 1e3:.0f} ms | {r['step_s'] / base:.2f} | "
-          f"{r['batch'] / r['step_s']:.1f} | {r['compile_s']:.1f} s |")
+  side_by_side.print_table(
+      ('variant', 'batch', 'arguments', 'step', '/ base', 'images/s',
+       'compile'), rows,
+      lambda r, base: [str(r['batch']), f"`{r['args'] or '(demo)'}`",
+                       f"{r['step_s'] * 1e3:.0f} ms",
+                       f"{r['step_s'] / base:.2f}",
+                       f"{r['batch'] / r['step_s']:.1f}",
+                       f"{r['compile_s']:.1f} s"])
   side_by_side.save(args.json, rows)
 
 

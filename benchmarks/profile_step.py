@@ -78,7 +78,7 @@ def report(summary: dict, names: dict[str, tuple[str, str]], step_ms: float,
       f"{summary['events_per_step']:.0f} op events", '', 'by op kind (ms/step):']
   for kind, ms in summary['by_kind'].most_common(12):
     lines.append(f'  {ms:8.2f}  {kind}')
-  groups = profiling.by_group(summary, names)
+  groups = summary['by_group']
   lines += ['', 'by pass and part of the model (ms/step, share of the summed):']
   for pass_ in ('forward', 'backward', 'outside', 'other'):
     total = sum(ms for (p, _), ms in groups.items() if p == pass_)
@@ -119,6 +119,7 @@ def profile(config, per_device_batch: int, *, steps: int, warmup: int,
     raise RuntimeError(f'jax.profiler wrote no .xplane.pb under {trace_dir}')
   data = jax.profiler.ProfileData.from_file(files[-1])
   summary = profiling.summarize(profiling.op_events(data), steps)
+  summary['by_group'] = profiling.by_group(summary, names)
   return summary, names, step_ms, trace_dir
 
 
@@ -140,7 +141,7 @@ def main(argv):
                                  'events_per_step')},
       by_kind=dict(summary['by_kind'].most_common()),
       by_group={f'{p}/{part}': ms for (p, part), ms in
-                profiling.by_group(summary, names).most_common()},
+                summary['by_group'].most_common()},
       top_ops=top_ops(summary, names, _TOP.value)))
 
 

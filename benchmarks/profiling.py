@@ -100,13 +100,14 @@ def summarize(events: Iterable[tuple[str, int, int]], steps: int) -> dict:
               span_ms=span / 1e6 / steps, events_per_step=len(events) / steps)
 
 
-# Where a step's op sits, from its JAX source op (HLO op_name). The pass:
-# 'backward' for an op of a transposed (reverse-mode) jvp, 'forward' for one
-# inside the differentiated loss, 'outside' for the rest (targets computed
-# before the loss, optimizer, metrics, input copies). The part: the model's first sub-module after the model call
-# (backbone, fpn, refinement, s_head_net, t_head_net), 'loss and targets'
-# inside the loss but outside the model (targets, proposals' NMS, losses),
-# 'targets, optimizer, rest' outside it, '(no op_name)' for ops XLA made.
+# Where a step's op sits, from its JAX source op (HLO op_name).
+# The pass: 'backward' for an op of a transposed (reverse-mode) jvp,
+# 'forward' for one inside the differentiated loss, 'outside' for the rest
+# (targets computed before the loss, optimizer, metrics, input copies),
+# 'other' for ops XLA made itself (no op_name).
+# The part: the model's first sub-module after the model call (backbone,
+# fpn, refinement, s_head_net, t_head_net); 'loss and targets' inside the
+# loss but outside the model (proposals' NMS, sampling, losses).
 _MODEL_CALL = re.compile(r'MimicDet(?:\.\w+)?\)*$')
 
 

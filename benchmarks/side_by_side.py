@@ -70,3 +70,16 @@ def save(path: str | None, rows: Sequence[dict]) -> None:
   if path:
     with open(path, 'w') as f:
       json.dump(list(rows), f, indent=1)
+
+
+def print_table(columns: Sequence[str], rows: Sequence[dict],
+                cells: Callable[[dict, float], list[str]]) -> None:
+  """A Markdown table of run_all's rows: the variant's name, then
+  cells(row, first baseline's step_s); a failed run shows its error."""
+  base = rows[0].get('step_s')
+  print('\n| ' + ' | '.join(columns) + ' |')
+  print('|' + '---|' * len(columns))
+  for r in rows:
+    rest = ([f"failed: {r['error'][:80]}"] + [''] * (len(columns) - 2)
+            if 'error' in r else cells(r, base))
+    print('| ' + ' | '.join([r['name'], *rest]) + ' |')

@@ -322,7 +322,9 @@ def test_profile_step_script(tmp_path):
   assert any('conv' in row['source'] or 'dot' in row['source']
              for row in r['top_ops'])
   assert 'by op kind' in stdout and 'by pass and part' in stdout
-  assert r['by_group'] and abs(sum(r['by_group'].values()) - r['summed_ms']) < 1e-6 * max(1, r['summed_ms'])
+  assert r['by_group']
+  assert abs(sum(r['by_group'].values()) - r['summed_ms']) < 1e-6 * max(
+      1, r['summed_ms'])
 
 
 def test_input_pipeline_dataset_and_both_image_paths(tmp_path):
@@ -348,7 +350,7 @@ def test_input_pipeline_dataset_and_both_image_paths(tmp_path):
   assert rows[True]['collate_ms'] > 0 and rows[True]['transform_ms'] > 0
 
 
-def test_side_by_side_runs_the_baseline_first_and_last(tmp_path):
+def test_side_by_side_runs_the_baseline_first_and_last(tmp_path, capsys):
   """benchmarks/side_by_side.py (cpu_xla_flags.py, demo_cost.py): the order
   base, others, base; an unknown variant is named and nothing runs; a
   failing train_step.py comes back as its error line, not an exception."""
@@ -371,3 +373,12 @@ def test_side_by_side_runs_the_baseline_first_and_last(tmp_path):
   side_by_side.save(args.json, rows)
   with open(args.json) as f:
     assert json.load(f) == rows
+  rows.append(dict(name='a', error='boom'))
+  side_by_side.print_table(('variant', 'step', '/ base'), rows,
+                           lambda r, base: [f"{r['step_s']:.1f}",
+                                            f"{r['step_s'] / base:.2f}"])
+  table = capsys.readouterr().out.strip().splitlines()[-7:]
+  assert table == ['| variant | step | / base |', '|---|---|---|',
+                   '| base | 1.0 | 1.00 |', '| a | 1.0 | 1.00 |',
+                   '| b | 1.0 | 1.00 |', '| base | 1.0 | 1.00 |',
+                   '| a | failed: boom |  |']
