@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
+from mimicdet_jax import errors
+
 Render = Callable[[int, str, int, int, int], Mapping[str, Any]]
 
 
@@ -116,6 +118,9 @@ def main(argv: Sequence[str] | None, *, prog: str, description: str,
          min_size: int, max_size: int, smallest: int) -> None:
   """The command line of a generated set: both splits, then K viz pictures.
 
+  A size pair it cannot draw raises errors.ConfigError (one line and exit
+  status 1 under errors.cli, as the two modules run it).
+
   `write_split(out, split, num, seed, min_size, max_size, format, workers)`
   is the set's own writer; the numbers are its defaults and, `smallest`, the
   least image side it can draw.
@@ -136,7 +141,9 @@ def main(argv: Sequence[str] | None, *, prog: str, description: str,
                       help='draw the first K training images with boxes to OUT/viz')
   args = parser.parse_args(argv)
   if not smallest <= args.min_size <= args.max_size:
-    parser.error(f'need {smallest} <= --min-size <= --max-size')
+    raise errors.ConfigError(
+        f'--min-size {args.min_size} --max-size {args.max_size}: need '
+        f'{smallest} <= --min-size <= --max-size')
   start = time.time()
   for split, num in (('train', args.num_train), ('val', args.num_val)):
     if num > 0:

@@ -41,6 +41,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from mimicdet_jax import errors
 from mimicdet_jax.data import generated
 
 # (package, path inside the installed package). Only files that the wheels
@@ -455,4 +456,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  errors.cli(main)(sys.argv[1:])

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mimicdet_jax import errors
 from mimicdet_jax.data import generated
 
 CATEGORIES = (
@@ -250,4 +251,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  errors.cli(main)(sys.argv[1:])
