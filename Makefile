@@ -8,6 +8,13 @@ DEMO_DIR ?= workdirs/demo
 DEMO_DATA ?= data/synthetic
 PROXY_DATA ?= data/photos
 export JAX_PLATFORMS ?= cpu
+# XLA:CPU allocates each step's temporaries afresh; glibc maps them as 4 KiB
+# pages that fault once per step. Advised as transparent huge pages they
+# fault 100x less and the demo step is ~8 % faster, with identical results
+# (benchmarks/cpu_malloc.py, docs/BENCHMARKS.md "Memory allocation on CPU").
+# glibc >= 2.35 reads it at process start; older glibc and other C libraries
+# ignore it.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: venv test test-slow test-extras demo demo-data proxy-data bench bench-peer clean
 

@@ -32,6 +32,10 @@ VARIANTS = {
         '--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce',
     'no_multi_thread_eigen': '--xla_cpu_multi_thread_eigen=false',
     'vector_width_256': '--xla_cpu_prefer_vector_width=256',
+    # The test suite's compile-time flags (tests/conftest.py).
+    'fast_compile': ('--xla_backend_optimization_level=0 '
+                     '--xla_llvm_disable_expensive_passes=true'),
+    'llvm_cheap': '--xla_llvm_disable_expensive_passes=true',
 }
 
 

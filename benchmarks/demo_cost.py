@@ -28,6 +28,16 @@ VARIANTS = {
     'photos': (4, ['--config', 'configs/photos.py']),  # the own-data recipe
     'batch2_proposals150': (2, ['--config.proposals.num_proposals=150',
                                 '--config.proposals.pre_nms_topk=150']),
+    # Without P7 (and the T-head without P6): on a 256 canvas P7's anchors
+    # (512 px) are larger than the image.
+    'levels_p6': (4, ['--config.model.s_levels=(3,4,5,6)',
+                      '--config.model.t_levels=(2,3,4,5)']),
+    # The same levels on a 192 canvas (divisible by P6's stride, 64): the
+    # images resized to 0.75x, 0.56x the pixels.
+    'canvas192': (4, ['--config.model.s_levels=(3,4,5,6)',
+                      '--config.model.t_levels=(2,3,4,5)',
+                      '--config.data.size_divisor=64',
+                      '--config.data.canvas_buckets=((192,192),)']),
 }
 
 

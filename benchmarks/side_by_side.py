@@ -1,7 +1,8 @@
 """Variants of the training step side by side, each in a fresh process.
 
-The runner that benchmarks/cpu_xla_flags.py (XLA options) and
-benchmarks/demo_cost.py (cheaper demo recipes) share: each variant runs
+The runner that benchmarks/cpu_xla_flags.py (XLA options),
+benchmarks/cpu_malloc.py (glibc malloc settings) and benchmarks/demo_cost.py
+(cheaper demo recipes) share: each variant runs
 `benchmarks/train_step.py` in its own process (XLA_FLAGS are read once, when
 the backend starts; a recipe change recompiles), and the baseline runs first
 and again last so that drift of a shared machine shows in the table.
@@ -12,21 +13,35 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def child_env(xla_flags: str = '',
+              env: Mapping[str, Optional[str]] = {}) -> dict[str, str]:  # pylint: disable=dangerous-default-value
+  """This process's environment for a CPU child: xla_flags appended to the
+  inherited XLA_FLAGS, then env's variables set (None removes one)."""
+  out = dict(os.environ, JAX_PLATFORMS='cpu')
+  out['XLA_FLAGS'] = (out.get('XLA_FLAGS', '') + ' ' + xla_flags).strip()
+  for key, value in env.items():
+    if value is None:
+      out.pop(key, None)
+    else:
+      out[key] = value
+  return out
+
+
 def train_step(config: str, *, batch: int, steps: int, warmup: int,
-               extra_args: Sequence[str] = (), xla_flags: str = '') -> dict:
-  """benchmarks/train_step.py's JSON result, or {'error': its last lines}."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + xla_flags).strip()
+               extra_args: Sequence[str] = (), xla_flags: str = '',
+               env: Mapping[str, Optional[str]] = {}) -> dict:  # pylint: disable=dangerous-default-value
+  """benchmarks/train_step.py's JSON result, or {'error': its last lines},
+  run in child_env(xla_flags, env)."""
   with tempfile.NamedTemporaryFile(suffix='.json') as f:
     cmd = [sys.executable, os.path.join(_HERE, 'train_step.py'),
            '--config', config, '--batch', str(batch), '--steps', str(steps),
            '--warmup', str(warmup), '--json', f.name, *extra_args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True,
+    p = subprocess.run(cmd, env=child_env(xla_flags, env), capture_output=True, text=True,
                        check=False)
     if p.returncode:
       tail = (p.stderr or p.stdout).strip().splitlines()[-3:]

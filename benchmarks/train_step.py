@@ -17,6 +17,10 @@ on CPU, where compiling the jitted initialisers takes minutes). Reports:
     included), timed as one window ending in block_until_ready; training
     images/s = global batch x steps / window;
   * recompiles: XLA compilations during the timed window (must be 0);
+  * page faults: the process's minor page faults per step in the timed
+    window (getrusage): XLA:CPU allocates the step's temporaries afresh
+    each call, and every 4 KiB page of fresh memory faults once (see
+    GLIBC_TUNABLES in docs/BENCHMARKS.md, "Memory allocation on CPU");
   * model FLOPs: convolutions and matrix products of the step's jaxpr
     (forward and backward, per device; benchmarks/common.matmul_flops), per
     image, and MFU = those FLOPs / step time / peak, against
@@ -30,6 +34,7 @@ on CPU, where compiling the jitted initialisers takes minutes). Reports:
 is the per-device batch; `--config.key=value` overrides any config key.
 """
 import os
+import resource
 import sys
 import time
 
@@ -107,11 +112,13 @@ def benchmark(config, per_device_batch: int, *, steps: int, warmup: int,
   jax.block_until_ready((rstate, metrics))
 
   counter.start()
+  faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   t0 = time.perf_counter()
   for _ in range(steps):
     rstate, metrics = p_step(rstate, batch)
   jax.block_until_ready((rstate, metrics))
   window_s = time.perf_counter() - t0
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
   counter.stop()
 
   last = parallel_lib.DataParallel(config.train.parallelism,
@@ -137,6 +144,7 @@ def benchmark(config, per_device_batch: int, *, steps: int, warmup: int,
       step_s=step_s,
       images_per_s=global_batch / step_s,
       recompiles_in_window=counter.count,
+      minor_page_faults_per_step=faults / max(steps, 1),
       step_flops_per_device=flops,
       step_flops_per_image=flops / per_device_batch,
       compiled_flops_per_image=(
@@ -164,6 +172,7 @@ def report(r: dict) -> str:
       f"{r['images_per_s']:.2f} images/s  ({r['steps']} steps after "
       f"{r['warmup']} warm-up)",
       f"  recompiles in the timed window: {r['recompiles_in_window']}",
+      f"  minor page faults per step: {r['minor_page_faults_per_step']:.0f}",
       f'  model FLOPs/image (convs + matmuls, fwd + bwd): {flops / 1e9:.1f} '
       'GFLOP' + (f' (XLA compiled cost analysis: {cflops / 1e9:.1f})'
                  if cflops else ''),

@@ -225,6 +225,8 @@ def test_train_step_script_on_two_devices(tmp_path, parallelism):
   assert r['mfu'] is None  # no peak known for a CPU
   assert r['peak_memory']['bytes'] > 0
   assert 'images/s' in stdout and 'recompiles in the timed window: 0' in stdout
+  assert r['minor_page_faults_per_step'] >= 0
+  assert 'minor page faults per step' in stdout
 
 
 @pytest.mark.slow
@@ -350,10 +352,13 @@ def test_input_pipeline_dataset_and_both_image_paths(tmp_path):
   assert rows[True]['collate_ms'] > 0 and rows[True]['transform_ms'] > 0
 
 
-def test_side_by_side_runs_the_baseline_first_and_last(tmp_path, capsys):
-  """benchmarks/side_by_side.py (cpu_xla_flags.py, demo_cost.py): the order
-  base, others, base; an unknown variant is named and nothing runs; a
-  failing train_step.py comes back as its error line, not an exception."""
+def test_side_by_side_runs_the_baseline_first_and_last(tmp_path, capsys,
+                                                      monkeypatch):
+  """benchmarks/side_by_side.py (cpu_xla_flags.py, cpu_malloc.py,
+  demo_cost.py): the order base, others, base; an unknown variant is named
+  and nothing runs; a failing train_step.py comes back as its error line,
+  not an exception; a child's environment adds XLA flags, sets and removes
+  variables."""
   from benchmarks import side_by_side  # pylint: disable=g-import-not-at-top
   ran = []
   rows = side_by_side.run_all(['a', 'base', 'b'], ['base', 'a', 'b'],
@@ -367,6 +372,12 @@ def test_side_by_side_runs_the_baseline_first_and_last(tmp_path, capsys):
   r = side_by_side.train_step(str(tmp_path / 'missing.py'), batch=1, steps=1,
                               warmup=0)
   assert set(r) == {'error'} and 'missing.py' in r['error']
+  monkeypatch.setenv('XLA_FLAGS', '--a=1')
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
+  env = side_by_side.child_env('--b=2', {'GLIBC_TUNABLES': None, 'X': 'y'})
+  assert env['XLA_FLAGS'] == '--a=1 --b=2' and env['JAX_PLATFORMS'] == 'cpu'
+  assert 'GLIBC_TUNABLES' not in env and env['X'] == 'y'
+  assert side_by_side.child_env()['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
   args = side_by_side.arg_parser('doc', ['base', 'a']).parse_args(
       ['--variants', 'a,,base', '--json', str(tmp_path / 'rows.json')])
   assert side_by_side.variant_names(args) == ['a', 'base']

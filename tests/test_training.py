@@ -287,6 +287,21 @@ def test_unknown_parallelism_names_the_key():
     config_lib.resolve(config, num_classes=3)
 
 
+def test_cpu_allocation_hint_only_on_cpu_without_the_tunable():
+  hint = launch.cpu_allocation_hint('cpu', {})
+  assert 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1' in hint
+  assert launch.cpu_allocation_hint(
+      'cpu', {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}) is None  # a choice
+  assert launch.cpu_allocation_hint(
+      'cpu', {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1:glibc.x=1'}) is None
+  assert launch.cpu_allocation_hint('gpu', {}) is None
+  # What the Makefile exports is what the hint names.
+  with open(os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                         'Makefile')) as f:
+    assert (f'export GLIBC_TUNABLES ?= {launch.HUGETLB_TUNABLE}\n'
+            in f.read())
+
+
 # --------------------------------------------------------------- the loop
 def _run(workdir, config, *, nan_from=-1, on_step_end=None):
   return th.run_toy(workdir, config, nan_from=nan_from,

@@ -44,6 +44,26 @@ def initialize_distributed(coordinator_address: str = '',
                jax.local_device_count(), jax.device_count())
 
 
+# ------------------------------------------------------ CPU memory
+HUGETLB_TUNABLE = 'glibc.malloc.hugetlb=1'
+
+
+def cpu_allocation_hint(backend: str, environ=os.environ) -> Optional[str]:
+  """A one-line tip when a CPU run starts without huge-page allocation.
+
+  XLA:CPU allocates each step's temporaries afresh; with glibc's defaults
+  every 4 KiB page of them faults once per step. GLIBC_TUNABLES (read at
+  process start, so it cannot be set from here) with glibc.malloc.hugetlb=1
+  makes the demo step ~8 % faster with identical results; the Makefile sets
+  it (docs/BENCHMARKS.md, "Memory allocation on CPU").
+  """
+  if backend != 'cpu' or 'glibc.malloc.hugetlb' in environ.get(
+      'GLIBC_TUNABLES', ''):
+    return None
+  return (f'CPU tip: start with GLIBC_TUNABLES={HUGETLB_TUNABLE} for a ~8 % '
+          'faster step (docs/BENCHMARKS.md, "Memory allocation on CPU")')
+
+
 # ------------------------------------------------------ compilation cache
 def enable_compile_cache(cache_dir: str, workdir: str = '') -> Optional[str]:
   """Turns on JAX's persistent compilation cache (train.compile_cache).
@@ -157,6 +177,9 @@ def build_training(config: ml_collections.ConfigDict, workdir: str, *,
                config.model.num_classes, config.train.batch_size,
                jax.device_count(), jax.process_count())
 
+  hint = cpu_allocation_hint(jax.default_backend())
+  if hint:
+    logging.info(hint)
   model = mimicdet.MimicDet(config)
   init_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x1a1f)
   variables = state_lib.init_variables(config, model, init_rng)
