@@ -36,6 +36,16 @@ VARIANTS = {
     'hugetlb': 'glibc.malloc.hugetlb=1',
     'keep_heap': _KEEP_HEAP,
     'hugetlb_keep_heap': 'glibc.malloc.hugetlb=1:' + _KEEP_HEAP,
+    # No direct mmap and no trimming: the threads' arenas still map and
+    # unmap their own heaps.
+    'hugetlb_no_mmap': ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:'
+                        'glibc.malloc.trim_threshold=4294967296'),
+    # ... unless every thread shares the main arena: no page faults, but the
+    # threads contend for its lock.
+    'hugetlb_no_mmap_one_arena': ('glibc.malloc.hugetlb=1:'
+                                  'glibc.malloc.mmap_max=0:'
+                                  'glibc.malloc.trim_threshold=4294967296:'
+                                  'glibc.malloc.arena_max=1'),
 }
 
 

@@ -36,6 +36,10 @@ VARIANTS = {
     'fast_compile': ('--xla_backend_optimization_level=0 '
                      '--xla_llvm_disable_expensive_passes=true'),
     'llvm_cheap': '--xla_llvm_disable_expensive_passes=true',
+    'concurrency_scheduler':
+        '--xla_cpu_enable_concurrency_optimized_scheduler=true',
+    'no_concurrency_scheduler':
+        '--xla_cpu_enable_concurrency_optimized_scheduler=false',
 }
 
 
