@@ -315,6 +315,49 @@ def test_max_pool_matches_reduce_window_values_and_gradient(hw):
   np.testing.assert_allclose(g_ours, g_ref, rtol=0, atol=1e-6)
 
 
+def _np_max_pool_first_argmax(x, g):
+  """torch MaxPool2d(3, 2, padding=1) and its gradient by loops: each
+  window's gradient goes to its first maximal element in row-major order."""
+  b, h, w, c = x.shape
+  ho, wo = (h + 1) // 2, (w + 1) // 2
+  out = np.full((b, ho, wo, c), -np.inf, np.float32)
+  grad = np.zeros_like(x)
+  for n in range(b):
+    for r in range(ho):
+      for s in range(wo):
+        for k in range(c):
+          best = None
+          for i in range(2 * r - 1, 2 * r + 2):
+            for j in range(2 * s - 1, 2 * s + 2):
+              if 0 <= i < h and 0 <= j < w and (
+                  best is None or x[n, i, j, k] > x[n, best[0], best[1], k]):
+                best = (i, j)
+          out[n, r, s, k] = x[n, best[0], best[1], k]
+          grad[n, best[0], best[1], k] += g[n, r, s, k]
+  return out, grad
+
+
+@pytest.mark.parametrize('hw', [(8, 8), (7, 5)])
+def test_max_pool_gradient_goes_to_the_first_maximum_like_torch(hw):
+  """With ties (a ReLU's zeros, repeated values) the gradient of each window
+  goes to its first maximal element only, as in torch; checked against a
+  loop, also under vmap and jit as the model runs it."""
+  rng = np.random.default_rng(3)
+  x = np.maximum(rng.integers(-3, 3, size=(2, *hw, 2)), 0).astype(np.float32)
+  x[0, 0, :3, 0] = 5.0  # a tie of positive values
+  g = rng.normal(size=(2, (hw[0] + 1) // 2, (hw[1] + 1) // 2, 2)).astype(
+      np.float32)
+  want_out, want_grad = _np_max_pool_first_argmax(x, g)
+  f = lambda v: jnp.sum(bb.max_pool_3x3_s2(v) * g)
+  np.testing.assert_array_equal(bb.max_pool_3x3_s2(jnp.asarray(x)), want_out)
+  np.testing.assert_allclose(jax.grad(f)(jnp.asarray(x)), want_grad,
+                             rtol=0, atol=1e-6)
+  per_image = jax.jit(jax.vmap(jax.grad(
+      lambda v, gi: jnp.sum(bb.max_pool_3x3_s2(v[None]) * gi[None]))))
+  np.testing.assert_allclose(per_image(jnp.asarray(x), g), want_grad,
+                             rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize('stride,hw', [(1, (6, 5)), (2, (7, 6))])
 def test_conv1x1_matches_strided_conv(stride, hw):
   """layers.Conv1x1 (used for every 1x1 backbone conv) equals nn.Conv 1x1

@@ -133,28 +133,71 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str,
                  kernel_init=_conv_init, name=name)
 
 
+def _pool_taps(xp: jax.Array, ho: int, wo: int):
+  """(i, j, tap) for the nine stride-2 taps of a 3x3 window over padded xp."""
+  b, _, _, c = xp.shape
+  for i in range(3):
+    for j in range(3):
+      yield i, j, jax.lax.slice(
+          xp, (0, i, j, 0), (b, i + 2 * (ho - 1) + 1, j + 2 * (wo - 1) + 1, c),
+          (1, 2, 2, 1))
+
+
+def _max_pool_with_index(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(max over the nine taps, int8 index 3 i + j of the first maximal tap)."""
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  out = index = None
+  for i, j, tap in _pool_taps(xp, (h + 1) // 2, (w + 1) // 2):
+    if out is None:
+      out, index = tap, jnp.zeros(tap.shape, jnp.int8)
+    else:
+      better = tap > out  # strict: ties keep the earlier tap, as torch does
+      out = jnp.where(better, tap, out)
+      index = jnp.where(better, jnp.int8(3 * i + j), index)
+  return out, index
+
+
+@jax.custom_vjp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """torch MaxPool2d(3, stride=2, padding=1) on [B, H, W, C] (-inf padding).
 
-  The max of the nine strided window taps. The values equal
-  nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))) exactly; the gradient
-  is elementwise (selects) instead of XLA's select-and-scatter, which on
-  XLA:CPU cost 57 ms vs 13 ms for [8, 128, 128, 16] fwd+bwd. Where a window
-  holds tied maxima the gradient is shared between them (torch gives it to
-  the first); after the stem's ReLU the ties are zeros, whose ReLU gradient
-  is zero either way.
+  The max of the nine strided window taps; the values equal
+  nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))) exactly. The gradient
+  goes to the first maximal tap of each window, as torch's does: the
+  forward keeps that tap's index (int8), and the backward spreads the
+  output gradient back with nine strided pads. XLA's own gradients cost
+  more on XLA:CPU: select-and-scatter 57 ms for [8, 128, 128, 16] fwd+bwd,
+  the nine taps' select chain differentiated by JAX 3.2 ms for [4, 128,
+  128, 16] alone but 11.7 ms inside the demo step, against 1.7 ms here
+  (docs/BENCHMARKS.md, "The stem's max pool").
   """
-  b, h, w, c = x.shape
-  ho, wo = (h + 1) // 2, (w + 1) // 2
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  out = None
+  return _max_pool_with_index(x)[0]
+
+
+def _max_pool_fwd(x):
+  out, index = _max_pool_with_index(x)
+  return out, (index, x.shape[1:3])
+
+
+def _max_pool_bwd(residuals, g):
+  index, (h, w) = residuals
+  ho, wo = g.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
+  grad = None
   for i in range(3):
     for j in range(3):
-      tap = jax.lax.slice(xp, (0, i, j, 0),
-                          (b, i + 2 * (ho - 1) + 1, j + 2 * (wo - 1) + 1, c),
-                          (1, 2, 2, 1))
-      out = tap if out is None else jnp.maximum(out, tap)
-  return out
+      # Tap (i, j) read x rows i - 1 + 2 r and columns j - 1 + 2 s.
+      lo_h, lo_w = i - 1, j - 1
+      part = jax.lax.pad(
+          jnp.where(index == 3 * i + j, g, zero), zero,
+          ((0, 0, 0), (lo_h, h - lo_h - 2 * ho + 1, 1),
+           (lo_w, w - lo_w - 2 * wo + 1, 1), (0, 0, 0)))
+      grad = part if grad is None else grad + part
+  return (grad,)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Bottleneck(nn.Module):
