@@ -27,8 +27,9 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 # Two workers, one test file each at a time (a file shares its fixtures):
-# 2.8 min on a quiet 2-core Intel Xeon, 6.4 min on the slower 2-core AMD
-# machine (docs/BENCHMARKS.md, "Test suite"); the longest files run first
+# 2.7-2.8 min on a quiet 2-core Intel Xeon (2026-12-05), 6.4 min on the
+# slower 2-core AMD machine before the glibc setting above (2026-12-02;
+# docs/BENCHMARKS.md, "Test suite"); the longest files run first
 # (tests/conftest.py).
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
