@@ -26,6 +26,9 @@ _KEEP_HEAP = ('glibc.malloc.mmap_threshold=33554432:'
               'glibc.malloc.trim_threshold=2147483648:'
               'glibc.malloc.top_pad=268435456')
 
+# No direct mmap at all, and no trimming of the heap.
+_NO_MMAP = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296'
+
 # name -> GLIBC_TUNABLES (None: unset, glibc's defaults)
 VARIANTS = {
     'base': None,
@@ -38,14 +41,11 @@ VARIANTS = {
     'hugetlb_keep_heap': 'glibc.malloc.hugetlb=1:' + _KEEP_HEAP,
     # No direct mmap and no trimming: the threads' arenas still map and
     # unmap their own heaps.
-    'hugetlb_no_mmap': ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:'
-                        'glibc.malloc.trim_threshold=4294967296'),
+    'hugetlb_no_mmap': 'glibc.malloc.hugetlb=1:' + _NO_MMAP,
     # ... unless every thread shares the main arena: no page faults, but the
     # threads contend for its lock.
-    'hugetlb_no_mmap_one_arena': ('glibc.malloc.hugetlb=1:'
-                                  'glibc.malloc.mmap_max=0:'
-                                  'glibc.malloc.trim_threshold=4294967296:'
-                                  'glibc.malloc.arena_max=1'),
+    'hugetlb_no_mmap_one_arena': ('glibc.malloc.hugetlb=1:' + _NO_MMAP +
+                                  ':glibc.malloc.arena_max=1'),
 }
 
 

@@ -15,6 +15,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import side_by_side  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+_LEVELS_TO_P6 = ['--config.model.s_levels=(3,4,5,6)',
+                 '--config.model.t_levels=(2,3,4,5)']
+
 # name -> (batch, extra train_step.py arguments)
 VARIANTS = {
     'base': (4, []),
@@ -30,14 +33,12 @@ VARIANTS = {
                                 '--config.proposals.pre_nms_topk=150']),
     # Without P7 (and the T-head without P6): on a 256 canvas P7's anchors
     # (512 px) are larger than the image.
-    'levels_p6': (4, ['--config.model.s_levels=(3,4,5,6)',
-                      '--config.model.t_levels=(2,3,4,5)']),
+    'levels_p6': (4, _LEVELS_TO_P6),
     # The same levels on a 192 canvas (divisible by P6's stride, 64): the
     # images resized to 0.75x, 0.56x the pixels.
-    'canvas192': (4, ['--config.model.s_levels=(3,4,5,6)',
-                      '--config.model.t_levels=(2,3,4,5)',
-                      '--config.data.size_divisor=64',
-                      '--config.data.canvas_buckets=((192,192),)']),
+    'canvas192': (4, _LEVELS_TO_P6 + [
+        '--config.data.size_divisor=64',
+        '--config.data.canvas_buckets=((192,192),)']),
 }
 
 

@@ -41,8 +41,8 @@ def train_step(config: str, *, batch: int, steps: int, warmup: int,
     cmd = [sys.executable, os.path.join(_HERE, 'train_step.py'),
            '--config', config, '--batch', str(batch), '--steps', str(steps),
            '--warmup', str(warmup), '--json', f.name, *extra_args]
-    p = subprocess.run(cmd, env=child_env(xla_flags, env), capture_output=True, text=True,
-                       check=False)
+    p = subprocess.run(cmd, env=child_env(xla_flags, env),
+                       capture_output=True, text=True, check=False)
     if p.returncode:
       tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
       return dict(error=' | '.join(tail))
