@@ -110,6 +110,28 @@ def test_fpn_matches_numpy_reference():
   assert got[6].shape == (2, 2, 1, 8) and got[7].shape == (2, 1, 1, 8)
 
 
+@pytest.mark.parametrize('in_hw,out_hw', [((3, 2), (6, 4)), ((3, 2), (5, 3)),
+                                           ((2, 3), (6, 3))])
+def test_upsample_nearest_reads_torchs_source_pixel(in_hw, out_hw):
+  # torch F.interpolate(mode='nearest'): output (i, j) reads input
+  # (floor(i * h / H), floor(j * w / W)); x2 and x3 take the broadcast path,
+  # 3 -> 5 the general gather. The gradient sums over each pixel's copies.
+  x = np.random.default_rng(0).normal(size=(2,) + in_hw + (3,)).astype(np.float32)
+  want = np.zeros((2,) + out_hw + (3,), np.float32)
+  for i in range(out_hw[0]):
+    for j in range(out_hw[1]):
+      want[:, i, j] = x[:, i * in_hw[0] // out_hw[0], j * in_hw[1] // out_hw[1]]
+  np.testing.assert_array_equal(fpn.upsample_nearest(jnp.asarray(x), out_hw), want)
+  g = np.random.default_rng(1).normal(size=want.shape).astype(np.float32)
+  want_grad = np.zeros_like(x)
+  for i in range(out_hw[0]):
+    for j in range(out_hw[1]):
+      want_grad[:, i * in_hw[0] // out_hw[0], j * in_hw[1] // out_hw[1]] += g[:, i, j]
+  got_grad = jax.grad(lambda v: jnp.sum(fpn.upsample_nearest(v, out_hw) * g))(
+      jnp.asarray(x))
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+
+
 def test_fpn_without_p2_has_no_c2_lateral():
   c_feats = {f'C{l}': jnp.ones((1, 64 // 2**l, 64 // 2**l, 4)) for l in range(2, 6)}
   module = fpn.FPN(channels=8, levels=(3, 4, 5, 6, 7))
