@@ -9,6 +9,10 @@
 2. The weight gradient of a 3x3 conv at demo shapes: XLA's own vs a
    custom_vjp computing it as nine shifted matmuls or one im2col matmul
    (kept out of the model: slower for the large shapes).
+3. A 1x1 layer (x @ W) as the model runs it, per image under vmap with a
+   normalisation after it, fwd+bwd: `jnp.dot` (autodiff's weight gradient,
+   which XLA:CPU computed after transposing the output gradient) vs
+   `ops.matmul.channel_matmul` (its own VJP, what `layers.Conv1x1` uses).
 Each row is timed in this one process (median of --reps calls).
 """
 import argparse
@@ -23,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mimicdet_jax.models import backbones  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mimicdet_jax.ops.matmul import channel_matmul  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _conv(x, w):
@@ -99,6 +104,22 @@ def main():
     ms = [_median_ms(jax.jit(jax.grad(
         lambda a, b, f=f: jnp.sum(f(a, b) ** 2), argnums=(0, 1))), (xs, w), reps)
           for f in variants]
+    print(f'  {str(shape):18s} -> {cout:3d}  ' + '  '.join(f'{m:8.2f}' for m in ms))
+
+  print('1x1 layer per image, then normalised  jnp.dot ms  channel_matmul ms')
+  for shape, cout in (((4, 1, 64, 64, 16), 32), ((4, 1, 32, 32, 64), 256)):
+    xs = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(shape[-1], cout)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=shape[:-1] + (cout,)), jnp.float32)
+
+    def loss(a, b, mm):
+      y = jax.vmap(lambda ai: mm(ai, b))(a)
+      y = y - y.mean(axis=(1, 2, 3), keepdims=True)
+      return jnp.sum(jax.nn.relu(y) * g)
+
+    ms = [_median_ms(jax.jit(jax.grad(
+        lambda a, b, mm=mm: loss(a, b, mm), argnums=(0, 1))), (xs, w), reps)
+          for mm in (jnp.dot, channel_matmul)]
     print(f'  {str(shape):18s} -> {cout:3d}  ' + '  '.join(f'{m:8.2f}' for m in ms))
 
 

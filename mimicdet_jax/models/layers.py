@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimicdet_jax.ops.matmul import channel_matmul
+
 
 class Conv1x1(nn.Module):
   """A 1x1 convolution computed as a matmul over the channel axis.
@@ -33,7 +35,7 @@ class Conv1x1(nn.Module):
                         (1, 1, x.shape[-1], self.features), jnp.float32)
     if self.stride > 1:
       x = x[..., ::self.stride, ::self.stride, :]
-    y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    y = channel_matmul(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
     if not self.use_bias:
       return y
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
