@@ -28,6 +28,11 @@ VARIANTS = {
     's_channels32': (4, ['--config.s_head.channels=32']),
     'heads_half': (4, ['--config.t_head.num_samples=32',
                        '--config.s_head.ohem_samples=32']),
+    't_samples32': (4, ['--config.t_head.num_samples=32']),
+    'heads_half_proposals150': (4, ['--config.t_head.num_samples=32',
+                                    '--config.s_head.ohem_samples=32',
+                                    '--config.proposals.num_proposals=150',
+                                    '--config.proposals.pre_nms_topk=150']),
     'photos': (4, ['--config', 'configs/photos.py']),  # the own-data recipe
     'batch2_proposals150': (2, ['--config.proposals.num_proposals=150',
                                 '--config.proposals.pre_nms_topk=150']),
