@@ -288,8 +288,10 @@ def test_unknown_parallelism_names_the_key():
 
 
 def test_cpu_allocation_hint_only_on_cpu_without_the_tunable():
-  hint = launch.cpu_allocation_hint('cpu', {})
+  hint = launch.cpu_allocation_hint('cpu', {}, libc='glibc')
   assert 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1' in hint
+  # No tip where no glibc reads the variable (macOS, musl).
+  assert launch.cpu_allocation_hint('cpu', {}, libc='') is None
   assert launch.cpu_allocation_hint(
       'cpu', {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}) is None  # a choice
   assert launch.cpu_allocation_hint(

@@ -8,6 +8,7 @@ cache, quiet library logs, and WORKDIR/config.json and categories.json.
 import json
 import logging as std_logging
 import os
+import platform
 from typing import Any, Callable, Optional
 
 from absl import logging
@@ -48,17 +49,22 @@ def initialize_distributed(coordinator_address: str = '',
 HUGETLB_TUNABLE = 'glibc.malloc.hugetlb=1'
 
 
-def cpu_allocation_hint(backend: str, environ=os.environ) -> Optional[str]:
+def cpu_allocation_hint(backend: str, environ=os.environ,
+                        libc: Optional[str] = None) -> Optional[str]:
   """A one-line tip when a CPU run starts without huge-page allocation.
 
   XLA:CPU allocates each step's temporaries afresh; with glibc's defaults
   every 4 KiB page of them faults once per step. GLIBC_TUNABLES (read at
   process start, so it cannot be set from here) with glibc.malloc.hugetlb=1
   makes the demo step ~8 % faster with identical results; the Makefile sets
-  it (docs/BENCHMARKS.md, "Memory allocation on CPU").
+  it (docs/BENCHMARKS.md, "Memory allocation on CPU"). Only glibc reads it,
+  so there is no tip under another C library (macOS, musl); `libc` is
+  `platform.libc_ver()`'s name by default.
   """
-  if backend != 'cpu' or 'glibc.malloc.hugetlb' in environ.get(
-      'GLIBC_TUNABLES', ''):
+  if libc is None:
+    libc = platform.libc_ver()[0]
+  if backend != 'cpu' or libc != 'glibc' or 'glibc.malloc.hugetlb' in (
+      environ.get('GLIBC_TUNABLES', '')):
     return None
   return (f'CPU tip: start with GLIBC_TUNABLES={HUGETLB_TUNABLE} for a ~8 % '
           'faster step (docs/BENCHMARKS.md, "Memory allocation on CPU")')
