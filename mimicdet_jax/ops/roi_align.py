@@ -99,20 +99,19 @@ def _roi_align_flat(flat_features: Array, boxes: Array, scale: Array,
                            sampling_ratio)  # [B, N, oh, 2sr]
   cols, wx = _axis_samples(x1, roi_w, width.astype(jnp.float32), ow,
                            sampling_ratio)  # [B, N, ow, 2sr]
-  # Bin-major order [B, N, oh, ow, 2sr, 2sr]: the gathered values come out
-  # grouped by bin, so only the small index is permuted, not the values.
   per_box = (..., None, None, None, None)
-  index = (base[per_box] + rows[..., :, None, :, None] * width[per_box] +
-           cols[..., None, :, None, :])
-  weight = wy[..., :, None, :, None] * wx[..., None, :, None, :]
+  index = (base[per_box] + rows[..., :, :, None, None] * width[per_box] +
+           cols[..., None, None, :, :])  # [B, N, oh, 2sr, ow, 2sr]
+  weight = wy[..., :, :, None, None] * wx[..., None, None, :, :]
   b, n = boxes.shape[:2]
   values = jax.vmap(lambda f, i: jnp.take(f, i, axis=0, mode='clip'))(
       flat_features, index.reshape(b, -1))
+  values = values.reshape(index.shape + (flat_features.shape[-1],))
   # Blend the 4 sr^2 neighbours of each bin as a contraction (faster on CPU
   # than multiply + sum), accumulating in at least float32; 'highest' keeps
   # TF32 out of it on GPUs.
-  values = values.reshape(b, n, oh, ow, -1, flat_features.shape[-1])
-  weight = weight.reshape(b, n, oh, ow, -1)
+  values = jnp.moveaxis(values, 3, 4).reshape(b, n, oh, ow, -1, values.shape[-1])
+  weight = jnp.moveaxis(weight, 3, 4).reshape(b, n, oh, ow, -1)
   out = jnp.einsum('...fc,...f->...c', values, weight.astype(values.dtype),
                    precision='highest',
                    preferred_element_type=jnp.promote_types(values.dtype,
