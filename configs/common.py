@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.proposals.pre_nms_topk = 1000  # per level
   c.proposals.nms_threshold = 0.8
   c.proposals.num_proposals = 2000  # per image, padded, with a validity mask
+  # The proposal NMS's block size (ops.nms tile_size): speed only, the kept
+  # set is the same for every value (tests/test_ops_nms.py).
+  c.proposals.nms_tile_size = 512
   # Top-k (training proposals and inference) over cells inside the image only;
   # False lets canvas-padding cells compete (the behaviour before SPEC's fix).
   c.proposals.inside_image = True

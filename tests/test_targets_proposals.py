@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mimicdet_jax.models import anchors as anchors_lib
 from mimicdet_jax.targets import proposals
@@ -48,7 +49,7 @@ def _np_proposals(logits, deltas, anchor_boxes, image_hw, topk, thr, num,
 
 
 def _run(seed, image_hw, topk, num, thr=0.5, inside_image=True,
-         padding_boost=0.0):
+         padding_boost=0.0, nms_tile_size=512):
   a = anchors_lib.dense_anchors(CANVAS, LEVELS, 4.0)
   rng = np.random.default_rng(seed)
   n = len(a['boxes'])
@@ -64,7 +65,8 @@ def _run(seed, image_hw, topk, num, thr=0.5, inside_image=True,
       proposals.generate_proposals,
       sizes=proposals.level_sizes(CANVAS, LEVELS), stds=(1.0, 1.0, 1.0, 1.0),
       scale_clip=CLIP, pre_nms_topk=topk, nms_threshold=thr,
-      num_proposals=num, inside_image=inside_image))
+      num_proposals=num, inside_image=inside_image,
+      nms_tile_size=nms_tile_size))
   out = {k: np.asarray(v) for k, v in
          fn(logits, deltas, a['boxes'], jnp.array(image_hw)).items()}
   kept, boxes = _np_proposals(logits, deltas, a['boxes'], image_hw, topk, thr,
@@ -78,9 +80,12 @@ def test_level_sizes():
   assert proposals.level_sizes((256, 384), (3, 7)) == (32 * 48, 2 * 3)
 
 
-def test_matches_numpy_reference_full_set():
-  # 25 proposals out of 61 candidates (20 + 20 + 16 + 4 + 1): all filled.
-  out, kept, boxes, logits = _run(0, (100, 120), topk=20, num=25, thr=0.7)
+@pytest.mark.parametrize('nms_tile_size', [512, 8])
+def test_matches_numpy_reference_full_set(nms_tile_size):
+  # 25 proposals out of 61 candidates (20 + 20 + 16 + 4 + 1): all filled,
+  # the same with one NMS block or eight (proposals.nms_tile_size).
+  out, kept, boxes, logits = _run(0, (100, 120), topk=20, num=25, thr=0.7,
+                                  nms_tile_size=nms_tile_size)
   assert len(kept) == 25
   assert out['valid'].all()
   np.testing.assert_array_equal(out['origin'], kept)

@@ -194,7 +194,8 @@ def make_loss_fn(model: nn.Module,
         pre_nms_topk=c.proposals.pre_nms_topk,
         nms_threshold=c.proposals.nms_threshold,
         num_proposals=c.proposals.num_proposals,
-        inside_image=c.proposals.inside_image), in_axes=(0, 0, None, 0))(
+        inside_image=c.proposals.inside_image,
+        nms_tile_size=c.proposals.nms_tile_size), in_axes=(0, 0, None, 0))(
             out['refine_logits'], out['refine_deltas'], anchors['boxes'],
             batch['image_size'])
 

@@ -49,7 +49,8 @@ def generate_proposals(refine_logits: jax.Array, refine_deltas: jax.Array,
                        sizes: Sequence[int], stds, scale_clip: float,
                        pre_nms_topk: int, nms_threshold: float,
                        num_proposals: int,
-                       inside_image: bool = True) -> dict[str, jax.Array]:
+                       inside_image: bool = True,
+                       nms_tile_size: int = 512) -> dict[str, jax.Array]:
   """Proposals of one image.
 
   Args:
@@ -60,7 +61,8 @@ def generate_proposals(refine_logits: jax.Array, refine_deltas: jax.Array,
       clipped to it.
     sizes: static positions per level (level_sizes), summing to A.
     stds, scale_clip: `refine.stds`, `box.scale_clip`.
-    pre_nms_topk, nms_threshold, num_proposals, inside_image: `proposals.*`.
+    pre_nms_topk, nms_threshold, num_proposals, inside_image, nms_tile_size:
+      `proposals.*`.
 
   Returns:
     dict with `boxes` [P, 4] (zeros where invalid), `scores` [P] objectness
@@ -98,8 +100,8 @@ def generate_proposals(refine_logits: jax.Array, refine_deltas: jax.Array,
              (c_boxes[:, 3] > c_boxes[:, 1]) & jnp.isfinite(c_scores) &
              jnp.all(jnp.isfinite(c_boxes), axis=1))
   c_scores = jnp.where(c_valid, c_scores, -jnp.inf)
-  keep, keep_valid = nms(c_boxes, c_scores, nms_threshold,
-                                 num_proposals, valid=c_valid)
+  keep, keep_valid = nms(c_boxes, c_scores, nms_threshold, num_proposals,
+                         valid=c_valid, tile_size=nms_tile_size)
   keep_valid = keep_valid & c_valid[keep]
   return dict(
       boxes=jnp.where(keep_valid[:, None], c_boxes[keep], 0.0),
