@@ -27,7 +27,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 # Two workers, one test file each at a time (a file shares its fixtures):
-# 2.7-2.8 min on a quiet 2-core Intel Xeon (2026-12-05), 6.4 min on the
+# 2.7-2.9 min on a quiet 2-core Intel Xeon (2026-12-05), 6.4 min on the
 # slower 2-core AMD machine before the glibc setting above (2026-12-02;
 # docs/BENCHMARKS.md, "Test suite"); the longest files run first
 # (tests/conftest.py).
