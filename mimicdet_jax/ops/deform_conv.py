@@ -175,8 +175,9 @@ def deform_conv2d(x: Array, offset: Array, kernel: Array,
     cols = sample(quads, offset, mask, row_ids)  # [B, R, Wo, K, Cin]
     if groups == 1:
       # One 2-D matmul [B R Wo, K Cin] x [K Cin, Cout]: XLA:CPU ran the
-      # 5-D einsum below with the im2col transposed first (fwd + bwd of
-      # the demo's P3 conv 15 -> 13.7 ms, its P4 conv 9.6 -> 7.0 ms).
+      # 5-D einsum below with the im2col transposed first (the demo's P3
+      # and P4 convs ~2x faster forward, ~0.87x fwd + bwd; docs/BENCHMARKS.md,
+      # "Layouts XLA:CPU chose around the matmuls").
       out = jnp.dot(cols.reshape(-1, k * cin),
                     w_mat.reshape(k * cin, cout).astype(cols.dtype))
       return out.reshape(cols.shape[:3] + (cout,))
