@@ -16,10 +16,10 @@ class Conv1x1(nn.Module):
   use_bias) and the same values, but its weight gradient is a plain matmul
   (`ops.matmul.channel_matmul`): on XLA:CPU the convolution's fwd+bwd took
   2.4-3.3x as long as the equivalent dot (benchmarks/conv_vs_matmul.py,
-  docs/BENCHMARKS.md), and on
-  GPU/TPU a 1x1 conv is a matmul anyway. A stride s > 1 (torchvision's
-  downsample shortcut: 1x1, stride 2, no padding) keeps every s-th pixel of
-  the two spatial axes [..., H, W, Cin] first, as that convolution does.
+  docs/BENCHMARKS.md), and on GPU/TPU a 1x1 conv is a matmul anyway. A
+  stride s > 1 (torchvision's downsample shortcut: 1x1, stride 2, no
+  padding) keeps every s-th pixel of the two spatial axes [..., H, W, Cin]
+  first, as that convolution does.
   """
   features: int
   kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
