@@ -19,12 +19,13 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def child_env(xla_flags: str = '',
-              env: Mapping[str, Optional[str]] = {}) -> dict[str, str]:  # pylint: disable=dangerous-default-value
+              env: Optional[Mapping[str, Optional[str]]] = None
+              ) -> dict[str, str]:
   """This process's environment for a CPU child: xla_flags appended to the
   inherited XLA_FLAGS, then env's variables set (None removes one)."""
   out = dict(os.environ, JAX_PLATFORMS='cpu')
   out['XLA_FLAGS'] = (out.get('XLA_FLAGS', '') + ' ' + xla_flags).strip()
-  for key, value in env.items():
+  for key, value in (env or {}).items():
     if value is None:
       out.pop(key, None)
     else:
@@ -34,7 +35,7 @@ def child_env(xla_flags: str = '',
 
 def train_step(config: str, *, batch: int, steps: int, warmup: int,
                extra_args: Sequence[str] = (), xla_flags: str = '',
-               env: Mapping[str, Optional[str]] = {}) -> dict:  # pylint: disable=dangerous-default-value
+               env: Optional[Mapping[str, Optional[str]]] = None) -> dict:
   """benchmarks/train_step.py's JSON result, or {'error': its last lines},
   run in child_env(xla_flags, env)."""
   with tempfile.NamedTemporaryFile(suffix='.json') as f:

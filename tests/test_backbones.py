@@ -377,7 +377,7 @@ def test_conv1x1_matches_strided_conv(stride, hw):
 
 @pytest.mark.parametrize('per_image', [False, True])
 def test_channel_matmul_gradients_match_the_closed_form(per_image):
-  """layers.channel_matmul's own VJP: dx = dy W^T, dW = sum over every
+  """ops.matmul.channel_matmul's own VJP: dx = dy W^T, dW = sum over every
   position (and image) of x^T dy, against NumPy, batched and under vmap."""
   from mimicdet_jax.ops.matmul import channel_matmul  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
@@ -390,7 +390,8 @@ def test_channel_matmul_gradients_match_the_closed_form(per_image):
     fn = lambda x, w: jnp.sum(channel_matmul(x, w) * g)
   dx, dw = jax.jit(jax.grad(fn, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
   x64, g64 = x.astype(np.float64), g.astype(np.float64)
-  np.testing.assert_allclose(dx, g64 @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, g64 @ w.T.astype(np.float64), rtol=1e-5,
+                             atol=1e-5)
   np.testing.assert_allclose(
       dw, x64.reshape(-1, 6).T @ g64.reshape(-1, 7), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(channel_matmul(jnp.asarray(x), jnp.asarray(w)),
