@@ -8,12 +8,20 @@ S-head, the T-head, the S-head's class scores on the T-head's boxes
 (t_cls+s_box), all from the same top-k refined positions. S and T are read
 from WORKDIR/eval_{s,t}/metrics.json when the grid runner wrote them; the
 crossed ones go to WORKDIR/eval_s_cls_t_box/ and eval_t_cls_s_box/.
-docs/S_HEAD_GAP.md E9 reads the result.
+The S and T rows are also scored class-blind (`class_blind_metrics`: every
+detection and every ground-truth box of one class, the same detections), so
+that how much of a gap is the class and how much is finding and placing the
+box can be read off. docs/S_HEAD_GAP.md E9 and E16 read the result.
 """
+import contextlib
+import copy
+import io
 import json
 import os
 import sys
+from typing import Any, Mapping, Sequence
 
+from mimicdet_jax.evaluation import coco
 from mimicdet_jax.evaluation import evaluate as evaluate_lib
 from mimicdet_jax.evaluation import restore
 
@@ -35,6 +43,27 @@ def head_metrics(workdir: str, head: str, variables=None, step=None) -> dict:
                                out_dir=out)
 
 
+def class_blind_metrics(annotations: str,
+                        detections: Sequence[Mapping[str, Any]]) -> dict:
+  """pycocotools metrics with every class merged into one.
+
+  A detection then matches any ground-truth box it overlaps, whatever the
+  class either has; the AP that the class-aware score loses against this
+  one is what wrong (or wrongly ranked) classes cost.
+  """
+  from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
+  dataset = copy.deepcopy(coco.load_annotations(annotations).dataset)
+  for ann in dataset['annotations']:
+    ann['category_id'] = 1
+  dataset['categories'] = [{'id': 1, 'name': 'object'}]
+  merged = COCO()
+  merged.dataset = dataset
+  with contextlib.redirect_stdout(io.StringIO()):
+    merged.createIndex()
+  return coco.coco_evaluate(
+      merged, [dict(d, category_id=1) for d in detections], verbose=False)
+
+
 def main(argv):
   if not argv:
     raise SystemExit(__doc__)
@@ -46,6 +75,12 @@ def main(argv):
       m = head_metrics(workdir, head, variables, step)
       print(f'| {workdir} | {head} | ' +
             ' | '.join(f'{100 * float(m[k]):.1f}' for k in KEYS) + ' |')
+    for head in ('s', 't'):
+      m = head_metrics(workdir, head, variables, step)
+      dets = coco.read_detections(m['detections'])
+      blind = class_blind_metrics(m['annotations'], dets)
+      print(f'| {workdir} | {head}, class-blind | ' +
+            ' | '.join(f'{100 * float(blind[k]):.1f}' for k in KEYS) + ' |')
 
 
 if __name__ == '__main__':
