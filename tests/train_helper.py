@@ -180,7 +180,7 @@ def run_demo(workdir: str, config: ml_collections.ConfigDict, *,
 
 
 def run_toy(workdir: str, config: ml_collections.ConfigDict, *,
-            nan_from: int = -1, on_step_end=None):
+            nan_from: int = -1, on_step_end=None, loss_fn=toy_loss):
   """run_training on the toy model; returns (final state, example indices seen)."""
   variables = toy_variables()
   it = toy_iterator(config.train.batch_size,
@@ -190,7 +190,7 @@ def run_toy(workdir: str, config: ml_collections.ConfigDict, *,
   recording = Recording(it, 'index')
   final = loop_lib.run_training(
       config, str(workdir), variables=variables,
-      frozen_mask=toy_frozen_mask(variables['params']), loss_fn=toy_loss,
+      frozen_mask=toy_frozen_mask(variables['params']), loss_fn=loss_fn,
       train_iter=recording, on_step_end=on_step_end)
   return final, recording.seen
 

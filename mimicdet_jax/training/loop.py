@@ -2,6 +2,7 @@
 
 `run_training` trains until train.total_steps from WORKDIR/checkpoints;
 `summarize_window` averages the fetched metrics of a log window;
+`dead_unit_warnings` names a regression layer whose ReLUs have all died;
 `NonFiniteLossError` ends a run after too many skipped steps in a row.
 """
 import os
@@ -48,6 +49,40 @@ def summarize_window(window: list[dict], elapsed: float,
   out['step_time'] = elapsed / len(window)
   out['images_per_sec'] = global_batch * len(window) / max(elapsed, 1e-9)
   return out
+
+
+# The loss's dead-ReLU monitors (losses/total.py `alive_units`) and the layer
+# each one watches. At or under DEAD_UNIT_SHARE of its units alive a layer
+# gets no gradient again: its mimic path is flat for the rest of the run
+# (docs/S_HEAD_GAP.md E11, E12, E18: the T-head's at AdamW 3e-3 on the
+# real-image proxy, by step 450).
+DEAD_UNIT_KEYS = {'t_reg_alive': "the T-head's regression features",
+                  's_reg_alive': "the S-head's regression features"}
+DEAD_UNIT_SHARE = 0.01
+
+
+def dead_unit_warnings(step: int, scalars: Mapping[str, float],
+                       warned: set[str]) -> list[str]:
+  """One message per monitored layer the first time its units are all dead.
+
+  Args:
+    step: the step the window ends at.
+    scalars: the window's averaged metrics (`summarize_window`).
+    warned: keys already reported; updated in place.
+  """
+  messages = []
+  for key, layer in DEAD_UNIT_KEYS.items():
+    if key in warned or key not in scalars:
+      continue
+    if scalars[key] <= DEAD_UNIT_SHARE:
+      warned.add(key)
+      messages.append(
+          f'step {step}: {key}={scalars[key]:.3f}: the units of {layer} are '
+          'dead (zero on every mimic sample), so no gradient reaches them '
+          'again and the mimic\'s regression path is flat from here; a '
+          'lower optim.base_lr, or group_norm for t_head.norm and '
+          's_head.norm, keeps them alive (docs/S_HEAD_GAP.md E12, E18)')
+  return messages
 
 
 class NonFiniteLossError(errors.UserError, RuntimeError):
@@ -124,6 +159,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   bar = tqdm.tqdm(total=t.total_steps, initial=start_step, unit='step',
                   dynamic_ncols=True, disable=not is_main)
   window, last_metrics = [], None
+  dead_warned = set()
   window_start = time.time()
   step = start_step
   try:
@@ -140,6 +176,10 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
         now = time.time()
         scalars = summarize_window(fetched, now - window_start, t.batch_size)
         writer.write(step, scalars)
+        for message in dead_unit_warnings(step, scalars, dead_warned):
+          logging.warning(message)
+          if is_main:
+            bar.write('WARNING: ' + message)
         bar.set_postfix(loss=f"{scalars['loss']:.4f}",
                         img_s=f"{scalars['images_per_sec']:.1f}")
         window, window_start = [], now
