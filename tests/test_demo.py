@@ -3,8 +3,9 @@
 The bar (`demo.TARGET_AP50`, `demo.TARGET_AP`; issue 8's AP >= 0.25, raised
 since): the demo recipe, trained on the synthetic set that the demo
 generates, reaches it on its validation split (pycocotools, S-head). The
-clone is what `git clone` of this checkout's HEAD gives; the steps are the Makefile's (demo-data, then demo) run with this
-interpreter, so the test does not build a second virtual environment.
+clone is what `git clone` of this checkout's HEAD gives; the steps are the
+Makefile's (demo-data, then demo) run with this interpreter, so the test
+does not build a second virtual environment.
 """
 import json
 import os

@@ -14,7 +14,6 @@ that how much of a gap is the class and how much is finding and placing the
 box can be read off. docs/S_HEAD_GAP.md E9 and E16 read the result.
 """
 import contextlib
-import copy
 import io
 import json
 import os
@@ -51,13 +50,10 @@ def class_blind_metrics(annotations: str,
   class either has; the AP that the class-aware score loses against this
   one is what wrong (or wrongly ranked) classes cost.
   """
-  from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
-  dataset = copy.deepcopy(coco.load_annotations(annotations).dataset)
-  for ann in dataset['annotations']:
+  merged = coco.load_annotations(annotations)  # a fresh copy: ours to edit
+  for ann in merged.dataset['annotations']:
     ann['category_id'] = 1
-  dataset['categories'] = [{'id': 1, 'name': 'object'}]
-  merged = COCO()
-  merged.dataset = dataset
+  merged.dataset['categories'] = [{'id': 1, 'name': 'object'}]
   with contextlib.redirect_stdout(io.StringIO()):
     merged.createIndex()
   return coco.coco_evaluate(
@@ -71,12 +67,13 @@ def main(argv):
   print('|---|---|' + '---|' * len(KEYS))
   for workdir in argv:
     variables, step = restore.restore_variables(workdir, 'latest')
+    metrics = {}
     for head in HEADS:
-      m = head_metrics(workdir, head, variables, step)
+      m = metrics[head] = head_metrics(workdir, head, variables, step)
       print(f'| {workdir} | {head} | ' +
             ' | '.join(f'{100 * float(m[k]):.1f}' for k in KEYS) + ' |')
     for head in ('s', 't'):
-      m = head_metrics(workdir, head, variables, step)
+      m = metrics[head]
       dets = coco.read_detections(m['detections'])
       blind = class_blind_metrics(m['annotations'], dets)
       print(f'| {workdir} | {head}, class-blind | ' +
