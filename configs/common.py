@@ -173,6 +173,8 @@ def base_config() -> ml_collections.ConfigDict:
   # lr x this for the S-head (params s_head_net) only: its own param group.
   # 1.0 = one lr for the whole model, the paper's recipe (docs/S_HEAD_GAP.md, E8).
   c.optim.s_head_lr_mult = 1.0
+  # lr x this for the T-head (params t_head_net) only, likewise.
+  c.optim.t_head_lr_mult = 1.0
 
   # ---------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()

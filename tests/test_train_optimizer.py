@@ -53,8 +53,10 @@ def test_adamw_matches_numpy_reference(eps):
 
 
 
-def test_s_head_lr_mult_is_a_param_group_of_its_own():
-  """optim.s_head_lr_mult: SGD + momentum + decay, S-head leaves at lr x 3."""
+@pytest.mark.parametrize('mults', [{'s_head_net': 3.0}, {'t_head_net': 0.25},
+                                   {'s_head_net': 3.0, 't_head_net': 0.25}])
+def test_head_lr_mults_are_param_groups_of_their_own(mults):
+  """optim.{s,t}_head_lr_mult: SGD + momentum + decay, a head's leaves at lr x mult."""
   c = th.toy_config()
   c.optim.optimizer = 'sgd'
   c.optim.base_lr = 0.1
@@ -65,10 +67,13 @@ def test_s_head_lr_mult_is_a_param_group_of_its_own():
   c.optim.decay_factor = 0.5
   c.optim.weight_decay = 0.01
   c.optim.momentum = 0.9
-  c.optim.s_head_lr_mult = 3.0
+  c.optim.s_head_lr_mult = mults.get('s_head_net', 1.0)
+  c.optim.t_head_lr_mult = mults.get('t_head_net', 1.0)
   rng = np.random.default_rng(1)
   params = {'s_head_net': {'kernel': rng.normal(size=(3, 2)).astype(np.float32),
                            'bias': rng.normal(size=(2,)).astype(np.float32)},
+            't_head_net': {'kernel': rng.normal(size=(2, 3)).astype(np.float32),
+                           'bias': rng.normal(size=(3,)).astype(np.float32)},
             'backbone': {'kernel': rng.normal(size=(2, 2)).astype(np.float32),
                          'bias': rng.normal(size=(2,)).astype(np.float32)},
             'fpn': {'kernel': rng.normal(size=(4,)).astype(np.float32)}}
@@ -84,13 +89,13 @@ def test_s_head_lr_mult_is_a_param_group_of_its_own():
     grads = jax.tree.map(
         lambda x: rng.normal(size=x.shape).astype(np.float32), p)
     lr = 0.1 * (0.5 if t >= 2 else 1.0)
-    for group in ('s_head_net', 'backbone'):
+    for group in ('s_head_net', 't_head_net', 'backbone'):
       for name in ('kernel', 'bias'):
         g = np.asarray(grads[group][name], np.float64)
         if want[group][name].ndim > 1:
           g = g + 0.01 * want[group][name]
         mom[group][name] = 0.9 * mom[group][name] + g
-        glr = lr * (3.0 if group == 's_head_net' else 1.0)
+        glr = lr * mults.get(group, 1.0)
         want[group][name] = want[group][name] - glr * mom[group][name]
     updates, state = update(grads, state, p)
     p = jax.tree.map(lambda a, u: a + u, p, updates)
@@ -98,7 +103,7 @@ def test_s_head_lr_mult_is_a_param_group_of_its_own():
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_s_head_lr_mult_one_keeps_the_single_group_state():
+def test_head_lr_mult_one_keeps_the_single_group_state():
   """At the default 1.0 the optimiser state is the pre-key one (old
   checkpoints restore), and a non-positive multiplier is refused."""
   c = th.toy_config()
@@ -111,10 +116,12 @@ def test_s_head_lr_mult_one_keeps_the_single_group_state():
   c.optim.s_head_lr_mult = 2.0
   state = optim.make_optimizer(c, mask).init(params)
   assert set(state.inner_states) == {'trainable', 'frozen', 's_head'}
-  c.optim.s_head_lr_mult = 0.0
-  try:
-    optim.make_optimizer(c, mask)
-  except ValueError as e:
-    assert 's_head_lr_mult' in str(e)
-  else:
-    raise AssertionError('s_head_lr_mult=0 was accepted')
+  c.optim.s_head_lr_mult = 1.0
+  c.optim.t_head_lr_mult = 0.5
+  state = optim.make_optimizer(c, mask).init(params)
+  assert set(state.inner_states) == {'trainable', 'frozen', 't_head'}
+  for key in ('s_head_lr_mult', 't_head_lr_mult'):
+    c.optim.s_head_lr_mult = c.optim.t_head_lr_mult = 1.0
+    c.optim[key] = 0.0
+    with pytest.raises(ValueError, match=key):
+      optim.make_optimizer(c, mask)

@@ -54,9 +54,10 @@ def make_optimizer(config: ml_collections.ConfigDict,
   m <- momentum * m + g; p <- p - lr(t) * m.
   Frozen leaves (frozen_mask True) get a zero update and hold no state.
   The S-head's leaves (params['s_head_net']) take lr(t) x
-  optim.s_head_lr_mult (a parameter group of their own, as a torch
+  optim.s_head_lr_mult, the T-head's (params['t_head_net']) lr(t) x
+  optim.t_head_lr_mult (each a parameter group of its own, as a torch
   optimiser's param_groups; weight decay scales with it, as there); at the
-  default 1.0 there is one group, the paper's recipe.
+  defaults 1.0 there is one group, the paper's recipe.
 
   Args:
     config: reads optim.* and train.batch_size.
@@ -81,23 +82,39 @@ def make_optimizer(config: ml_collections.ConfigDict,
   else:
     raise ValueError(f"optim.optimizer={o.optimizer!r}; expected 'sgd' or 'adamw'")
   chain.append(optax.scale_by_learning_rate(make_lr_schedule(config)))
-  mult = float(o.get('s_head_lr_mult', 1.0))
-  if mult <= 0:
-    raise ValueError(f'optim.s_head_lr_mult={mult}; expected > 0')
+  groups = head_lr_mults(o)
   transforms = {'trainable': optax.chain(*chain),
                 'frozen': optax.set_to_zero()}
-  if mult != 1.0:
-    transforms['s_head'] = optax.chain(*chain, optax.scale(mult))
-  return optax.multi_transform(transforms,
-                               param_labels(frozen_mask, mult != 1.0))
+  for name, mult in groups.items():
+    transforms[name] = optax.chain(*chain, optax.scale(mult))
+  return optax.multi_transform(transforms, param_labels(frozen_mask, groups))
 
 
-def param_labels(frozen_mask: PyTree, s_head_group: bool) -> PyTree:
-  """'frozen' | 's_head' | 'trainable' per leaf (see make_optimizer)."""
+# Parameter groups with a learning rate of their own: the config key's
+# prefix (optim.<name>_lr_mult) -> the top-level params module it scales.
+HEAD_MODULES = {'s_head': 's_head_net', 't_head': 't_head_net'}
+
+
+def head_lr_mults(o: ml_collections.ConfigDict) -> dict[str, float]:
+  """{'s_head': 3.0, ...}: the heads whose optim.<head>_lr_mult is not 1."""
+  groups = {}
+  for name in HEAD_MODULES:
+    mult = float(o.get(f'{name}_lr_mult', 1.0))
+    if mult <= 0:
+      raise ValueError(f'optim.{name}_lr_mult={mult}; expected > 0')
+    if mult != 1.0:
+      groups[name] = mult
+  return groups
+
+
+def param_labels(frozen_mask: PyTree, groups) -> PyTree:
+  """'frozen' | a head group's name | 'trainable' per leaf (make_optimizer)."""
+  module_group = {HEAD_MODULES[name]: name for name in groups}
+
   def label(path, frozen):
     if frozen:
       return 'frozen'
     top = getattr(path[0], 'key', None) if path else None
-    return 's_head' if s_head_group and top == 's_head_net' else 'trainable'
+    return module_group.get(top, 'trainable')
 
   return jax.tree_util.tree_map_with_path(label, frozen_mask)
