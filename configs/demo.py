@@ -2,8 +2,7 @@
 
 `make demo` generates data/synthetic (python -m mimicdet_jax.data.synthetic) and
 trains this. Widths, image size, steps and lr are tuned for CPU minutes, not
-for COCO; the structure (levels, heads, losses, targets) is the paper's,
-but for the T-head's level rule and the KL class mimic (below).
+for COCO; the structure (levels, heads, losses, targets) is the paper's.
 """
 from configs import common
 
@@ -43,11 +42,6 @@ def get_config():
   c.s_head.cls_dim = 256
   c.s_head.reg_dim = 256
   c.s_head.ohem_samples = 64
-  # The S-head matches its teacher's class distribution (KL, SPEC's cosine
-  # on the box path), not only the logits' direction: +1.2 S AP on top of
-  # the lr below and a quarter of its seed-to-seed spread, S / T 0.910-0.920
-  # on the shapes' 4 seeds; on the photos proxy S / T +0.03 (E8, E20).
-  c.mimic.distance = 'kl'
   c.optim.optimizer = 'adamw'  # from scratch in minutes; SGD needs far more steps
   # Batch 4 x 2400 steps. For a fixed budget of minutes more updates of
   # fewer images learn faster here (1200 x 4 gave AP 0.43 where 600 x 8 gave
