@@ -53,8 +53,9 @@ def get_config():
   # x batch 4 / 16: AdamW lr 3e-3 for the backbone, FPN, refinement and
   # S-head, which learn too slowly at 1e-3 in 2400 steps; the T-head keeps
   # 1e-3 (x 0.3333), at which its regression units survive on real photos
-  # (at 3e-3 they all die there and the teacher loses 14 AP; at 1e-3 they
-  # come near it on one proxy seed of three and recover). Against one
+  # (at 3e-3 they all die there and the teacher loses 14 AP; with this
+  # split they come near it on one proxy seed of three, 0.6 % alive at
+  # step 500, and recover). Against one
   # lr of 1e-3: S-head +3.5 AP, T-head +2.5 on the shapes (4 seeds), S-head
   # +1.3 on the photos proxy (3 seeds); docs/S_HEAD_GAP.md, E18-E20.
   c.optim.base_lr = 1.2e-2

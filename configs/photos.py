@@ -1,8 +1,8 @@
 """The demo recipe for your own photographs: GroupNorm heads, KL mimic x2, S-head lr x3.
 
-configs/demo.py is the paper's recipe at demo widths; on the synthetic shapes
-its S-head reaches 0.91 of its teacher's AP, on the real-image proxy
-(data/photos, `make proxy-data`) only 0.71. This recipe changes five keys,
+configs/demo.py was the paper's recipe at demo widths when this was
+measured; on the synthetic shapes its S-head reached 0.91 of its teacher's
+AP, on the real-image proxy (data/photos, `make proxy-data`) only 0.71. This recipe changes five keys,
 each measured on both sets (docs/S_HEAD_GAP.md E12-E15, docs/RESULTS.md
 "Recipe for own photographs"), and keeps the one AdamW lr of 1e-3 it was
 measured with (configs/demo.py has since taken 3e-3 with the T-head at
