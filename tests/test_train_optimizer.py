@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from mimicdet_jax import errors
 from mimicdet_jax.training import optim
 from tests import train_helper as th
 
@@ -123,5 +124,5 @@ def test_head_lr_mult_one_keeps_the_single_group_state():
   for key in ('s_head_lr_mult', 't_head_lr_mult'):
     c.optim.s_head_lr_mult = c.optim.t_head_lr_mult = 1.0
     c.optim[key] = 0.0
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(errors.ConfigError, match=key):
       optim.make_optimizer(c, mask)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mimicdet_jax import errors
+
 PyTree = Any
 
 
@@ -80,7 +82,8 @@ def make_optimizer(config: ml_collections.ConfigDict,
     if o.weight_decay > 0:
       chain.append(decay)  # decoupled, as optax.adamw
   else:
-    raise ValueError(f"optim.optimizer={o.optimizer!r}; expected 'sgd' or 'adamw'")
+    raise errors.ConfigError(
+        f"optim.optimizer={o.optimizer!r}; expected 'sgd' or 'adamw'")
   chain.append(optax.scale_by_learning_rate(make_lr_schedule(config)))
   groups = head_lr_mults(o)
   transforms = {'trainable': optax.chain(*chain),
@@ -101,7 +104,7 @@ def head_lr_mults(o: ml_collections.ConfigDict) -> dict[str, float]:
   for name in HEAD_MODULES:
     mult = float(o.get(f'{name}_lr_mult', 1.0))
     if mult <= 0:
-      raise ValueError(f'optim.{name}_lr_mult={mult}; expected > 0')
+      raise errors.ConfigError(f'optim.{name}_lr_mult={mult}; expected > 0')
     if mult != 1.0:
       groups[name] = mult
   return groups
