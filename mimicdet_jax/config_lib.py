@@ -61,11 +61,16 @@ def resolve(config: ml_collections.ConfigDict,
                        ('train.parallelism', ('pmap', 'shard_map')),
                        ('t_head.roi_align_impl', ('gather', 'einsum')),
                        ('t_head.norm', ('none', 'group_norm')),
-                       ('s_head.norm', ('none', 'group_norm'))):
+                       ('s_head.norm', ('none', 'group_norm')),
+                       ('optim.optimizer', ('sgd', 'adamw'))):
     section, name = key.split('.')
     value = c[section][name]
     if value not in allowed:
       raise ConfigError(f'{key}={value!r}; expected one of {allowed}')
+  for name in ('s_head_lr_mult', 't_head_lr_mult'):
+    mult = float(c.optim.get(name, 1.0))
+    if not mult > 0:
+      raise ConfigError(f'optim.{name}={mult}; expected > 0')
   for h, w in c.data.canvas_buckets:
     if h % c.data.size_divisor or w % c.data.size_divisor:
       raise ConfigError(f'data.canvas_buckets entry {(h, w)} is not divisible by '
