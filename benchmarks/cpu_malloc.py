@@ -30,12 +30,11 @@ _KEEP_HEAP = ('glibc.malloc.mmap_threshold=33554432:'
 _NO_MMAP = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296'
 
 # name -> GLIBC_TUNABLES (None: unset, glibc's defaults)
-VARIANTS = {
+TUNABLES = {
     'base': None,
     # Fresh mmap chunks and heap growth advised as transparent huge pages
     # (needs THP `madvise` or `always`, /sys/kernel/mm/transparent_hugepage):
-    # a 2 MiB page faults once where 512 small pages did. The Makefile sets
-    # this (docs/BENCHMARKS.md).
+    # a 2 MiB page faults once where 512 small pages did.
     'hugetlb': 'glibc.malloc.hugetlb=1',
     'keep_heap': _KEEP_HEAP,
     'hugetlb_keep_heap': 'glibc.malloc.hugetlb=1:' + _KEEP_HEAP,
@@ -49,14 +48,39 @@ VARIANTS = {
 }
 
 
+def mimalloc_env() -> dict:
+  """mimalloc (the cmeel-mimalloc wheel) preloaded, keeping freed pages.
+
+  MIMALLOC_PURGE_DELAY=-1: freed memory is kept for reuse, never returned
+  to the kernel, so a step's temporaries land on pages that are already
+  mapped and need no zeroing; MIMALLOC_ALLOW_LARGE_OS_PAGES=1: its segments
+  are advised as huge pages. The Makefile sets the same for `make demo` and
+  `make test` (docs/BENCHMARKS.md).
+  """
+  from mimicdet_jax import cpu_alloc  # pylint: disable=g-import-not-at-top
+  return cpu_alloc.mimalloc_env() or {'LD_PRELOAD': '(cmeel-mimalloc missing)'}
+
+
+def variant_env(name: str) -> dict:
+  if name == 'mimalloc':
+    return dict(mimalloc_env(), GLIBC_TUNABLES=None)
+  return {'GLIBC_TUNABLES': TUNABLES[name]}
+
+
+VARIANTS = dict(TUNABLES, mimalloc=None)
+
+
 def run(name, args):
-  tunables = VARIANTS[name]
+  env = variant_env(name)
   r = side_by_side.train_step(args.config, batch=args.batch, steps=args.steps,
-                              warmup=args.warmup,
-                              env={'GLIBC_TUNABLES': tunables})
+                              warmup=args.warmup, env=env)
+  shown = ' '.join(f'{k}={v}' for k, v in env.items()
+                   if v is not None and k != 'LD_PRELOAD')
+  if 'LD_PRELOAD' in env:
+    shown = 'LD_PRELOAD=libmimalloc.so ' + shown
   if 'error' in r:
-    return dict(tunables=tunables, error=r['error'])
-  return dict(tunables=tunables, step_s=r['step_s'],
+    return dict(env=shown, error=r['error'])
+  return dict(env=shown, step_s=r['step_s'],
               faults=r['minor_page_faults_per_step'], loss=r['last_loss'])
 
 
@@ -67,9 +91,9 @@ def main():
   names = side_by_side.variant_names(args)
   rows = side_by_side.run_all(names, VARIANTS, lambda name: run(name, args))
   side_by_side.print_table(
-      ('variant', 'GLIBC_TUNABLES', 'step', '/ base', 'page faults / step',
+      ('variant', 'environment', 'step', '/ base', 'page faults / step',
        'loss'), rows,
-      lambda r, base: [f"`{r['tunables'] or '(unset)'}`",
+      lambda r, base: [f"`{r['env'] or '(unset)'}`",
                        f"{r['step_s'] * 1e3:.0f} ms",
                        f"{r['step_s'] / base:.2f}", f"{r['faults']:.0f}",
                        repr(r['loss'])])

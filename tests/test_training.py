@@ -3,6 +3,7 @@
 The MimicDet end-to-end runs are in tests/test_multihost.py and the slow
 tests at the bottom of this file.
 """
+import functools
 import json
 import os
 import signal
@@ -288,16 +289,29 @@ def test_unknown_parallelism_names_the_key():
     config_lib.resolve(config, num_classes=3)
 
 
-def test_cpu_allocation_hint_only_on_cpu_without_the_tunable():
-  hint = launch.cpu_allocation_hint('cpu', {}, libc='glibc')
-  assert 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1' in hint
+def test_cpu_allocation_hint_names_mimalloc_where_the_wheel_is():
+  lib = '/venv/site-packages/cmeel.prefix/lib/libmimalloc.so'
+  hint = launch.cpu_allocation_hint('cpu', {}, 'glibc', under_mimalloc=False,
+                                    mimalloc_lib=lib)
+  assert 'mimicdet_jax.cpu_alloc' in hint and 'mimalloc' in hint
+  # No tip when the process already runs under it, or not on CPU.
+  assert launch.cpu_allocation_hint('cpu', {}, 'glibc', under_mimalloc=True,
+                                    mimalloc_lib=lib) is None
+  assert launch.cpu_allocation_hint('gpu', {}, 'glibc', under_mimalloc=False,
+                                    mimalloc_lib=lib) is None
+
+
+def test_cpu_allocation_hint_without_mimalloc_is_the_glibc_tunable():
+  hint = functools.partial(launch.cpu_allocation_hint, under_mimalloc=False,
+                           mimalloc_lib='')
+  assert 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1' in hint('cpu', {}, 'glibc')
   # No tip where no glibc reads the variable (macOS, musl).
-  assert launch.cpu_allocation_hint('cpu', {}, libc='') is None
-  assert launch.cpu_allocation_hint(
-      'cpu', {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}) is None  # a choice
-  assert launch.cpu_allocation_hint(
-      'cpu', {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1:glibc.x=1'}) is None
-  assert launch.cpu_allocation_hint('gpu', {}) is None
+  assert hint('cpu', {}, libc='') is None
+  assert hint('cpu', {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'},
+              'glibc') is None  # a choice
+  assert hint('cpu', {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1:glibc.x=1'},
+              'glibc') is None
+  assert hint('gpu', {}, 'glibc') is None
   # What the Makefile exports is what the hint names.
   with open(os.path.join(os.path.dirname(os.path.dirname(__file__)),
                          'Makefile')) as f:

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from mimicdet_jax import config_lib
+from mimicdet_jax import cpu_alloc
 from mimicdet_jax.training import loop
 from mimicdet_jax.training import state as state_lib
 
@@ -50,20 +51,38 @@ HUGETLB_TUNABLE = 'glibc.malloc.hugetlb=1'
 
 
 def cpu_allocation_hint(backend: str, environ=os.environ,
-                        libc: Optional[str] = None) -> Optional[str]:
-  """A one-line tip when a CPU run starts without huge-page allocation.
+                        libc: Optional[str] = None, *,
+                        under_mimalloc: Optional[bool] = None,
+                        mimalloc_lib: Optional[str] = None) -> Optional[str]:
+  """A one-line tip when a CPU run starts without the faster allocation.
 
-  XLA:CPU allocates each step's temporaries afresh; with glibc's defaults
-  every 4 KiB page of them faults once per step. GLIBC_TUNABLES (read at
-  process start, so it cannot be set from here) with glibc.malloc.hugetlb=1
-  makes the demo step ~8 % faster with identical results; the Makefile sets
-  it (docs/BENCHMARKS.md, "Memory allocation on CPU"). Only glibc reads it,
-  so there is no tip under another C library (macOS, musl); `libc` is
-  `platform.libc_ver()`'s name by default.
+  XLA:CPU allocates each step's temporaries afresh, and glibc has the
+  kernel fault in and zero their pages on every step. mimalloc preloaded
+  and keeping freed pages (mimicdet_jax.cpu_alloc; the Makefile does it)
+  makes the demo step ~12 % faster than glibc with huge pages, ~18 % than
+  glibc's defaults, with identical results (docs/BENCHMARKS.md, "Memory
+  allocation on CPU"). Both are read at process start, so they cannot be
+  set from here. Without the cmeel-mimalloc wheel the tip is glibc's
+  huge-page tunable, which only glibc reads: no tip under another C library
+  (macOS, musl); `libc` is `platform.libc_ver()`'s name by default.
+  `under_mimalloc` / `mimalloc_lib` default to this process and this
+  environment (cpu_alloc).
   """
+  if backend != 'cpu':
+    return None
+  if under_mimalloc is None:
+    under_mimalloc = cpu_alloc.running_under_mimalloc()
+  if under_mimalloc:
+    return None
+  if mimalloc_lib is None:
+    mimalloc_lib = cpu_alloc.mimalloc_library() or ''
+  if mimalloc_lib:
+    return ('CPU tip: start under mimalloc, `env $(python -m '
+            'mimicdet_jax.cpu_alloc) python ...`, for a ~12 % faster step '
+            '(docs/BENCHMARKS.md, "Memory allocation on CPU")')
   if libc is None:
     libc = platform.libc_ver()[0]
-  if backend != 'cpu' or libc != 'glibc' or 'glibc.malloc.hugetlb' in (
+  if libc != 'glibc' or 'glibc.malloc.hugetlb' in (
       environ.get('GLIBC_TUNABLES', '')):
     return None
   return (f'CPU tip: start with GLIBC_TUNABLES={HUGETLB_TUNABLE} for a ~8 % '
