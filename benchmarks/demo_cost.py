@@ -29,6 +29,8 @@ VARIANTS = {
     'heads_half': (4, ['--config.t_head.num_samples=32',
                        '--config.s_head.ohem_samples=32']),
     't_samples32': (4, ['--config.t_head.num_samples=32']),
+    # One 3x3 conv in the T-head's regression branch instead of two.
+    't_convs1': (4, ['--config.t_head.num_convs=1']),
     'heads_half_proposals150': (4, ['--config.t_head.num_samples=32',
                                     '--config.s_head.ohem_samples=32',
                                     '--config.proposals.num_proposals=150',
