@@ -6,9 +6,10 @@ AP, on the real-image proxy (data/photos, `make proxy-data`) only 0.71.
 This recipe changed five keys, each measured on both sets
 (docs/S_HEAD_GAP.md E12-E15, docs/RESULTS.md "Recipe for own
 photographs"), and keeps the one AdamW lr of 1e-3 and the 100-step warm-up
-it was measured with (configs/demo.py has since taken 3e-3 with the T-head
-at 1e-3, KL and a 400-step warm-up, E20-E22; the two recipes together are
-not measured):
+it was measured with, and the demo's sizes and schedule of that time
+(configs/demo.py has since taken 3e-3 with the T-head at 1e-3, KL, a
+400-step warm-up, E20-E22, and half the heads' samples at 2200 steps, E23;
+the two recipes together are not measured):
 
 - t_head.norm / s_head.norm = 'group_norm': GroupNorm before the heads'
   hidden ReLUs, which otherwise die in the regression features (E12);
@@ -48,6 +49,14 @@ CHANGES = {
     'optim.base_lr': 4e-3,
     'optim.t_head_lr_mult': 1.0,
     'optim.warmup_steps': 100,
+    # ... and with the demo's sizes of that time: 64 T-head RoIs and 64
+    # S-head OHEM samples per image, 2400 steps (the demo has since taken
+    # 32 / 32 and 2200 steps for issue 23's 10 minutes, E23).
+    't_head.num_samples': 64,
+    's_head.ohem_samples': 64,
+    'train.total_steps': 2400,
+    'optim.decay_steps': (1920, 2240),
+    'train.checkpoint_every': 800,
 }
 
 
