@@ -39,7 +39,7 @@ TARGET_AP = 0.50
 # mimalloc; docs/BENCHMARKS.md): measured on a quiet 2-core Intel Xeon, and
 # estimated for issue 23's slower 2-core AMD EPYC (0.41 s there before the
 # step changes of 2026-12-05, scaled by what they gave on the Intel VM).
-REFERENCE_STEP_S = (0.11, 0.26)
+REFERENCE_STEP_S = (0.10, 0.24)
 COLUMNS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
 
