@@ -33,10 +33,10 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 # Two workers, one test file each at a time (a file shares its fixtures):
-# 2.7-2.9 min on a quiet 2-core Intel Xeon (2026-12-05), 6.4 min on the
-# slower 2-core AMD machine before the glibc setting above (2026-12-02;
-# docs/BENCHMARKS.md, "Test suite"); the longest files run first
-# (tests/conftest.py).
+# 2.5 min on a quiet 2-core Intel Xeon under mimalloc (2026-12-05), ~5.6
+# min estimated on the slower 2-core AMD machine, measured at 6.4 min there
+# before the allocator settings above (2026-12-02; docs/BENCHMARKS.md,
+# "Test suite"); the longest files run first (tests/conftest.py).
 test: $(STAMP)
 	env $(ALLOC_ENV) $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
