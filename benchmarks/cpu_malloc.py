@@ -1,6 +1,6 @@
-r"""glibc malloc settings on the demo training step, measured side by side in one run.
+r"""glibc malloc settings and mimalloc on the demo training step, side by side in one run.
 
-  python benchmarks/cpu_malloc.py --steps 30 [--variants base,hugetlb]
+  python benchmarks/cpu_malloc.py --steps 30 [--variants base,hugetlb,mimalloc]
 
 XLA:CPU allocates a step's temporaries (168 MiB for the demo step at batch
 4) afresh on every call. glibc serves blocks over its mmap threshold (at
@@ -12,7 +12,9 @@ CPU"). GLIBC_TUNABLES is read when a process starts, so each variant runs
 removed (glibc's defaults), first and again last. The table gives the
 steady-state step, its ratio to the first baseline, the minor page faults
 per step, and the loss after the same steps (allocation must not change the
-arithmetic: it must be identical).
+arithmetic: it must be identical). `mimalloc` preloads the cmeel-mimalloc
+wheel's library as the Makefile does (mimicdet_jax/cpu_alloc.py), with
+GLIBC_TUNABLES removed.
 """
 import os
 import sys
@@ -49,14 +51,7 @@ TUNABLES = {
 
 
 def mimalloc_env() -> dict:
-  """mimalloc (the cmeel-mimalloc wheel) preloaded, keeping freed pages.
-
-  MIMALLOC_PURGE_DELAY=-1: freed memory is kept for reuse, never returned
-  to the kernel, so a step's temporaries land on pages that are already
-  mapped and need no zeroing; MIMALLOC_ALLOW_LARGE_OS_PAGES=1: its segments
-  are advised as huge pages. The Makefile sets the same for `make demo` and
-  `make test` (docs/BENCHMARKS.md).
-  """
+  """What the Makefile preloads (mimicdet_jax/cpu_alloc.py)."""
   from mimicdet_jax import cpu_alloc  # pylint: disable=g-import-not-at-top
   return cpu_alloc.mimalloc_env() or {'LD_PRELOAD': '(cmeel-mimalloc missing)'}
 

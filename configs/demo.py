@@ -32,10 +32,10 @@ def get_config():
   c.t_head.fc_dim = 256
   c.t_head.num_convs = 2
   c.t_head.conv_dim = 32
-  # 32 RoIs per image for the T-head and 32 OHEM samples for the S-head (the
-  # paper's 512 / 128 are for COCO's ~7 objects per image at 800 px): a
+  # 32 RoIs per image for the T-head and 32 OHEM samples for the S-head
+  # (SPEC's 128 / 128 are for COCO at 800 px; the demo had 64 / 64): a
   # 0.90-0.93x step (docs/BENCHMARKS.md), and with the 2200 steps below
-  # S / T 0.90-0.92 per seed (docs/S_HEAD_GAP.md, E23).
+  # S / T 0.905-0.931 over 4 seeds (docs/S_HEAD_GAP.md, E23).
   c.t_head.num_samples = 32
   # The FPN level rule, not SPEC's one-level stagger: on these images (boxes
   # under ~150 px) the stagger pools most boxes from P3..P6 instead of P2 and
@@ -47,9 +47,10 @@ def get_config():
   c.s_head.reg_dim = 256
   c.s_head.ohem_samples = 32
   # KL between the heads' class distributions, not SPEC's cosine of the
-  # logits: with it (and the warm-up below) S / T is 0.903-0.932 on the
-  # shapes' 4 seeds against 0.887-0.912, and 0.762-0.787 on the photos
-  # proxy's 3 against 0.72-0.75 (docs/S_HEAD_GAP.md, E22).
+  # logits: with it (and the warm-up below; at 2400 steps and 64 / 64
+  # samples) S / T is 0.903-0.932 on the shapes' 4 seeds against
+  # 0.887-0.912, and 0.762-0.787 on the photos proxy's 3 against 0.72-0.75
+  # (docs/S_HEAD_GAP.md, E22).
   c.mimic.distance = 'kl'
   c.optim.optimizer = 'adamw'  # from scratch in minutes; SGD needs far more steps
   # Batch 4 x 2200 steps. For a fixed budget of minutes more updates of
