@@ -12,6 +12,8 @@ from mimicdet_jax.errors import ConfigError
 # eval.head: the detecting head(s); the two crossed ones are diagnostics
 # (evaluation/postprocess.py `eval_heads`).
 EVAL_HEADS = ('s', 't', 'both', 's_cls+t_box', 't_cls+s_box')
+# optim.optimizer (training/optim.py `make_optimizer`).
+OPTIMIZERS = ('sgd', 'adamw')
 
 
 def resolve(config: ml_collections.ConfigDict,
@@ -62,20 +64,29 @@ def resolve(config: ml_collections.ConfigDict,
                        ('t_head.roi_align_impl', ('gather', 'einsum')),
                        ('t_head.norm', ('none', 'group_norm')),
                        ('s_head.norm', ('none', 'group_norm')),
-                       ('optim.optimizer', ('sgd', 'adamw'))):
+                       ('optim.optimizer', OPTIMIZERS)):
     section, name = key.split('.')
     value = c[section][name]
     if value not in allowed:
       raise ConfigError(f'{key}={value!r}; expected one of {allowed}')
-  for name in ('s_head_lr_mult', 't_head_lr_mult'):
-    mult = float(c.optim.get(name, 1.0))
-    if not mult > 0:
-      raise ConfigError(f'optim.{name}={mult}; expected > 0')
+  lr_mults(c.optim)
   for h, w in c.data.canvas_buckets:
     if h % c.data.size_divisor or w % c.data.size_divisor:
       raise ConfigError(f'data.canvas_buckets entry {(h, w)} is not divisible by '
                        f'data.size_divisor={c.data.size_divisor}')
   return ml_collections.FrozenConfigDict(c)
+
+
+def lr_mults(optim: ml_collections.ConfigDict) -> dict[str, float]:
+  """{'s_head': 3.0, ...}: every optim.<group>_lr_mult, each checked > 0."""
+  out = {}
+  for key in optim.keys():
+    if key.endswith('_lr_mult'):
+      mult = float(optim[key])
+      if not mult > 0:
+        raise ConfigError(f'optim.{key}={mult}; expected > 0')
+      out[key[:-len('_lr_mult')]] = mult
+  return out
 
 
 def _paths(paths: str) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mimicdet_jax import config_lib
 from mimicdet_jax import errors
 
 PyTree = Any
@@ -82,8 +83,8 @@ def make_optimizer(config: ml_collections.ConfigDict,
     if o.weight_decay > 0:
       chain.append(decay)  # decoupled, as optax.adamw
   else:
-    raise errors.ConfigError(
-        f"optim.optimizer={o.optimizer!r}; expected 'sgd' or 'adamw'")
+    raise errors.ConfigError(f'optim.optimizer={o.optimizer!r}; expected one '
+                             f'of {config_lib.OPTIMIZERS}')
   chain.append(optax.scale_by_learning_rate(make_lr_schedule(config)))
   groups = head_lr_mults(o)
   transforms = {'trainable': optax.chain(*chain),
@@ -100,14 +101,9 @@ HEAD_MODULES = {'s_head': 's_head_net', 't_head': 't_head_net'}
 
 def head_lr_mults(o: ml_collections.ConfigDict) -> dict[str, float]:
   """{'s_head': 3.0, ...}: the heads whose optim.<head>_lr_mult is not 1."""
-  groups = {}
-  for name in HEAD_MODULES:
-    mult = float(o.get(f'{name}_lr_mult', 1.0))
-    if mult <= 0:
-      raise errors.ConfigError(f'optim.{name}_lr_mult={mult}; expected > 0')
-    if mult != 1.0:
-      groups[name] = mult
-  return groups
+  mults = config_lib.lr_mults(o)  # ConfigError unless each is > 0
+  return {name: mults[name] for name in HEAD_MODULES
+          if mults.get(name, 1.0) != 1.0}
 
 
 def param_labels(frozen_mask: PyTree, groups) -> PyTree:
