@@ -1,7 +1,9 @@
 """Every number of SPEC.md sections 2-5, as one ConfigDict.
 
-Recipe files (mimicdet_r50_fpn_1x.py, ...) call `base_config()` and override a
-few keys in plain sight; there is no other inheritance. To find the code that
+Recipe files (mimicdet_r50_fpn_1x.py, ...) call `base_config()`, or one recipe
+that does (proxy_real.py and photos.py start from demo.py), and override keys
+in plain sight, one short reason each; nothing chains further
+(tests/test_config.py checks both). To find the code that
 reads a key, grep for it (e.g. `grep -rn "pos_shrink" mimicdet_jax`).
 """
 import math
