@@ -16,7 +16,7 @@ def test_sources_are_shipped_files_and_object_boxes_lie_inside_them():
   assert set(loaded) == set(photos.PHOTO_FILES)
   for name, photo in loaded.items():
     package, rel = photos.PHOTO_FILES[name]
-    assert os.path.isfile(os.path.join(photos._package_dir(package), rel))
+    assert os.path.isfile(os.path.join(photos.package_dir(package), rel))
     assert photo.image.mode == 'RGB' and min(photo.image.size) >= 100
   names = {c['name'] for c in photos.CATEGORIES}
   assert {o[0] for o in photos.OBJECTS} == names  # every class has a source

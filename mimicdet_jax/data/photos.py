@@ -133,24 +133,24 @@ CROP_JITTER = 0.04  # of the box side, per side, for object crops
 
 
 @dataclasses.dataclass(frozen=True)
-class _Photo:
+class Photo:
   image: Image.Image  # RGB
   alpha: Image.Image | None  # L, the clip art's own alpha
   grey: bool
   keep_out: tuple[tuple[int, int, int, int], ...]
 
 
-def _package_dir(package: str) -> str:
+def package_dir(package: str) -> str:
   spec = importlib.util.find_spec(package)  # finds without importing it
   if spec is None or not spec.submodule_search_locations:
     raise RuntimeError(
-        f'the real-image proxy reads photographs shipped with {package}; '
+        f'the real-image sets read photographs and fonts shipped with {package}; '
         'install it: pip install scikit-image scikit-learn matplotlib')
   return list(spec.submodule_search_locations)[0]
 
 
 @functools.cache
-def photos() -> dict[str, _Photo]:
+def photos() -> dict[str, Photo]:
   """The photographs, read once per process."""
   keep_out: dict[str, list] = {name: list(_UNLABELLED.get(name, ()))
                                for name in PHOTO_FILES}
@@ -158,19 +158,19 @@ def photos() -> dict[str, _Photo]:
     keep_out[name].append(box)
   out = {}
   for name, (package, rel) in PHOTO_FILES.items():
-    with Image.open(os.path.join(_package_dir(package), rel)) as img:
+    with Image.open(os.path.join(package_dir(package), rel)) as img:
       img.load()
       alpha = img.getchannel('A') if img.mode == 'RGBA' else None
-      out[name] = _Photo(img.convert('RGB'), alpha, img.mode in ('L', 'I;16'),
+      out[name] = Photo(img.convert('RGB'), alpha, img.mode in ('L', 'I;16'),
                          tuple(keep_out[name]))
   return out
 
 
-def _loguniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+def loguniform(rng: np.random.Generator, lo: float, hi: float) -> float:
   return float(math.exp(rng.uniform(math.log(lo), math.log(max(lo, hi)))))
 
 
-def _jitter(rng: np.random.Generator, rgb: np.ndarray, grey: bool,
+def jitter(rng: np.random.Generator, rgb: np.ndarray, grey: bool,
             strength: float) -> np.ndarray:
   """Saturation, contrast, brightness and white balance; float32 [h, w, 3].
 
@@ -189,7 +189,7 @@ def _jitter(rng: np.random.Generator, rgb: np.ndarray, grey: bool,
   return rgb @ matrix.T.astype(np.float32) + bias.astype(np.float32)
 
 
-def _cut_alpha(shape: str, th: int, tw: int, feather: float) -> np.ndarray:
+def cut_alpha(shape: str, th: int, tw: int, feather: float) -> np.ndarray:
   """Soft mask float32 [th, tw] in 0..1: ellipse or rectangle, feathered edges."""
   ys = (np.arange(th, dtype=np.float32) + 0.5)[:, None]
   xs = (np.arange(tw, dtype=np.float32) + 0.5)[None, :]
@@ -212,12 +212,12 @@ def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
   return float(iw * ih / ((b[2] - b[0]) * (b[3] - b[1])))
 
 
-def _free_window(rng: np.random.Generator, photo: _Photo, min_side: float,
+def free_window(rng: np.random.Generator, photo: Photo, min_side: float,
                  max_side: float, aspect: float, attempts: int = 20):
   """A crop (x1, y1, x2, y2) of `photo` holding <= KEEP_OUT_OVERLAP of any object, or None."""
   pw, ph = photo.image.size
   for _ in range(attempts):
-    side = _loguniform(rng, min_side, max_side)  # sqrt(w * h)
+    side = loguniform(rng, min_side, max_side)  # sqrt(w * h)
     cw, ch = side * math.sqrt(aspect), side / math.sqrt(aspect)
     fit = min(1.0, pw / cw, ph / ch)  # shrink, keeping the aspect
     cw, ch = cw * fit, ch * fit
@@ -229,24 +229,30 @@ def _free_window(rng: np.random.Generator, photo: _Photo, min_side: float,
   return None
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-  """A rescaled, flipped, jittered crop of one photograph; float32 [h, w, 3]."""
+def background(rng: np.random.Generator, h: int, w: int,
+               names: Sequence[str] | None = None) -> np.ndarray:
+  """A rescaled, flipped, jittered crop of one photograph; float32 [h, w, 3].
+
+  `names`: the photographs to draw from (default: all but the clip art);
+  it must hold one without objects ('hubble') or with room beside them.
+  """
   all_photos = photos()
-  names = [n for n in PHOTO_FILES if n not in _CLIP_ART]
+  if names is None:
+    names = [n for n in PHOTO_FILES if n not in _CLIP_ART]
   window, photo = None, None
   while window is None:  # 'hubble' has no objects, so this ends
     photo = all_photos[names[int(rng.integers(len(names)))]]
     pw, ph = photo.image.size
     aspect = (w / h) * rng.uniform(0.9, 1.1)
-    window = _free_window(rng, photo, 0.25 * min(pw, ph), max(pw, ph), aspect)
+    window = free_window(rng, photo, 0.25 * min(pw, ph), max(pw, ph), aspect)
   rgb = np.asarray(photo.image.resize((w, h), Image.BILINEAR, box=window),
                    np.float32)
   if rng.random() < 0.5:
     rgb = rgb[:, ::-1]
-  return _jitter(rng, rgb, photo.grey, 0.3)
+  return jitter(rng, rgb, photo.grey, 0.3)
 
 
-def _patch_size(rng: np.random.Generator, size: float, aspect: float, h: int,
+def patch_size(rng: np.random.Generator, size: float, aspect: float, h: int,
                 w: int) -> tuple[int, int]:
   """(th, tw) with sqrt(th * tw) ~ size, tw / th ~ aspect, fitting the image."""
   tw, th = size * math.sqrt(aspect), size / math.sqrt(aspect)
@@ -256,7 +262,7 @@ def _patch_size(rng: np.random.Generator, size: float, aspect: float, h: int,
   return max(1, min(h, int(round(th)))), max(1, min(w, int(round(tw))))
 
 
-def _cut(rng: np.random.Generator, photo: _Photo, box: Sequence[float],
+def cut(rng: np.random.Generator, photo: Photo, box: Sequence[float],
          shape: str, th: int, tw: int, jitter_strength: float
          ) -> tuple[np.ndarray, np.ndarray]:
   """Cuts `box` of `photo` at (th, tw): (rgb float32 [th, tw, 3], alpha float32 [th, tw])."""
@@ -267,23 +273,23 @@ def _cut(rng: np.random.Generator, photo: _Photo, box: Sequence[float],
                        np.float32) * np.float32(1 / 255)
   else:
     feather = rng.uniform(1.0, max(1.5, 0.08 * min(th, tw)))
-    alpha = _cut_alpha(shape, th, tw, feather)
+    alpha = cut_alpha(shape, th, tw, feather)
   if rng.random() < 0.5:
     rgb, alpha = rgb[:, ::-1], alpha[:, ::-1]
-  return _jitter(rng, rgb, photo.grey, jitter_strength), alpha
+  return jitter(rng, rgb, photo.grey, jitter_strength), alpha
 
 
-def _place(rng: np.random.Generator, th: int, tw: int, h: int, w: int
-           ) -> tuple[int, int]:
-  """Top-left (y0, x0): up to BORDER_CUT of each side may leave the image."""
-  my, mx = BORDER_CUT * th, BORDER_CUT * tw
+def place(rng: np.random.Generator, th: int, tw: int, h: int, w: int,
+          border_cut: float = BORDER_CUT) -> tuple[int, int]:
+  """Top-left (y0, x0): up to `border_cut` of each side may leave the image."""
+  my, mx = border_cut * th, border_cut * tw
   cy = rng.uniform(min(my, h - my), max(my, h - my))
   cx = rng.uniform(min(mx, w - mx), max(mx, w - mx))
   return int(round(cy - th / 2)), int(round(cx - tw / 2))
 
 
 @dataclasses.dataclass
-class _Pasted:
+class Pasted:
   category_id: int
   window: tuple[int, int, int, int]  # y0, x0, y1, x1 of the part inside the image
   alpha: np.ndarray  # float32 [y1 - y0, x1 - x0], inside the image
@@ -291,8 +297,8 @@ class _Pasted:
   mass: float  # alpha sum of the whole patch, inside the image or not
 
 
-def _paste(img: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, y0: int,
-           x0: int, pasted: list[_Pasted]):
+def paste(img: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, y0: int,
+           x0: int, pasted: list[Pasted]):
   """Alpha-blends the patch into img in place; returns the clipped window and alpha."""
   h, w = img.shape[:2]
   th, tw = alpha.shape
@@ -311,17 +317,17 @@ def _paste(img: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, y0: int,
   return (wy0, wx0, wy1, wx1), a
 
 
-def _covers_too_much(y0: int, x0: int, th: int, tw: int,
-                     pasted: list[_Pasted]) -> bool:
+def covers_too_much(y0: int, x0: int, th: int, tw: int,
+                    pasted: list[Pasted], max_cover: float = MAX_COVER) -> bool:
   new = (x0, y0, x0 + tw, y0 + th)
   return any(_overlap(new, (p.window[1], p.window[0], p.window[3], p.window[2]))
-             > MAX_COVER for p in pasted)
+             > max_cover for p in pasted)
 
 
 def _sample_object_size(rng: np.random.Generator, short_side: int) -> float:
   if rng.random() < SMALL_FRACTION:
-    return _loguniform(rng, MIN_OBJECT_SIZE, 32.0)
-  return _loguniform(rng, 32.0, MAX_OBJECT_FRACTION * short_side)
+    return loguniform(rng, MIN_OBJECT_SIZE, 32.0)
+  return loguniform(rng, 32.0, MAX_OBJECT_FRACTION * short_side)
 
 
 def render_example(seed: int, split: str, index: int, min_size: int = 192,
@@ -344,14 +350,14 @@ def render_example(seed: int, split: str, index: int, min_size: int = 192,
   rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
   h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
   all_photos = photos()
-  img = _background(rng, h, w)
-  background = img.copy() if return_layers else None
+  img = background(rng, h, w)
+  bg_layer = img.copy() if return_layers else None
   uncovered = np.ones((h, w), np.float32)  # prod(1 - alpha) of every paste
   num_objects = int(rng.integers(1, MAX_OBJECTS + 1))
   num_distractors = int(rng.integers(MIN_DISTRACTORS, MAX_DISTRACTORS + 1))
   kinds = rng.permutation([1] * num_objects + [0] * num_distractors)
   distractor_photos = [n for n in PHOTO_FILES if n not in _CLIP_ART]
-  pasted: list[_Pasted] = []
+  pasted: list[Pasted] = []
   for is_object in kinds.tolist():
     if is_object:
       category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
@@ -369,39 +375,58 @@ def render_example(seed: int, split: str, index: int, min_size: int = 192,
       category = None
       photo = all_photos[distractor_photos[int(rng.integers(
           len(distractor_photos)))]]
-      crop = _free_window(rng, photo, 24, 0.7 * min(photo.image.size),
-                          _loguniform(rng, 0.5, 2.0))
+      crop = free_window(rng, photo, 24, 0.7 * min(photo.image.size),
+                          loguniform(rng, 0.5, 2.0))
       if crop is None:
         continue
       shape = 'ellipse' if rng.random() < DISTRACTOR_ELLIPSE_PROB else 'rect'
-      size = _loguniform(rng, MIN_OBJECT_SIZE,
+      size = loguniform(rng, MIN_OBJECT_SIZE,
                          MAX_DISTRACTOR_FRACTION * min(h, w))
     if category is not None and shape != 'alpha' and rng.random() < RECT_PROB:
       shape = 'rect' if shape == 'ellipse' else 'ellipse'
-    aspect = (crop[2] - crop[0]) / (crop[3] - crop[1]) * _loguniform(rng, 0.8, 1.25)
-    th, tw = _patch_size(rng, size, aspect, h, w)
+    aspect = (crop[2] - crop[0]) / (crop[3] - crop[1]) * loguniform(rng, 0.8, 1.25)
+    th, tw = patch_size(rng, size, aspect, h, w)
     for _ in range(10):
-      y0, x0 = _place(rng, th, tw, h, w)
-      if not _covers_too_much(y0, x0, th, tw, pasted):
+      y0, x0 = place(rng, th, tw, h, w)
+      if not covers_too_much(y0, x0, th, tw, pasted):
         break
     else:
       continue
-    rgb, alpha = _cut(rng, photo, crop, shape, th, tw,
+    rgb, alpha = cut(rng, photo, crop, shape, th, tw,
                       0.25 if category else 0.3)
-    res = _paste(img, rgb, alpha, y0, x0, pasted)
+    res = paste(img, rgb, alpha, y0, x0, pasted)
     if res is None:
       continue
     window, a = res
     if return_layers:
       uncovered[window[0]:window[2], window[1]:window[3]] *= 1 - a
     if category is not None:
-      pasted.append(_Pasted(category['id'], window, a, a.copy(),
+      pasted.append(Pasted(category['id'], window, a, a.copy(),
                             float(alpha.sum())))
   img += rng.standard_normal(img.shape, np.float32) * np.float32(
       rng.uniform(0, 4))
+  out = {'image': np.clip(np.rint(img), 0, 255).astype(np.uint8),
+         **labels(pasted, h, w, MIN_VISIBLE, MIN_BOX_SIDE, return_layers)}
+  if return_layers:
+    out['background'] = np.clip(np.rint(bg_layer), 0, 255).astype(np.uint8)
+    out['pasted'] = 1 - uncovered
+  return out
+
+
+def labels(pasted: Sequence[Pasted], h: int, w: int, min_visible: float,
+           min_box_side: int, return_layers: bool = False
+           ) -> dict[str, np.ndarray]:
+  """The boxes of the pasted objects that stay labelled.
+
+  An object is kept when at least `min_visible` of its alpha mass shows and
+  both sides of its box (the extent of alpha >= 0.5 inside the image, end
+  exclusive) are >= `min_box_side` px. Returns 'boxes' float32 [n, 4],
+  'category_ids' int64 [n], 'areas' int64 [n] (pixels of alpha >= 0.5) and,
+  with return_layers, 'masks' and 'visible' float32 [n, h, w].
+  """
   boxes, cats, areas, masks, visible = [], [], [], [], []
   for p in pasted:
-    if p.visible.sum() < MIN_VISIBLE * p.mass:
+    if p.visible.sum() < min_visible * p.mass:
       continue
     solid = p.alpha >= 0.5
     rows, cols = np.flatnonzero(solid.any(1)), np.flatnonzero(solid.any(0))
@@ -409,7 +434,7 @@ def render_example(seed: int, split: str, index: int, min_size: int = 192,
       continue
     y0, x0 = p.window[:2]
     box = [x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1]
-    if min(box[2] - box[0], box[3] - box[1]) < MIN_BOX_SIDE:
+    if min(box[2] - box[0], box[3] - box[1]) < min_box_side:
       continue
     boxes.append(box)
     cats.append(p.category_id)
@@ -420,16 +445,13 @@ def render_example(seed: int, split: str, index: int, min_size: int = 192,
         m[p.window[0]:p.window[2], p.window[1]:p.window[3]] = local
         full.append(m)
   out = {
-      'image': np.clip(np.rint(img), 0, 255).astype(np.uint8),
       'boxes': np.array(boxes, np.float32).reshape(-1, 4),
       'category_ids': np.array(cats, np.int64),
       'areas': np.array(areas, np.int64),
   }
   if return_layers:
-    out['background'] = np.clip(np.rint(background), 0, 255).astype(np.uint8)
     out['masks'] = np.array(masks, np.float32).reshape(-1, h, w)
     out['visible'] = np.array(visible, np.float32).reshape(-1, h, w)
-    out['pasted'] = 1 - uncovered
   return out
 
 
