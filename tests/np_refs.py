@@ -24,3 +24,29 @@ def encode(box, ref, stds):
        ((box[1] + box[3]) / 2 - (ref[1] + ref[3]) / 2) / rh,
        math.log(w / rw), math.log(h / rh)]
   return np.array(d) / np.array(stds)
+
+
+def soft_nms(boxes, scores, classes, sigma, threshold):
+  """Gaussian soft-NMS as published (Bodla et al. 2017, Algorithm 1), per
+  class: B the remaining boxes, D the kept ones. While B is not empty, the
+  box M of B with the highest score (ties: the lower index) moves to D with
+  its score; every box of B in M's class is rescored s * exp(-iou^2 / sigma)
+  and the boxes whose score is now below `threshold` leave B. Boxes scoring
+  below `threshold` at the start are never in B.
+
+  Returns [(index, score)] in the order boxes entered D.
+  """
+  s = {i: float(scores[i]) for i in range(len(scores))
+       if scores[i] >= threshold}
+  kept = []
+  while s:
+    best = max(s.values())
+    m = min(i for i, v in s.items() if v == best)
+    kept.append((m, best))
+    del s[m]
+    for i in list(s):
+      if classes is None or classes[i] == classes[m]:
+        s[i] *= math.exp(-iou(boxes[m], boxes[i]) ** 2 / sigma)
+        if s[i] < threshold:
+          del s[i]
+  return kept

@@ -1,4 +1,5 @@
 """NMS against a sequential NumPy greedy loop and torchvision's outputs."""
+import math
 import os
 
 import jax
@@ -139,3 +140,76 @@ def test_batched_nms_many_candidates_few_outputs():
   kept.sort(key=lambda i: (-scores[i], i))
   assert len(kept) > max_out
   assert _kept(indices, out_valid) == kept[:max_out]
+
+
+# ------------------------------------------------------------------ soft-NMS
+
+
+def _soft_kept(out):
+  indices, scores, valid = (np.asarray(v) for v in out)
+  assert np.all(indices[~valid] == 0) and np.all(scores[~valid] == 0)
+  return list(indices[valid]), scores[valid]
+
+
+@pytest.mark.parametrize('seed,n,sigma,thr,per_class', [
+    (0, 60, 0.5, 0.001, True), (1, 90, 0.3, 0.2, True),
+    (2, 50, 0.5, 0.05, False), (3, 70, 2.0, 0.3, True)])
+def test_soft_nms_matches_published_loop(seed, n, sigma, thr, per_class):
+  """Clustered boxes with tied scores and exact duplicates (ties), a score
+  threshold that drops decayed boxes (thr 0.2, 0.3) or almost none."""
+  rng = np.random.default_rng(seed)
+  boxes, scores = _clustered_boxes(rng, n)
+  classes = rng.integers(0, 3, n).astype(np.int32) if per_class else None
+  expected = np_refs.soft_nms(boxes.astype(np.float64), scores, classes,
+                              sigma, thr)
+  out = ops.soft_nms(boxes, scores, classes, sigma, thr, n)
+  kept, kept_scores = _soft_kept(out)
+  assert kept == [i for i, _ in expected]
+  np.testing.assert_allclose(kept_scores, [s for _, s in expected],
+                             rtol=1e-5)
+  # Boxes were decayed (not only reordered), and some dropped by thr.
+  assert any(s < scores[i] for i, s in expected)
+  if thr >= 0.2:
+    assert len(expected) < np.sum(scores >= thr)
+  # A shorter output is the prefix.
+  k = max(1, len(expected) // 3)
+  kept, _ = _soft_kept(ops.soft_nms(boxes, scores, classes, sigma, thr, k))
+  assert kept == [i for i, _ in expected[:k]]
+
+
+def test_soft_nms_hand_case():
+  """Closed form: B overlaps A (IoU 0.8) in A's class, C is B in another
+  class; sigma 0.5 decays B to 0.5 * exp(-0.64 / 0.5) = 0.1390."""
+  boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 8], [0, 0, 10, 8],
+                    [50, 50, 60, 60]], np.float32)
+  scores = np.array([0.9, 0.5, 0.5, 0.3], np.float32)
+  classes = np.array([1, 1, 2, 1], np.int32)
+  b_score = 0.5 * math.exp(-0.8**2 / 0.5)
+  for thr, expected in ((0.1, [(0, 0.9), (2, 0.5), (3, 0.3), (1, b_score)]),
+                        (0.2, [(0, 0.9), (2, 0.5), (3, 0.3)])):
+    kept, kept_scores = _soft_kept(
+        ops.soft_nms(boxes, scores, classes, 0.5, thr, 4))
+    assert kept == [i for i, _ in expected]
+    np.testing.assert_allclose(kept_scores, [s for _, s in expected],
+                               rtol=1e-6)
+
+
+def test_soft_nms_valid_mask_and_vmap():
+  rng = np.random.default_rng(9)
+  data = [_clustered_boxes(rng, 40) for _ in range(2)]
+  boxes = np.stack([d[0] for d in data])
+  scores = np.stack([d[1] for d in data])
+  valid = rng.random((2, 40)) < 0.7
+  # Invalid entries would win and decay their neighbours if they were used.
+  masked = np.where(valid, scores, np.float32(5.0))
+  fn = jax.jit(jax.vmap(
+      lambda b, s, v: ops.soft_nms(b, s, None, 0.5, 0.01, 40, valid=v)))
+  out = fn(boxes, masked, valid)
+  for k in range(2):
+    expected = np_refs.soft_nms(boxes[k].astype(np.float64),
+                                np.where(valid[k], scores[k], 0.0), None,
+                                0.5, 0.01)
+    kept, kept_scores = _soft_kept([o[k] for o in out])
+    assert kept == [i for i, _ in expected]
+    np.testing.assert_allclose(kept_scores, [s for _, s in expected],
+                               rtol=1e-5)

@@ -9,6 +9,7 @@ from mimicdet_jax.ops.boxes import xyxy_to_xywh
 from mimicdet_jax.ops.deform_conv import deform_conv2d
 from mimicdet_jax.ops.nms import batched_nms
 from mimicdet_jax.ops.nms import nms
+from mimicdet_jax.ops.nms import soft_nms
 from mimicdet_jax.ops.roi_align import fpn_levels
 from mimicdet_jax.ops.roi_align import multilevel_roi_align
 from mimicdet_jax.ops.roi_align import multilevel_roi_align_einsum
@@ -17,5 +18,5 @@ from mimicdet_jax.ops.roi_align import roi_align
 __all__ = [
     'batched_nms', 'box_area', 'box_iou', 'clip_boxes', 'decode_deltas',
     'deform_conv2d', 'encode_deltas', 'fpn_levels', 'multilevel_roi_align',
-    'multilevel_roi_align_einsum', 'nms', 'roi_align', 'xywh_to_xyxy', 'xyxy_to_xywh',
+    'multilevel_roi_align_einsum', 'nms', 'roi_align', 'soft_nms', 'xywh_to_xyxy', 'xyxy_to_xywh',
 ]

@@ -18,6 +18,12 @@ Work is O(N * max_output_size) in big vectorised blocks, memory
 O(T * (T + max_output_size)); there are no per-box sequential steps. (E.g.
 per-class NMS of 1000 boxes x 80 classes -> 100 touches a few [T, 100]
 blocks, not an 80000^2 matrix.)
+
+`soft_nms` is the Gaussian soft-NMS of Bodla et al. 2017 ("Soft-NMS --
+Improving Object Detection With One Line of Code"): instead of removing the
+boxes a kept box overlaps, it multiplies their scores by exp(-IoU^2 / sigma)
+and drops a box only once its decayed score falls below a threshold
+(docs/EVAL.md says which anchors it follows).
 """
 import functools
 from typing import Optional, Tuple
@@ -28,6 +34,10 @@ import jax.numpy as jnp
 from mimicdet_jax.ops.boxes import box_iou
 
 Array = jnp.ndarray
+
+# eval.nms: greedy NMS (`batched_nms`) or Gaussian soft-NMS (`soft_nms`);
+# config_lib.resolve checks the key against this tuple.
+NMS_KINDS = ('hard', 'soft')
 
 
 def _sort_order(scores: Array, valid: Array) -> Array:
@@ -168,3 +178,68 @@ def batched_nms(boxes: Array, scores: Array, classes: Array, iou_threshold,
   """
   return _nms_impl(boxes, scores, classes, iou_threshold, max_output_size,
                    valid, tile_size)
+
+
+@functools.partial(jax.jit, static_argnames=('max_output_size',))
+def soft_nms(boxes: Array, scores: Array, classes: Optional[Array], sigma,
+             score_threshold, max_output_size: int,
+             valid: Optional[Array] = None) -> Tuple[Array, Array, Array]:
+  """Per-class Gaussian soft-NMS (Bodla et al. 2017), static shapes.
+
+  The published loop: among the remaining boxes pick the one of highest
+  current score (ties: the lower index), keep it with that score, multiply
+  the score of every remaining box of its class by exp(-IoU^2 / sigma),
+  and drop the remaining boxes whose score is now below `score_threshold`;
+  repeat. Scores only fall, so each pick scores at most the one before: the
+  first `max_output_size` picks are the top `max_output_size` of the whole
+  run, and the loop (a `lax.while_loop`, one pick and one [N] IoU row per
+  iteration) stops after them, or once no box remains. Work is
+  O(max_output_size * N), memory O(N).
+
+  Args:
+    boxes: [N, 4] x1y1x2y2.
+    scores: [N].
+    classes: int [N] (boxes decay only boxes of their own class), or None
+      for one class.
+    sigma: the Gaussian's width (> 0); may be a traced scalar.
+    score_threshold: boxes scoring below it, at the start or after a decay,
+      are dropped; may be a traced scalar.
+    max_output_size: static output length.
+    valid: optional bool [N]; invalid entries are never kept and never
+      decay anything.
+  Returns:
+    indices int32 [max_output_size] into `boxes`, in pick order (descending
+    decayed score; 0 past the kept count); scores float32 [max_output_size],
+    the decayed scores (0 past the count); valid bool [max_output_size].
+  """
+  n = boxes.shape[0]
+  boxes = boxes.astype(jnp.float32)
+  scores = scores.astype(jnp.float32)
+  alive = jnp.ones((n,), bool) if valid is None else valid
+  alive &= scores >= score_threshold
+  current = jnp.where(alive, scores, -jnp.inf)
+  out_idx = jnp.zeros((max_output_size,), jnp.int32)
+  out_scores = jnp.zeros((max_output_size,), jnp.float32)
+
+  def body(state):
+    i, current, alive, out_idx, out_scores = state
+    j = jnp.argmax(current).astype(jnp.int32)  # first maximum: lower index
+    iou = box_iou(boxes[j][None], boxes)[0]  # [N]
+    decay = jnp.exp(-iou * iou / sigma)
+    if classes is not None:
+      decay = jnp.where(classes == classes[j], decay, 1.0)
+    decayed = current * decay
+    out_idx = out_idx.at[i].set(j)
+    out_scores = out_scores.at[i].set(current[j])
+    alive = alive & (decayed >= score_threshold) & (jnp.arange(n) != j)
+    current = jnp.where(alive, decayed, -jnp.inf)
+    return i + 1, current, alive, out_idx, out_scores
+
+  def cond(state):
+    i, _, alive, _, _ = state
+    return (i < max_output_size) & jnp.any(alive)
+
+  count, _, _, out_idx, out_scores = jax.lax.while_loop(
+      cond, body, (jnp.array(0, jnp.int32), current, alive, out_idx,
+                   out_scores))
+  return out_idx, out_scores, jnp.arange(max_output_size) < count
