@@ -24,7 +24,7 @@ def get_config():
   c.t_head.norm = 'group_norm'  # keeps the heads' regression ReLUs alive (E12)
   c.s_head.norm = 'group_norm'  # (E12)
   c.optim.s_head_lr_mult = 3.0  # the S-head learns slower than its teacher (E13)
-  c.mimic.weight = 2.0  # lifts the weakest proxy seeds over 0.8 S / T (E15)
+  c.mimic.weight = 2.0  # follow the teacher harder: lifts the weakest proxy seeds (E15)
   # The schedule E12-E15 measured it with: AdamW 1e-3 for the whole model
   # at batch 4, a 100-step warm-up, 64 / 64 head samples, 2400 steps.
   c.optim.base_lr = 4e-3

@@ -1,0 +1,111 @@
+"""The README and the recipes agree with the one source of the demo's figures.
+
+`mimicdet_jax.demo.REFERENCE` holds the demo recipe's measured figures (AP
+of both heads over the protocol's seeds, S / T, step time, minutes); the
+README's `make demo` lines quote it, docs/RESULTS.md's table of the current
+recipe is where it was measured, configs/demo.py holds the step count, and
+the recipes' comments point at docs instead of restating figures.
+"""
+import glob
+import io
+import os
+import re
+import statistics
+import tokenize
+
+from configs import demo as demo_config
+from mimicdet_jax import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A number not glued to a word or to another number's dot: 0.66, 2200, 9.
+NUMBER = re.compile(r'(?<![\w.])\d+(?:\.\d+)?')
+# The README's other numbers in those lines: the machines' 2 cores, "2x".
+README_OTHER_NUMBERS = {'2'}
+
+
+def _read(path):
+  with open(os.path.join(REPO, path)) as f:
+    return f.read()
+
+
+def _make_demo_comment():
+  """The comment beside `make demo` in the README's command block, as one line."""
+  text = _read('README.md')
+  block = re.search(r'^make demo +#.*?(?=^make test)', text, re.S | re.M)
+  assert block, 'README: the `make demo   # ...` lines not found'
+  return ' '.join(line.split('#', 1)[1].strip()
+                  for line in block.group(0).splitlines() if '#' in line)
+
+
+def _expected_readme_numbers():
+  r = demo.REFERENCE
+  return {
+      str(r['seeds']),
+      *(f'{v:.2f}' for key in ('s_ap', 's_ap50', 't_ap') for v in r[key]),
+      *(f'{v:.3f}' for v in r['s_over_t']),
+      *(f'{v:.2f}' for v in r['step_s']),
+      *(f'{v:g}' for v in r['train_min']),
+      str(demo_config.get_config().train.total_steps),
+  }
+
+
+def test_readme_make_demo_figures_are_the_reference():
+  """Every number of the README's `make demo` lines is a REFERENCE figure or
+  configs/demo.py's step count, and each of those is there."""
+  found = set(NUMBER.findall(_make_demo_comment()))
+  expected = _expected_readme_numbers()
+  assert found - README_OTHER_NUMBERS == expected, (
+      f'README `make demo` lines: not in mimicdet_jax.demo.REFERENCE or '
+      f'configs/demo.py: {sorted(found - README_OTHER_NUMBERS - expected)}; '
+      f'missing: {sorted(expected - found)}')
+
+
+def _current_recipe_section():
+  text = _read('docs/RESULTS.md')
+  section = re.search(r'^### [^\n]*\(the current recipe[^\n]*\n(.*?)(?=^### )', text,
+                      re.S | re.M)
+  assert section, 'docs/RESULTS.md: no "### ... (the current recipe ..." section'
+  return section.group(1)
+
+
+def test_reference_is_what_results_md_measured():
+  """REFERENCE's AP ranges and S / T are those of RESULTS.md's per-seed table
+  of the current recipe, its step and minutes those of the fresh-clone run
+  printed there."""
+  section = _current_recipe_section()
+  r = demo.REFERENCE
+  rows = {}
+  for line in section.splitlines():
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    seed = re.match(r'(\d+)\b', cells[0])
+    if len(cells) == 5 and seed and int(seed.group(1)) < r['seeds']:
+      rows[int(seed.group(1))] = [float(c.strip('*')) for c in cells[1:]]
+  assert sorted(rows) == list(range(r['seeds'])), rows
+  columns = list(zip(*rows.values()))  # S AP, S AP50, T AP, S / T
+  for key, values in zip(('s_ap', 's_ap50', 't_ap'), columns):
+    assert (round(min(values), 2), round(max(values), 2)) == r[key], key
+  s_over_t = columns[3]
+  assert (round(statistics.mean(s_over_t), 3),
+          round(statistics.stdev(s_over_t), 3)) == r['s_over_t']
+  assert f'{r["step_s"][0]:.2f} s per training step here' in section
+  assert f'training {r["train_min"][0]:.1f} min' in section
+  assert f'step ~{r["step_s"][1]:.2f} s' in section
+  assert re.search(rf'~{r["train_min"][1]:g}(\.\d)? minutes', section)
+
+
+def _comments(path):
+  with open(path) as f:
+    tokens = tokenize.generate_tokens(io.StringIO(f.read()).readline)
+    return [t.string for t in tokens if t.type == tokenize.COMMENT]
+
+
+def test_recipe_comments_point_at_docs_instead_of_quoting_figures():
+  """A recipe's comments give a reason and an experiment (E22, docs/...), not
+  AP, S / T or time figures that drift from the README (STYLE.md 10)."""
+  figure = re.compile(r'(?<![\w.])0\.\d+|\d+(?:\.\d+)? ?(?:ms|s a step|min(?:utes)?)\b'
+                      r'|\bAP\b \d')
+  for path in sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))):
+    if os.path.basename(path) == 'common.py':
+      continue
+    for comment in _comments(path):
+      assert not figure.search(comment), f'{os.path.basename(path)}: {comment}'
