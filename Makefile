@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/demo
 DEMO_DATA ?= data/synthetic
 PROXY_DATA ?= data/photos
+GLYPHS_DATA ?= data/glyphs
+CROWDS_DATA ?= data/crowds
 export JAX_PLATFORMS ?= cpu
 # XLA:CPU allocates each step's temporaries afresh; glibc maps them as 4 KiB
 # pages that fault once per step. Advised as transparent huge pages they
@@ -22,7 +24,7 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 # when a recipe runs, after .venv exists.
 ALLOC_ENV = $(shell $(PY) -m mimicdet_jax.cpu_alloc)
 
-.PHONY: venv test test-slow test-extras demo demo-data proxy-data bench bench-peer clean
+.PHONY: venv test test-slow test-extras demo demo-data proxy-data glyphs-data crowds-data bench bench-peer clean
 
 venv: $(STAMP)
 
@@ -63,6 +65,17 @@ demo-data: $(STAMP)
 proxy-data: $(STAMP)
 	test -f $(PROXY_DATA)/annotations/val.json || \
 	  $(PY) -m mimicdet_jax.data.photos $(PROXY_DATA) --num-train 1500 --num-val 300 --seed 0 --viz 4
+
+# Two more real-image sets of other kinds (docs/DATA.md): characters from
+# matplotlib's fonts on the packaged photographs (24 classes, small), and
+# crowds of tiny faces, coins and textures (4 classes, 10-40 per image).
+glyphs-data: $(STAMP)
+	test -f $(GLYPHS_DATA)/annotations/val.json || \
+	  $(PY) -m mimicdet_jax.data.glyphs $(GLYPHS_DATA) --num-train 1500 --num-val 300 --seed 0 --viz 4
+
+crowds-data: $(STAMP)
+	test -f $(CROWDS_DATA)/annotations/val.json || \
+	  $(PY) -m mimicdet_jax.data.crowds $(CROWDS_DATA) --num-train 1500 --num-val 300 --seed 0 --viz 4
 
 demo: demo-data
 	env $(ALLOC_ENV) $(PY) -m mimicdet_jax.demo --config configs/demo.py --workdir $(DEMO_DIR) --data $(DEMO_DATA)
