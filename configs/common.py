@@ -191,6 +191,10 @@ def base_config() -> ml_collections.ConfigDict:
   # the image's global index: sampling and normalisation do not depend on how
   # the batch is split over devices/hosts. False: per-device batch, device key.
   c.train.loss_per_image = True
+  # Micro-batches per device batch (a lax.scan in the step): the gradients of
+  # k slices of batch_size / devices / k images are averaged into one update,
+  # so a batch fits in 1/k of the activation memory. 1 = one pass (the paper).
+  c.train.grad_accum_steps = 1
   # How the per-device step spans the devices: pmap (jax.pmap over the local
   # devices) | shard_map (jax.jit(jax.shard_map) over a global 'data' mesh,
   # global input arrays; preferred on TPU pods, see docs/TRAINING.md). Same

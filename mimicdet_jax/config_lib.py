@@ -70,6 +70,10 @@ def resolve(config: ml_collections.ConfigDict,
     if value not in allowed:
       raise ConfigError(f'{key}={value!r}; expected one of {allowed}')
   lr_mults(c.optim)
+  k = c.train.grad_accum_steps
+  if not isinstance(k, int) or k < 1 or c.train.batch_size % k:
+    raise ConfigError(f'train.grad_accum_steps={k!r}; expected an integer >= 1 '
+                      f'dividing train.batch_size={c.train.batch_size}')
   for h, w in c.data.canvas_buckets:
     if h % c.data.size_divisor or w % c.data.size_divisor:
       raise ConfigError(f'data.canvas_buckets entry {(h, w)} is not divisible by '

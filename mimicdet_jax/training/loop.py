@@ -128,6 +128,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   if t.batch_size % num_devices:
     raise ValueError(f'train.batch_size={t.batch_size} is not divisible by '
                      f'the {num_devices} devices')
+  step_lib.check_grad_accum(t.batch_size // num_devices, t.grad_accum_steps)
 
   state, tx = state_lib.create_train_state(config, variables, frozen_mask,
                                  jax.random.PRNGKey(config.seed))
@@ -145,7 +146,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('train.parallelism=%s', t.parallelism)
   p_step = parallel.wrap(step_lib.make_train_step(
       loss_fn, tx, frozen_mask, loss_per_image=t.loss_per_image,
-      lr_schedule=lr_schedule))
+      lr_schedule=lr_schedule, grad_accum_steps=t.grad_accum_steps))
   rstate = parallel.put_state(state)
   del state
 

@@ -12,6 +12,14 @@ image's *global* index in the global batch, so sampling and loss
 normalisation do not depend on how the batch is split over devices or hosts
 (8 devices x 1 image == 1 device x 8 images). Without it the loss sees the
 whole per-device batch and the key folded with the device index.
+
+Gradient accumulation (`train.grad_accum_steps` = k > 1): the per-device batch
+is cut into k contiguous micro-batches, and a `lax.scan` runs the loss and its
+gradient on one at a time (one micro-batch's activations live at once); the
+step applies the mean of their gradients, once. Per image, each image keeps
+its global index, so the keys and the loss equal one batch's; without
+`loss_per_image` micro-batch j gets the device key folded with j
+(docs/TRAINING.md, "Gradient accumulation").
 """
 from typing import Any, Callable, Mapping, Optional
 
@@ -20,6 +28,7 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
+from mimicdet_jax.errors import ConfigError
 from mimicdet_jax.training.state import TrainState
 
 PyTree = Any
@@ -37,9 +46,19 @@ def _global_norm_of(tree: PyTree, mask: PyTree) -> jax.Array:
   return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros((), jnp.float32)
 
 
+def check_grad_accum(per_device_batch: int, grad_accum_steps: int) -> None:
+  """ConfigError unless train.grad_accum_steps divides the per-device batch."""
+  if grad_accum_steps < 1 or per_device_batch % grad_accum_steps:
+    raise ConfigError(
+        f'train.grad_accum_steps={grad_accum_steps} must be >= 1 and divide '
+        f'the per-device batch of {per_device_batch} images '
+        '(train.batch_size / devices)')
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     frozen_mask: PyTree, *, loss_per_image: bool = True,
-                    lr_schedule: Optional[optax.Schedule] = None
+                    lr_schedule: Optional[optax.Schedule] = None,
+                    grad_accum_steps: int = 1
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict]]:
   """One optimiser step on one device's batch, over axis 'data' (DataParallel).
@@ -51,6 +70,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     frozen_mask: like params; frozen leaves are left out of the grad norm.
     loss_per_image: see the module docstring (PRNG policy).
     lr_schedule: reported as metrics['lr'] (of the update count).
+    grad_accum_steps: micro-batches per device batch (module docstring); the
+      loss, the aux terms and the gradients are their means.
 
   Returns:
     train_step(state, batch) -> (state, metrics). Metrics are scalars equal
@@ -61,12 +82,18 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     and optimiser state unchanged (decided on device, no host sync).
   """
 
-  def device_loss(params, frozen, batch, step_rng):
+  k = grad_accum_steps
+
+  def device_loss(params, frozen, batch, step_rng, micro):
+    # batch: micro-batch `micro` (int32 []) of this device's k.
     if not loss_per_image:
       rng = jax.random.fold_in(step_rng, lax.axis_index(AXIS))
+      if k > 1:
+        rng = jax.random.fold_in(rng, micro)
       return loss_fn(params, frozen, batch, rng)
-    per_device = jax.tree.leaves(batch)[0].shape[0]
-    global_index = lax.axis_index(AXIS) * per_device + jnp.arange(per_device)
+    per_micro = jax.tree.leaves(batch)[0].shape[0]
+    first = (lax.axis_index(AXIS) * k + micro) * per_micro
+    global_index = first + jnp.arange(per_micro)
     keys = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(global_index)
 
     def one_image(example, key):
@@ -76,10 +103,31 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     losses, aux = jax.vmap(one_image)(batch, keys)
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
 
+  grad_fn = jax.value_and_grad(device_loss, has_aux=True)
+
+  def accumulated_grad(params, frozen, batch, step_rng):
+    """((loss, aux), grads) of the device batch: the mean over k micro-batches."""
+    if k == 1:
+      return grad_fn(params, frozen, batch, step_rng, 0)
+    per_device = jax.tree.leaves(batch)[0].shape[0]
+    check_grad_accum(per_device, k)
+    micro = jax.tree.map(
+        lambda x: x.reshape((k, per_device // k) + x.shape[1:]), batch)
+
+    def body(grad_sum, xs):
+      index, micro_batch = xs
+      loss_aux, grads = grad_fn(params, frozen, micro_batch, step_rng, index)
+      return jax.tree.map(jnp.add, grad_sum, grads), loss_aux
+
+    grad_sum, loss_aux = lax.scan(body, jax.tree.map(jnp.zeros_like, params),
+                                  (jnp.arange(k), micro))
+    return (jax.tree.map(lambda x: jnp.mean(x, axis=0), loss_aux),
+            jax.tree.map(lambda g: g / k, grad_sum))
+
   def train_step(state: TrainState, batch):
     step_rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(device_loss, has_aux=True)(
-        state.params, state.frozen, batch, step_rng)
+    (loss, aux), grads = accumulated_grad(state.params, state.frozen, batch,
+                                          step_rng)
     grads = lax.pmean(grads, AXIS)
     loss = lax.pmean(loss, AXIS)
     aux = lax.pmean(dict(aux), AXIS)
