@@ -4,7 +4,9 @@
 of both heads over the protocol's seeds, S / T, step time, minutes); the
 README's `make demo` lines quote it, docs/RESULTS.md's table of the current
 recipe is where it was measured, configs/demo.py holds the step count, and
-the recipes' comments point at docs instead of restating figures.
+the recipes' comments point at docs instead of restating figures; the
+"Current" summaries at the top of docs/BENCHMARKS.md and docs/S_HEAD_GAP.md
+restate figures recorded below them.
 """
 import glob
 import io
@@ -109,3 +111,26 @@ def test_recipe_comments_point_at_docs_instead_of_quoting_figures():
       continue
     for comment in _comments(path):
       assert not figure.search(comment), f'{os.path.basename(path)}: {comment}'
+
+
+def _current_and_rest(path):
+  text = _read(path)
+  current = re.search(r'^## Current\n(.*?)(?=^## )', text, re.S | re.M)
+  assert current, f'{path}: no "## Current" section'
+  return current.group(1), text[:current.start()] + text[current.end():]
+
+
+def test_current_sections_copy_figures_from_the_records():
+  """The "Current" summaries of docs/BENCHMARKS.md and docs/S_HEAD_GAP.md
+  restate figures measured further down (or in docs/RESULTS.md), digit for
+  digit: every decimal and every number from 100 up is found there, and
+  every "mean ± std" as written."""
+  results = _read('docs/RESULTS.md')
+  for path in ('docs/BENCHMARKS.md', 'docs/S_HEAD_GAP.md'):
+    current, rest = _current_and_rest(path)
+    recorded = set(NUMBER.findall(rest + results))
+    figures = {n for n in NUMBER.findall(current) if '.' in n or int(n) >= 100}
+    assert figures, path
+    assert figures <= recorded, f'{path} "Current": {sorted(figures - recorded)} not recorded'
+    for mean_std in re.findall(r'\d+(?:\.\d+)? ± \d+(?:\.\d+)?', current):
+      assert mean_std in rest + results, f'{path} "Current": {mean_std} not recorded'
