@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from mimicdet_jax import config_lib
 from mimicdet_jax import errors
+from mimicdet_jax.evaluation import postprocess
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Recipe config file (configs/*.py).', lock_config=True)
@@ -30,7 +31,7 @@ _CHECKPOINT = flags.DEFINE_string(
 _VIZ = flags.DEFINE_integer(
     'viz', None, 'Draw the first N validation images (default eval.viz).')
 _HEAD = flags.DEFINE_enum(
-    'head', None, list(config_lib.EVAL_HEADS),
+    'head', None, list(postprocess.EVAL_HEADS),
     'Which head detects (default eval.head of the config): the S-head, the '
     'T-head on the same refined boxes, the mean of both, or one head\'s '
     'scores on the other\'s boxes (s_cls+t_box, t_cls+s_box; diagnostics).')

@@ -7,13 +7,44 @@ from typing import Any, Sequence
 import ml_collections
 
 from mimicdet_jax import errors
+from mimicdet_jax.data import pipeline
+from mimicdet_jax.data import validation
 from mimicdet_jax.errors import ConfigError
+from mimicdet_jax.evaluation import postprocess
+from mimicdet_jax.losses import detection
+from mimicdet_jax.losses import mimic
+from mimicdet_jax.losses import total
+from mimicdet_jax.models import backbones
+from mimicdet_jax.models import heads
+from mimicdet_jax.models import mimicdet
+from mimicdet_jax.targets import roi_sampling
+from mimicdet_jax.training import optim
+from mimicdet_jax.training import parallel
 
-# eval.head: the detecting head(s); the two crossed ones are diagnostics
-# (evaluation/postprocess.py `eval_heads`).
-EVAL_HEADS = ('s', 't', 'both', 's_cls+t_box', 't_cls+s_box')
-# optim.optimizer (training/optim.py `make_optimizer`).
-OPTIMIZERS = ('sgd', 'adamw')
+# Every key with a fixed set of values -> those values, each list defined once
+# beside the code that implements the choices (a new choice is one entry
+# there, none here); `resolve` checks the config against them. One line a key.
+CHOICES = {
+    'data.source': pipeline.SOURCES,
+    'data.bad_input': validation.POLICIES,
+    'model.dtype': mimicdet.DTYPES,
+    'model.backbone.arch': tuple(backbones.ARCHS),
+    'model.backbone.norm': backbones.NORMS,
+    'refine.cls_loss': detection.REFINE_CLS_LOSSES,
+    't_head.level_rule': mimicdet.T_HEAD_LEVEL_RULES,
+    't_head.roi_align_impl': tuple(heads.ROI_ALIGN_IMPLS),
+    't_head.norm': heads.HEAD_NORMS,
+    's_head.offset_mode': heads.OFFSET_MODES,
+    's_head.sampling': roi_sampling.S_HEAD_SAMPLINGS,
+    's_head.norm': heads.HEAD_NORMS,
+    'mimic.paths': mimic.PATHS,
+    'mimic.distance': tuple(mimic.DISTANCES),
+    'mimic.teacher_grad': mimic.TEACHER_GRADS,
+    'mimic.samples': total.MIMIC_SAMPLES,
+    'optim.optimizer': optim.OPTIMIZERS,
+    'train.parallelism': parallel.PARALLELISMS,
+    'eval.head': tuple(postprocess.EVAL_HEADS),
+}
 
 
 def resolve(config: ml_collections.ConfigDict,
@@ -43,33 +74,14 @@ def resolve(config: ml_collections.ConfigDict,
     c.s_head.num_logits = c.model.num_classes + 1
   if c.model.num_classes < 1:
     raise ConfigError(f'model.num_classes must be >= 1, got {c.model.num_classes}')
-  if c.mimic.enabled and 'cls' in _paths(c.mimic.paths) and (
+  for key, allowed in CHOICES.items():
+    check_choice(key, get_key(c, key), allowed)
+  if c.mimic.enabled and 'cls' in mimic.mimic_paths(c.mimic.paths) and (
       c.s_head.num_logits != c.model.num_classes + 1):
     raise ConfigError(
         f's_head.num_logits={c.s_head.num_logits} differs from the T-head '
         f'({c.model.num_classes + 1} logits): the cls mimic needs equal widths')
-  for key, allowed in (('mimic.paths', ('cls', 'reg', 'both')),
-                       ('mimic.distance', ('cosine', 'l2', 'smooth_l1', 'kl')),
-                       ('mimic.teacher_grad', ('stopped', 'flowing')),
-                       ('mimic.samples', ('all', 'foreground')),
-                       ('eval.head', EVAL_HEADS),
-                       ('t_head.level_rule', ('staggered', 'fpn')),
-                       ('s_head.offset_mode', ('learned', 'box', 'box_learned')),
-                       ('s_head.sampling', ('ohem', 'balanced')),
-                       ('refine.cls_loss', ('bce', 'focal')),
-                       ('model.dtype', ('float32', 'bfloat16')),
-                       ('data.source', ('coco_json', 'tfds')),
-                       ('data.bad_input', ('skip', 'fail')),
-                       ('train.parallelism', ('pmap', 'shard_map')),
-                       ('t_head.roi_align_impl', ('gather', 'einsum')),
-                       ('t_head.norm', ('none', 'group_norm')),
-                       ('s_head.norm', ('none', 'group_norm')),
-                       ('optim.optimizer', OPTIMIZERS)):
-    section, name = key.split('.')
-    value = c[section][name]
-    if value not in allowed:
-      raise ConfigError(f'{key}={value!r}; expected one of {allowed}')
-  lr_mults(c.optim)
+  optim.lr_mults(c.optim)  # ConfigError unless each is > 0
   k = c.train.grad_accum_steps
   if not isinstance(k, int) or k < 1 or c.train.batch_size % k:
     raise ConfigError(f'train.grad_accum_steps={k!r}; expected an integer >= 1 '
@@ -81,20 +93,10 @@ def resolve(config: ml_collections.ConfigDict,
   return ml_collections.FrozenConfigDict(c)
 
 
-def lr_mults(optim: ml_collections.ConfigDict) -> dict[str, float]:
-  """{'s_head': 3.0, ...}: every optim.<group>_lr_mult, each checked > 0."""
-  out = {}
-  for key in optim.keys():
-    if key.endswith('_lr_mult'):
-      mult = float(optim[key])
-      if not mult > 0:
-        raise ConfigError(f'optim.{key}={mult}; expected > 0')
-      out[key[:-len('_lr_mult')]] = mult
-  return out
-
-
-def _paths(paths: str) -> tuple[str, ...]:
-  return ('cls', 'reg') if paths == 'both' else (paths,)
+def check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
+  """ConfigError naming the key, the value and the allowed ones (CHOICES)."""
+  if value not in allowed:
+    raise ConfigError(f'{key}={value!r}; expected one of {tuple(allowed)}')
 
 
 def check_override_keys(argv: list[str], flag_name: str = 'config') -> None:

@@ -186,9 +186,6 @@ def test_build_source_dispatch_and_errors(paths):
   config.data.val_annotations = ''
   with pytest.raises(ValueError, match='data.val_annotations'):
     pipeline.build_source(config.data, 'val')
-  config.data.source = 'lmdb'
-  with pytest.raises(ValueError, match='data.source'):
-    pipeline.build_source(config.data, 'train')
 
 
 @pytest.mark.slow

@@ -92,24 +92,80 @@ def test_boxes_are_the_pasted_extent_and_the_pixels_there_are_pasted(module):
   assert np.median(diffs) > 25
 
 
-def _stats(render, count, sizes=()):
-  """Objects per image, sqrt(w h) of each box, class counts, visible share."""
-  per_image, side, classes, visible = [], [], [], []
+def test_each_glyph_label_is_the_character_drawn_there(monkeypatch):
+  """The class of every box is the character whose pasted strokes give it."""
+  drawn = []
+  real_glyph = glyphs._glyph
+
+  def recording_glyph(rng, img, character, fonts, h, w):
+    made = real_glyph(rng, img, character, fonts, h, w)
+    if made is not None:
+      _, alpha, y0, x0 = made
+      ys, xs = np.nonzero(alpha >= 0.5)
+      ys, xs = ys + y0, xs + x0
+      keep = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+      ys, xs = ys[keep], xs[keep]
+      if ys.size:
+        drawn.append((character, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]))
+    return made
+
+  monkeypatch.setattr(glyphs, '_glyph', recording_glyph)
+  checked = 0
+  for index in range(6):
+    drawn.clear()
+    ex = glyphs.render_example(2, 'val', index)
+    for box, cat in zip(ex['boxes'].tolist(), ex['category_ids'].tolist()):
+      names = [ch for ch, b in drawn if b == box]
+      assert names == [glyphs.CHARACTERS[cat - 1]], (index, box, cat, names)
+      checked += 1
+  assert checked >= 20
+
+
+def test_each_crowd_class_is_cut_from_its_own_source():
+  faces, _ = crowds.lfw()
+  loaded = photos.photos()
+  coin_boxes = [o[2] for o in photos.OBJECTS if o[0] == 'coin']
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    (kind, face), _ = crowds._source(rng, 'face')
+    assert kind == 'grey' and any(np.array_equal(face, f) for f in faces)
+    (kind, photo, box), _ = crowds._source(rng, 'coin')
+    assert photo is loaded['coins'] and tuple(box) in coin_boxes
+    for name in ('gravel', 'grass'):
+      (kind, photo, box), _ = crowds._source(rng, name)
+      assert photo is loaded[name] and box is not None
+    (kind, *src), _ = crowds._source(rng, None)  # a distractor: no class source
+    assert kind == 'grey' or src[0] not in (loaded['coins'], loaded['gravel'],
+                                            loaded['grass'])
+
+
+def _stats(render, count):
+  """Objects per image, sqrt(w h) of each box, class ids, visible share of
+  each object's alpha, and the mean Clark-Evans ratio of the box centres
+  (mean nearest-neighbour distance over 0.5 / sqrt(density): 1 for
+  uniformly scattered points, below 1 for clustered ones)."""
+  per_image, side, classes, visible, clark_evans = [], [], [], [], []
   for index in range(count):
-    ex = render(7, 'train', index, *sizes, return_layers=True)
+    ex = render(7, 'train', index, return_layers=True)
     b = ex['boxes']
+    h, w = ex['image'].shape[:2]
     per_image.append(len(b))
     side += list(np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])))
     classes += ex['category_ids'].tolist()
     visible += list(ex['visible'].sum((1, 2)) / ex['masks'].sum((1, 2)))
+    if len(b) >= 3:
+      centres = (b[:, :2] + b[:, 2:]) / 2
+      d = np.sqrt(((centres[:, None] - centres[None]) ** 2).sum(-1))
+      np.fill_diagonal(d, np.inf)
+      clark_evans.append(d.min(1).mean() / (0.5 * np.sqrt(h * w / len(b))))
   return (np.array(per_image), np.array(side), np.array(classes),
-          np.array(visible))
+          np.array(visible), np.mean(clark_evans))
 
 
 def test_sets_differ_in_class_count_object_size_and_crowding():
-  p_n, p_side, p_cls, _ = _stats(photos.render_example, 25)
-  g_n, g_side, g_cls, g_vis = _stats(glyphs.render_example, 25)
-  c_n, c_side, c_cls, c_vis = _stats(crowds.render_example, 15)
+  p_n, p_side, p_cls, _, _ = _stats(photos.render_example, 25)
+  g_n, g_side, g_cls, g_vis, g_ce = _stats(glyphs.render_example, 25)
+  c_n, c_side, c_cls, c_vis, c_ce = _stats(crowds.render_example, 15)
   # Class counts: 12, 24, 4, each class drawn.
   assert len(photos.CATEGORIES) == 12
   assert set(g_cls) == set(range(1, 25)) and set(c_cls) == set(range(1, 5))
@@ -121,9 +177,12 @@ def test_sets_differ_in_class_count_object_size_and_crowding():
   assert 12 < np.median(g_side) < 30 and (g_side >= 96).mean() < 0.02
   assert np.median(c_side) < np.median(g_side) and c_side.max() <= 29
   assert (c_side < 32).all() and (g_side < 32).mean() > 0.6 > (p_side < 32).mean()
-  # Objects per image: about 4, 8 and 20; crowds overlap most.
+  # Objects per image: about 5, 9 and 27; crowds gather (0.92 against 1.1
+  # without the clusters) and overlap (27 % of objects partly hidden, 15 %
+  # without the clusters), the glyphs scatter and rarely touch.
   assert p_n.mean() < 6 < g_n.mean() < 11 < 15 < c_n.mean()
-  assert (c_vis < 0.9).mean() > 2 * (g_vis < 0.9).mean()
+  assert c_ce < 1.0 < g_ce
+  assert (c_vis < 0.9).mean() > 0.2 > 0.05 > (g_vis < 0.9).mean()
 
 
 @pytest.mark.parametrize('module', SETS, ids=_ids)

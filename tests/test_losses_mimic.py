@@ -124,9 +124,13 @@ def test_mean_cosine_diagnostic():
                              rtol=1e-5)
 
 
-def test_unknown_variants_raise():
-  s, t = _pair()
-  with pytest.raises(ValueError):
-    _loss(s, t, np.ones((2, 5), bool), distance='emd')
-  with pytest.raises(ValueError):
-    _loss(s, t, np.ones((2, 5), bool), paths='box')
+@pytest.mark.parametrize('key,bad', [('mimic.distance', 'emd'),
+                                     ('mimic.paths', 'box'),
+                                     ('mimic.teacher_grad', 'half')])
+def test_unknown_variants_raise_at_start_up(key, bad):
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  c = common.base_config()
+  config_lib.set_key(c, key, bad)
+  with pytest.raises(config_lib.ConfigError, match=f"{key}='{bad}'"):
+    config_lib.resolve(c, 3)

@@ -211,9 +211,11 @@ def test_predict_output_boxes_stay_inside_image():
 
 
 def test_eval_heads_cover_the_config_choices():
-  from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
-  for head in config_lib.EVAL_HEADS:
+  for head in postprocess.EVAL_HEADS:
     cls_heads, box_heads = postprocess.eval_heads(head)
+    assert cls_heads and box_heads
     assert set(cls_heads) | set(box_heads) <= {'s', 't'}
-  with pytest.raises(ValueError, match='eval.head'):
-    postprocess.eval_heads('s_cls')
+  c = common.base_config()
+  c.eval.head = 's_cls'
+  with pytest.raises(config_lib.ConfigError, match="eval.head='s_cls'"):
+    config_lib.resolve(c, 3)

@@ -33,6 +33,10 @@ from mimicdet_jax.data import transforms
 from mimicdet_jax.errors import ConfigError
 
 
+# data.source: a COCO JSON + image folder | a TFDS data set (`build_source`).
+SOURCES = ('coco_json', 'tfds')
+
+
 def build_source(data, split: str):
   """The raw-example source of `split` ('train' | 'val') named by data.source."""
   if split not in ('train', 'val'):
@@ -47,13 +51,11 @@ def build_source(data, split: str):
           f'data.{key}_annotations and data.{key}_images must be set for '
           f'data.source=coco_json (got {ann!r}, {images!r})')
     return coco.CocoSource(ann, images, bad_input=data.bad_input)
-  if data.source == 'tfds':
-    from mimicdet_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-    tfds_split = data.tfds_train_split if split == 'train' else data.tfds_val_split
-    return tfds_source.TfdsSource(data.tfds_name, tfds_split,
-                                  data.tfds_data_dir or None,
-                                  bad_input=data.bad_input)
-  raise ConfigError(f"data.source must be 'coco_json' or 'tfds', got {data.source!r}")
+  from mimicdet_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  tfds_split = data.tfds_train_split if split == 'train' else data.tfds_val_split
+  return tfds_source.TfdsSource(data.tfds_name, tfds_split,
+                                data.tfds_data_dir or None,
+                                bad_input=data.bad_input)
 
 
 def check_val_categories(data, train_source) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from mimicdet_jax import errors
 
+# data.bad_input: count and skip a bad example | stop (`BadInputPolicy`).
 POLICIES = ('skip', 'fail')
 
 # Kinds of bad input, used as counter keys and in the summary.

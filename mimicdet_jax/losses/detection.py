@@ -64,6 +64,10 @@ def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
   return num / jnp.maximum(den.astype(jnp.float32), 1.0)
 
 
+# refine.cls_loss: the refinement module's objectness loss (`refine_loss`).
+REFINE_CLS_LOSSES = ('bce', 'focal')
+
+
 def refine_loss(logits: jax.Array, deltas: jax.Array, positive: jax.Array,
                 delta_targets: jax.Array, sampled: jax.Array | None, *,
                 cls_loss: str, focal_alpha: float, focal_gamma: float
@@ -90,11 +94,9 @@ def refine_loss(logits: jax.Array, deltas: jax.Array, positive: jax.Array,
   if cls_loss == 'bce':
     per = sigmoid_bce(logits, labels)
     cls = _safe_div(jnp.sum(jnp.where(sampled, per, 0.0)), jnp.sum(sampled))
-  elif cls_loss == 'focal':
+  else:  # 'focal'
     per = sigmoid_focal(logits, labels, focal_alpha, focal_gamma)
     cls = _safe_div(jnp.sum(per), num_pos)
-  else:
-    raise ValueError(f'refine.cls_loss={cls_loss!r}; expected bce or focal')
   reg = _safe_div(jnp.sum(jnp.where(positive, l1(deltas, delta_targets), 0.0)),
                   num_pos)
   return dict(cls=cls, reg=reg, num_positives=num_pos)

@@ -77,21 +77,21 @@ CLS_ONLY = ('kl',)
 
 def path_distance(path: str, distance: str) -> str:
   """The distance used on `path` ('cls' | 'reg') for config `mimic.distance`."""
-  if distance not in DISTANCES:
-    raise ValueError(f'mimic.distance={distance!r}; expected one of '
-                     f'{tuple(DISTANCES)}')
   if path == 'reg' and distance in CLS_ONLY:
     return 'cosine'
   return distance
 
 
+# mimic.paths: the paths the mimic pulls (`mimic_paths`).
+PATHS = ('cls', 'reg', 'both')
+# mimic.teacher_grad: the teacher's outputs as constants, or trained by the
+# mimic too (`mimic_loss`).
+TEACHER_GRADS = ('stopped', 'flowing')
+
+
 def mimic_paths(paths: str) -> tuple[str, ...]:
-  """Config `mimic.paths` -> the paths it switches on."""
-  if paths == 'both':
-    return ('cls', 'reg')
-  if paths in ('cls', 'reg'):
-    return (paths,)
-  raise ValueError(f'mimic.paths={paths!r}; expected cls, reg or both')
+  """Config `mimic.paths` (one of PATHS) -> the paths it switches on."""
+  return ('cls', 'reg') if paths == 'both' else (paths,)
 
 
 def mimic_loss(student: dict[str, jax.Array], teacher: dict[str, jax.Array],
@@ -111,9 +111,6 @@ def mimic_loss(student: dict[str, jax.Array], teacher: dict[str, jax.Array],
   Returns:
     (loss scalar, {path: that path's mean distance}).
   """
-  if teacher_grad not in ('stopped', 'flowing'):
-    raise ValueError(f'mimic.teacher_grad={teacher_grad!r}; expected stopped '
-                     'or flowing')
   n = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
   total = jnp.zeros((), jnp.float32)
   per_path = {}

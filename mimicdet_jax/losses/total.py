@@ -64,6 +64,10 @@ def proposal_recall(proposal_boxes: jax.Array, proposal_valid: jax.Array,
   return jnp.sum(hit) / jnp.maximum(jnp.sum(gt_mask), 1).astype(jnp.float32)
 
 
+# mimic.samples: which T-head samples the mimic pulls (`mimic_sample_mask`).
+MIMIC_SAMPLES = ('all', 'foreground')
+
+
 def mimic_sample_mask(t_samples: dict, *, samples: str,
                       include_gt: bool) -> jax.Array:
   """Which T-head samples enter the mimic loss, [B, S] bool (SPEC 3, "Mimic").
@@ -127,9 +131,6 @@ def make_loss_fn(model: nn.Module,
   c = config
   levels = tuple(c.model.s_levels)
   mimic_paths = mimic_lib.mimic_paths(c.mimic.paths)
-  if c.mimic.samples not in ('all', 'foreground'):
-    raise ValueError(f'mimic.samples={c.mimic.samples!r}; expected all or '
-                     'foreground')
 
   refine_targets = jax.vmap(functools.partial(
       refine_lib.refine_targets, levels=levels,
@@ -151,9 +152,6 @@ def make_loss_fn(model: nn.Module,
     return mask.at[idx].max(ok)
 
   sample_proposals = jax.vmap(sample_one)
-  if c.s_head.sampling not in ('ohem', 'balanced'):
-    raise ValueError(f's_head.sampling={c.s_head.sampling!r}; expected ohem '
-                     'or balanced')
   s_head_targets = jax.vmap(functools.partial(
       roi_sampling.s_head_targets, fg_iou=c.s_head.fg_iou,
       stds=tuple(c.s_head.stds)))

@@ -38,7 +38,12 @@ c2_msra_fill = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 
+# t_head.norm and s_head.norm (`_normed_relu`, `SHead`).
 HEAD_NORMS = ('none', 'group_norm')
+# t_head.roi_align_impl -> `THead`'s RoIAlign: one function in two forms, the
+# same values (ops/roi_align.py).
+ROI_ALIGN_IMPLS = {'gather': multilevel_roi_align,
+                   'einsum': multilevel_roi_align_einsum}
 
 
 def _normed_relu(x: jax.Array, norm: str, dtype: Any, name: str) -> jax.Array:
@@ -52,8 +57,6 @@ def _normed_relu(x: jax.Array, norm: str, dtype: Any, name: str) -> jax.Array:
   """
   if norm == 'none':
     return nn.relu(x)
-  if norm != 'group_norm':
-    raise ValueError(f'head norm must be one of {HEAD_NORMS}, got {norm!r}')
   gn = nn.GroupNorm(num_groups=math.gcd(32, x.shape[-1]), epsilon=1e-5,
                     dtype=dtype, param_dtype=jnp.float32, name=name)
   return nn.relu(gn(x))
@@ -136,10 +139,7 @@ class THead(nn.Module):
     batch, num_boxes = boxes.shape[:2]
     levels = tuple(self.levels)
     boxes = boxes.astype(jnp.float32)
-    align = multilevel_roi_align
-    if self.roi_align_impl == 'einsum':
-      align = multilevel_roi_align_einsum
-    rois = align(
+    rois = ROI_ALIGN_IMPLS[self.roi_align_impl](
         features, boxes, levels, output_size=(self.roi_size, self.roi_size),
         sampling_ratio=self.sampling_ratio, aligned=True,
         canonical_size=self.canonical_size,
@@ -192,6 +192,7 @@ class OffsetNet(nn.Module):
     return offsets.astype(jnp.float32)
 
 
+# s_head.offset_mode: where `GuidedConv`'s deformable taps sample.
 OFFSET_MODES = ('learned', 'box', 'box_learned')
 
 
@@ -266,9 +267,6 @@ class GuidedConv(nn.Module):
     if self.deformable:
       if self.detach_guide:
         refine_deltas = jax.lax.stop_gradient(refine_deltas)
-      if self.offset_mode not in OFFSET_MODES:
-        raise ValueError(f's_head.offset_mode={self.offset_mode!r}; expected '
-                         f'one of {OFFSET_MODES}')
       offsets = 0.0
       if self.offset_mode in ('box', 'box_learned'):
         offsets = box_aligned_offsets(refine_deltas, k, self.anchor_scale,
@@ -347,11 +345,8 @@ class SHead(nn.Module):
       reg_norm = nn.GroupNorm(num_groups=math.gcd(32, self.reg_dim),
                               epsilon=1e-5, dtype=self.dtype,
                               param_dtype=jnp.float32, name='reg_hidden_norm')
-    elif self.norm == 'none':
+    else:  # 'none'
       cls_norm = reg_norm = lambda h: h
-    else:
-      raise ValueError(f'head norm must be one of {HEAD_NORMS}, got '
-                       f'{self.norm!r}')
     out = {}
     for level in self.levels:
       conv = fine_conv if level == finest else coarse_conv

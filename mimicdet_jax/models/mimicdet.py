@@ -26,6 +26,9 @@ def t_head_levels(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return tuple(model.t_levels if model.staggered else model.s_levels)
 
 
+# model.dtype: the compute dtype (`MimicDet.setup`); params stay float32.
+DTYPES = ('float32', 'bfloat16')
+# t_head.level_rule (`t_head_box_levels`).
 T_HEAD_LEVEL_RULES = ('staggered', 'fpn')
 
 
@@ -52,12 +55,8 @@ def t_head_box_levels(config: ml_collections.ConfigDict,
   Returns:
     int32 [B, N] levels within the T-head's levels, or None (fpn rule).
   """
-  rule = config.t_head.level_rule
-  if rule == 'fpn':
+  if config.t_head.level_rule == 'fpn':
     return None
-  if rule != 'staggered':
-    raise ValueError(f't_head.level_rule={rule!r}; expected one of '
-                     f'{T_HEAD_LEVEL_RULES}')
   t_levels = t_head_levels(config)
   shift = min(config.model.s_levels) - min(t_levels)
   level = jnp.asarray(anchor_level, jnp.int32)[origin] - shift

@@ -14,6 +14,10 @@ import jax.numpy as jnp
 
 from mimicdet_jax.ops import boxes as box_ops
 
+# s_head.sampling: the proposals in the S-head loss are the ohem_samples
+# largest losses (the paper) | drawn by `balanced_sample` like the T-head's
+# (losses/total.py picks; losses/detection.py `s_head_loss` reduces).
+S_HEAD_SAMPLINGS = ('ohem', 'balanced')
 
 def balanced_sample(key: jax.Array, positive: jax.Array, negative: jax.Array,
                     num_samples: int, pos_fraction: float

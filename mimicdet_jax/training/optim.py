@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mimicdet_jax import config_lib
 from mimicdet_jax import errors
 
 PyTree = Any
@@ -47,6 +46,10 @@ def make_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
       [warmup, lambda t: decay(t + o.warmup_steps)], [o.warmup_steps])
 
 
+# optim.optimizer: SGD with momentum (the paper) | AdamW (`make_optimizer`).
+OPTIMIZERS = ('sgd', 'adamw')
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    frozen_mask: PyTree) -> optax.GradientTransformation:
   """SGD with momentum (or AdamW), masked weight decay, clipping, frozen leaves.
@@ -78,13 +81,10 @@ def make_optimizer(config: ml_collections.ConfigDict,
     if o.weight_decay > 0:
       chain.append(decay)
     chain.append(optax.trace(decay=o.momentum, nesterov=False))
-  elif o.optimizer == 'adamw':  # from-scratch CPU demo: converges in fewer steps
+  else:  # adamw, the from-scratch CPU demo: converges in fewer steps
     chain.append(optax.scale_by_adam(eps=float(o.get('adam_eps', 1e-8))))
     if o.weight_decay > 0:
       chain.append(decay)  # decoupled, as optax.adamw
-  else:
-    raise errors.ConfigError(f'optim.optimizer={o.optimizer!r}; expected one '
-                             f'of {config_lib.OPTIMIZERS}')
   chain.append(optax.scale_by_learning_rate(make_lr_schedule(config)))
   groups = head_lr_mults(o)
   transforms = {'trainable': optax.chain(*chain),
@@ -99,9 +99,24 @@ def make_optimizer(config: ml_collections.ConfigDict,
 HEAD_MODULES = {'s_head': 's_head_net', 't_head': 't_head_net'}
 
 
+def lr_mults(optim: ml_collections.ConfigDict) -> dict[str, float]:
+  """{'s_head': 3.0, ...}: every optim.<group>_lr_mult, each checked > 0.
+
+  config_lib.resolve calls it too, so a bad value fails at start-up.
+  """
+  out = {}
+  for key in optim.keys():
+    if key.endswith('_lr_mult'):
+      mult = float(optim[key])
+      if not mult > 0:
+        raise errors.ConfigError(f'optim.{key}={mult}; expected > 0')
+      out[key[:-len('_lr_mult')]] = mult
+  return out
+
+
 def head_lr_mults(o: ml_collections.ConfigDict) -> dict[str, float]:
   """{'s_head': 3.0, ...}: the heads whose optim.<head>_lr_mult is not 1."""
-  mults = config_lib.lr_mults(o)  # ConfigError unless each is > 0
+  mults = lr_mults(o)  # ConfigError unless each is > 0
   return {name: mults[name] for name in HEAD_MODULES
           if mults.get(name, 1.0) != 1.0}
 

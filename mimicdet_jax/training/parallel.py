@@ -45,6 +45,7 @@ def replicate(tree: PyTree, devices=None) -> PyTree:
           sharding), tree)
 
 
+# train.parallelism (`Parallel`).
 PARALLELISMS = ('pmap', 'shard_map')
 
 
@@ -82,9 +83,6 @@ class DataParallel:
         shard_map: the mesh's devices (default `jax.devices()`, every
         process's).
     """
-    if kind not in PARALLELISMS:
-      raise ValueError(f'train.parallelism={kind!r}; expected one of '
-                       f'{PARALLELISMS}')
     self.kind = kind
     self.devices = list(devices) if devices is not None else None
     if kind == 'shard_map':
