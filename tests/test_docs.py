@@ -134,3 +134,35 @@ def test_current_sections_copy_figures_from_the_records():
     assert figures <= recorded, f'{path} "Current": {sorted(figures - recorded)} not recorded'
     for mean_std in re.findall(r'\d+(?:\.\d+)? ± \d+(?:\.\d+)?', current):
       assert mean_std in rest + results, f'{path} "Current": {mean_std} not recorded'
+
+
+def _architecture_module_list():
+  """The modules docs/ARCHITECTURE.md's "One line per module" block names:
+  `mimicdet_jax/x/y.py ...` lines, and `mimicdet_jax/x/  a.py, b.py ...`
+  lines for a folder's files."""
+  text = _read('docs/ARCHITECTURE.md')
+  block = re.search(r'One line per module:\n```\n(.*?)```', text, re.S)
+  assert block, 'docs/ARCHITECTURE.md: no "One line per module" block'
+  named = set()
+  for line in block.group(1).splitlines():
+    if not line.startswith('mimicdet_jax/'):
+      continue
+    path, rest = (line.split(None, 1) + [''])[:2]
+    if path.endswith('.py'):
+      named.add(path)
+    else:
+      named.update(path.rstrip('/') + '/' + name
+                   for name in re.findall(r'\b(\w+\.py)\b', rest))
+  return named
+
+
+def test_architecture_lists_every_module():
+  named = _architecture_module_list()
+  modules = set()
+  for dirpath, _, names in os.walk(os.path.join(REPO, 'mimicdet_jax')):
+    modules.update(os.path.relpath(os.path.join(dirpath, n), REPO)
+                   for n in names if n.endswith('.py') and n != '__init__.py')
+  assert not modules - named, (
+      f'docs/ARCHITECTURE.md, "One line per module", lacks {sorted(modules - named)}')
+  assert not named - modules, (
+      f'docs/ARCHITECTURE.md names modules that do not exist: {sorted(named - modules)}')
