@@ -25,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # pylint: disable=g-import-not-at-top
 from mimicdet_jax import ops  # pylint: disable=g-import-not-at-top
+
+SPEC = common.base_config()  # box.scale_clip, t_head.canonical_*
 
 SIZES = {
     # canvas (h, w), batch, channels, RoI boxes per image, NMS inputs/outputs,
@@ -87,7 +90,8 @@ def bench(size: str, reps: int, which, skip_roi_align=()):
            jax.jit(ops.box_iou), (boxes, gt))
     stds = (0.1, 0.1, 0.2, 0.2)
     coder = jax.jit(lambda x, r: ops.decode_deltas(
-        ops.encode_deltas(x, r, stds), r, stds))
+        ops.encode_deltas(x, r, stds), r, stds,
+        scale_clip=SPEC.box.scale_clip))
     record('encode+decode_deltas', f'[{b},{cfg["rois"]},4]', coder,
            (boxes, boxes[:, ::-1]))
 
@@ -122,10 +126,13 @@ def bench(size: str, reps: int, which, skip_roi_align=()):
                           ('einsum', ops.multilevel_roi_align_einsum)):
         if impl in skip_roi_align:
           continue
-        fwd = jax.jit(lambda m, x, align=align: align(m, x, levels, (7, 7), 2))
+        rule = dict(canonical_size=SPEC.t_head.canonical_size,
+                    canonical_level=SPEC.t_head.canonical_level)
+        fwd = jax.jit(lambda m, x, align=align: align(m, x, levels, (7, 7), 2,
+                                                      **rule))
         record(f'multilevel_roi_align {impl} fwd', shapes, fwd, (maps, boxes))
         grad = jax.jit(jax.grad(lambda m, x, align=align: jnp.sum(
-            align(m, x, levels, (7, 7), 2) ** 2)))
+            align(m, x, levels, (7, 7), 2, **rule) ** 2)))
         record(f'multilevel_roi_align {impl} fwd+bwd', shapes, grad,
                (maps, boxes))
 

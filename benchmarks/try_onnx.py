@@ -340,12 +340,12 @@ def build_parts(config, variables, categories, batch, canvas):
     idx, obj = postprocess.inference_positions(refine_logits, anchor_boxes,
                                                image_size, config)
     refined = ops.clip_boxes(ops.decode_deltas(
-        postprocess._gather(refine_deltas, idx), jnp.asarray(anchor_boxes)[idx],  # pylint: disable=protected-access
+        mimicdet.gather_at(refine_deltas, idx), jnp.asarray(anchor_boxes)[idx],
         config.refine.stds, scale_clip=config.box.scale_clip), image_size)
     boxes = ops.clip_boxes(ops.decode_deltas(
-        postprocess._gather(s_deltas, idx), refined, config.s_head.stds,  # pylint: disable=protected-access
+        mimicdet.gather_at(s_deltas, idx), refined, config.s_head.stds,
         scale_clip=config.box.scale_clip), image_size)
-    probs = postprocess.class_probs(postprocess._gather(s_cls_logits, idx))  # pylint: disable=protected-access
+    probs = postprocess.class_probs(mimicdet.gather_at(s_cls_logits, idx))
     if config.eval.score_times_objectness:
       probs = probs * obj[..., None]
     return boxes, jnp.where(obj[..., None] > 0, probs, 0.0)

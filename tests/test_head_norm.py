@@ -82,7 +82,8 @@ def test_group_norm_relu_matches_numpy(shape):
 
 def test_head_norm_wiring_and_config_check():
   t_head = heads.THead(levels=(3,), num_logits=4, fc_dim=32, num_convs=2,
-                       conv_dim=8, norm='group_norm')
+                       conv_dim=8, canonical_size=224.0, canonical_level=4,
+                       norm='group_norm')
   feats = {3: jnp.ones((1, 16, 16, 8))}
   boxes = jnp.array([[[1.0, 2.0, 9.0, 12.0]]])
   params = jax.eval_shape(t_head.init, jax.random.PRNGKey(0), feats,
@@ -90,7 +91,9 @@ def test_head_norm_wiring_and_config_check():
   assert {'cls_fc1_norm', 'cls_fc2_norm', 'reg_conv1_norm', 'reg_conv2_norm',
           'reg_fc_norm'} <= set(params)
   plain = jax.eval_shape(heads.THead(levels=(3,), num_logits=4, fc_dim=32,
-                                     num_convs=2, conv_dim=8).init,
+                                     num_convs=2, conv_dim=8,
+                                     canonical_size=224.0,
+                                     canonical_level=4).init,
                          jax.random.PRNGKey(0), feats, boxes)['params']
   assert not any(k.endswith('_norm') for k in plain)
   s_head = heads.SHead(levels=(3, 4), num_logits=4, channels=8,

@@ -53,7 +53,7 @@ def test_box_aligned_offsets_put_taps_on_the_box_bins(k, stds):
 
 def _guided(mode):
   return heads.GuidedConv(6, 3, offset_hidden=(4, 4), offset_mode=mode,
-                          anchor_scale=4.0)
+                          anchor_scale=4.0, scale_clip=CLIP)
 
 
 def test_offset_modes_wiring():

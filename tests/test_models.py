@@ -224,8 +224,8 @@ def _s_head(deformable, **kw):
 
 
 @functools.lru_cache(maxsize=None)
-def _s_apply(deformable, detach_guide=True):
-  return jax.jit(_s_head(deformable, detach_guide=detach_guide).apply)
+def _s_apply(deformable, offset_stop_grad=True):
+  return jax.jit(_s_head(deformable, offset_stop_grad=offset_stop_grad).apply)
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,7 +315,7 @@ def test_s_head_offset_input_gradient_switch():
   params = _set_offsets(params, lambda n: jnp.full((n,), 0.3), kernel_value=0.1)
 
   def grad_sum(stop):
-    f = lambda d: jnp.sum(_s_head(True, detach_guide=stop).apply(
+    f = lambda d: jnp.sum(_s_head(True, offset_stop_grad=stop).apply(
         {'params': params}, feats, d)[3][0])
     return float(jnp.sum(jnp.abs(jax.jit(jax.grad(f))(deltas)[3])))
 

@@ -115,12 +115,13 @@ def test_encode_decode_match_loops_and_round_trip():
   ref = np.array([_encode_ref(b, r, stds, means) for b, r in zip(
       boxes.astype(np.float64), refs.astype(np.float64))])
   np.testing.assert_allclose(deltas, ref, rtol=1e-5, atol=1e-4)
-  back = np.asarray(ops.decode_deltas(deltas, refs, stds, means))
+  clip = math.log(1000.0 / 16)
+  back = np.asarray(ops.decode_deltas(deltas, refs, stds, means,
+                                      scale_clip=clip))
   np.testing.assert_allclose(back, boxes, atol=1e-3)
   # Decoding of arbitrary deltas, some past the clip.
   d = rng.normal(0, 3, (20, 4)).astype(np.float32)
   d[:3, 2:] = 100.0
-  clip = math.log(1000.0 / 16)
   got = np.asarray(ops.decode_deltas(d, refs, stds, means, scale_clip=clip))
   ref = np.array([_decode_ref(a, r, stds, means, clip) for a, r in zip(
       d.astype(np.float64), refs.astype(np.float64))])

@@ -129,7 +129,7 @@ def test_fpn_levels_rule():
                    axis=-1).astype(np.float32)
   expected = [min(max(math.floor(4 + math.log2(s / 224 + 1e-8)), 2), 6)
               for s in sides]
-  got = np.asarray(ops.fpn_levels(boxes, 2, 6))
+  got = np.asarray(ops.fpn_levels(boxes, 2, 6, 224.0, 4))
   assert got.dtype == np.int32
   assert list(got) == expected
   assert list(got) == [2, 2, 2, 3, 3, 4, 4, 5, 6]
@@ -252,7 +252,9 @@ def test_einsum_roi_align_backward_has_no_scatter_or_gather():
   levels, maps, boxes = _pyramid_and_boxes(n=8)
 
   def grad_hlo(align):
-    loss = lambda m: jnp.sum(align(m, boxes, levels, (7, 7), 2) ** 2)
+    loss = lambda m: jnp.sum(align(m, boxes, levels, (7, 7), 2,
+                                   canonical_size=224.0,
+                                   canonical_level=4) ** 2)
     return jax.jit(jax.grad(loss)).lower(maps).as_text()
 
   gather_text = grad_hlo(ops.multilevel_roi_align)

@@ -20,11 +20,6 @@ from mimicdet_jax.targets import proposals as proposals_lib
 Array = jnp.ndarray
 
 
-def _gather(x: Array, idx: Array) -> Array:
-  """x [B, A, ...] gathered at idx [B, N] -> [B, N, ...]."""
-  return jax.vmap(lambda a, i: a[i])(x, idx)
-
-
 def select_positions(refine_logits: Array, topk: int) -> tuple[Array, Array]:
   """Top-`topk` dense positions per image by refinement objectness.
 
@@ -155,7 +150,7 @@ def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
   idx, objectness = inference_positions(outputs['refine_logits'],
                                         anchor_boxes, image_size, config)
   refined = ops.decode_deltas(
-      _gather(outputs['refine_deltas'], idx).astype(jnp.float32),
+      mimicdet.gather_at(outputs['refine_deltas'], idx).astype(jnp.float32),
       jnp.asarray(anchor_boxes, jnp.float32)[idx], config.refine.stds,
       scale_clip=scale_clip)
   refined = ops.clip_boxes(refined, image_size)
@@ -166,8 +161,8 @@ def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
   cls_heads, box_heads = eval_heads(ev.head)
   raw = {}  # head -> (cls_logits, deltas, stds)
   if 's' in cls_heads + box_heads:
-    raw['s'] = (_gather(outputs['s_cls_logits'], idx),
-                _gather(outputs['s_deltas'], idx), config.s_head.stds)
+    raw['s'] = (mimicdet.gather_at(outputs['s_cls_logits'], idx),
+                mimicdet.gather_at(outputs['s_deltas'], idx), config.s_head.stds)
   if 't' in cls_heads + box_heads:
     if t_head_fn is None:
       raise ValueError(f'eval.head={ev.head!r} needs t_head_fn')

@@ -35,15 +35,6 @@ from mimicdet_jax.targets import proposals as proposals_lib
 from mimicdet_jax.targets import refine as refine_lib
 from mimicdet_jax.targets import roi_sampling
 
-LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-
-
-def gather_at(dense: jax.Array, index: jax.Array) -> jax.Array:
-  """Reads dense outputs [B, A, ...] at flat positions index [B, N] -> [B, N, ...]."""
-  index = index.reshape(index.shape + (1,) * (dense.ndim - 2))
-  return jnp.take_along_axis(dense, index, axis=1)
-
-
 def gt_mask_of(batch: dict) -> jax.Array:
   """Gts the targets use, [B, G] bool: real, non-crowd, positive area."""
   boxes = batch['boxes']
@@ -100,8 +91,9 @@ def alive_units(features: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def make_loss_fn(model: nn.Module,
-                 config: ml_collections.FrozenConfigDict) -> LossFn:
-  """Builds total_loss(params, frozen, batch, rng) -> (loss, aux).
+                 config: ml_collections.FrozenConfigDict) -> Callable:
+  """Builds total_loss(params, frozen, batch, rng) -> (loss, aux), a
+  `training.step.LossFn`.
 
   Args:
     model: a `MimicDet` (or a fork with the same `__call__`/`t_head`).
@@ -219,13 +211,13 @@ def make_loss_fn(model: nn.Module,
           jax.random.split(jax.random.fold_in(rng, 2), batch_size),
           ss['foreground'], props['valid'] & ~ss['foreground'])
     s_loss = detection.s_head_loss(
-        gather_at(out['s_cls_logits'], props['origin']),
-        gather_at(out['s_deltas'], props['origin']), ss['labels'],
+        mimicdet.gather_at(out['s_cls_logits'], props['origin']),
+        mimicdet.gather_at(out['s_deltas'], props['origin']), ss['labels'],
         ss['delta_targets'], props['valid'], c.s_head.ohem_samples, s_sampled)
 
     # 6. Mimic on the T-head's samples, S-head read at their origins.
-    student = dict(cls=gather_at(out['s_cls_logits'], ts['origin']),
-                   reg=gather_at(out['s_reg_feature'], ts['origin']))
+    student = dict(cls=mimicdet.gather_at(out['s_cls_logits'], ts['origin']),
+                   reg=mimicdet.gather_at(out['s_reg_feature'], ts['origin']))
     teacher = dict(cls=t_cls_logits, reg=t_reg_feature)
     mimic_mask = mimic_sample_mask(ts, samples=c.mimic.samples,
                                    include_gt=c.mimic.include_gt)

@@ -108,14 +108,15 @@ class THead(nn.Module):
   Each box is pooled from one level of `levels`: the one given per box
   (`box_levels`, the staggered rule of `mimicdet.t_head_box_levels`), or by
   default the FPN rule floor(canonical_level + log2(sqrt(wh) /
-  canonical_size)) clamped to levels.
+  canonical_size)) clamped to levels (`t_head.canonical_*`; needed only
+  for that rule).
   """
   levels: Sequence[int]
   num_logits: int
   roi_size: int = 7
   sampling_ratio: int = 2
-  canonical_size: float = 224.0
-  canonical_level: int = 4
+  canonical_size: Optional[float] = None
+  canonical_level: Optional[int] = None
   fc_dim: int = 1024
   num_convs: int = 4
   conv_dim: int = 256
@@ -242,17 +243,19 @@ class GuidedConv(nn.Module):
   (`s_head.offset_mode`): learned = `OffsetNet` (the paper); box =
   `box_aligned_offsets` (no parameters); box_learned = box plus the
   `OffsetNet` output as a learned correction (zero at initialisation).
-  All modes have the same 'kernel' [k, k, Cin, features] and 'bias'.
+  `offset_stop_grad` (`s_head.offset_stop_grad`): no gradient from the
+  offsets into the refinement deltas. All modes have the same 'kernel'
+  [k, k, Cin, features] and 'bias'.
   """
   features: int
   kernel_size: int
   deformable: bool = True
   offset_hidden: Sequence[int] = (64, 128)
-  detach_guide: bool = True
+  offset_stop_grad: bool = True
   offset_mode: str = 'learned'
   anchor_scale: float = 4.0
   refine_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
-  scale_clip: float = math.log(1000.0 / 16)
+  scale_clip: Optional[float] = None  # box.scale_clip; box offset modes only
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -265,10 +268,13 @@ class GuidedConv(nn.Module):
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if self.deformable:
-      if self.detach_guide:
+      if self.offset_stop_grad:
         refine_deltas = jax.lax.stop_gradient(refine_deltas)
       offsets = 0.0
       if self.offset_mode in ('box', 'box_learned'):
+        if self.scale_clip is None:
+          raise ValueError(f'offset_mode={self.offset_mode!r} needs '
+                           'scale_clip (box.scale_clip)')
         offsets = box_aligned_offsets(refine_deltas, k, self.anchor_scale,
                                       self.refine_stds, self.scale_clip)
       if self.offset_mode in ('learned', 'box_learned'):
@@ -304,11 +310,11 @@ class SHead(nn.Module):
   cls_dim: int = 1024
   reg_dim: int = 1024
   deformable: bool = True
-  detach_guide: bool = True
+  offset_stop_grad: bool = True
   offset_mode: str = 'learned'
   anchor_scale: float = 4.0
   refine_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
-  scale_clip: float = math.log(1000.0 / 16)
+  scale_clip: Optional[float] = None  # box.scale_clip; box offset modes only
   dtype: Any = jnp.float32
   norm: str = 'none'  # none (the paper) | group_norm (s_head.norm)
 
@@ -326,7 +332,8 @@ class SHead(nn.Module):
     """
     guided = lambda k, name: GuidedConv(  # pylint: disable=g-long-lambda
         self.channels, k, deformable=self.deformable,
-        offset_hidden=self.offset_hidden, detach_guide=self.detach_guide,
+        offset_hidden=self.offset_hidden,
+        offset_stop_grad=self.offset_stop_grad,
         offset_mode=self.offset_mode, anchor_scale=self.anchor_scale,
         refine_stds=self.refine_stds, scale_clip=self.scale_clip,
         dtype=self.dtype, name=name)

@@ -72,6 +72,16 @@ def flatten_levels(per_level: list[jax.Array]) -> jax.Array:
       [x.reshape((x.shape[0], -1) + x.shape[3:]) for x in per_level], axis=1)
 
 
+def gather_at(dense: jax.Array, index: jax.Array) -> jax.Array:
+  """Reads dense outputs [B, A, ...] at flat positions index [B, N] -> [B, N, ...].
+
+  A position is a proposal's origin in the `flatten_levels` order (the
+  losses read the S-head at their samples, post-processing at its top-k).
+  """
+  index = index.reshape(index.shape + (1,) * (dense.ndim - 2))
+  return jnp.take_along_axis(dense, index, axis=1)
+
+
 class MimicDet(nn.Module):
   """Attributes: config, the whole resolved config (FrozenConfigDict) with
   model.num_classes and s_head.num_logits positive."""
@@ -100,7 +110,7 @@ class MimicDet(nn.Module):
         cls_dim=c.s_head.cls_dim,
         reg_dim=c.s_head.reg_dim,
         deformable=c.s_head.deformable,
-        detach_guide=c.s_head.offset_stop_grad,
+        offset_stop_grad=c.s_head.offset_stop_grad,
         offset_mode=c.s_head.offset_mode,
         anchor_scale=c.model.anchor_scale,
         refine_stds=tuple(c.refine.stds),

@@ -11,15 +11,11 @@ The delta parameterisation is Faster R-CNN's (detectron2 `Box2BoxTransform`),
 written with mmdetection-style means/stds: detectron2's weights (wx, wy, ww,
 wh) are 1 / stds with zero means.
 """
-import math
 from typing import Optional, Sequence
 
 import jax.numpy as jnp
 
 Array = jnp.ndarray
-
-# Default dw/dh clip before exp (SPEC 2, `config.box.scale_clip`).
-DEFAULT_SCALE_CLIP = math.log(1000.0 / 16)
 
 
 def box_area(boxes: Array) -> Array:
@@ -127,12 +123,13 @@ def encode_deltas(boxes: Array, ref_boxes: Array, stds: Sequence[float],
 
 
 def decode_deltas(deltas: Array, ref_boxes: Array, stds: Sequence[float],
-                  means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-                  scale_clip: float = DEFAULT_SCALE_CLIP) -> Array:
+                  means: Sequence[float] = (0.0, 0.0, 0.0, 0.0), *,
+                  scale_clip: float) -> Array:
   """Inverse of `encode_deltas`: applies deltas [..., 4] to ref_boxes [..., 4].
 
   dw and dh (after de-normalising) are clipped from above at `scale_clip`
-  before exp, so a box grows at most 1000/16 times per side by default.
+  (`box.scale_clip`, SPEC 2: log(1000 / 16), a box grows at most 1000/16
+  times per side) before exp.
   Returns boxes [..., 4] x1y1x2y2, unclipped to the image.
   """
   means = jnp.asarray(means, deltas.dtype)

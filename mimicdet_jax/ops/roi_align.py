@@ -145,13 +145,13 @@ def roi_align(features: Array, boxes: Array,
 
 
 def fpn_levels(boxes: Array, min_level: int, max_level: int,
-               canonical_size: float = 224.0,
-               canonical_level: int = 4) -> Array:
+               canonical_size: float, canonical_level: int) -> Array:
   """FPN level of each box [..., 4] -> int32 [...].
 
   k = clamp(floor(canonical_level + log2(sqrt(area) / canonical_size + 1e-8)),
-  min_level, max_level) (FPN paper eq. 1, detectron2's eps). Degenerate boxes
-  (area 0) go to min_level.
+  min_level, max_level) (FPN paper eq. 1, detectron2's eps; the paper's 224
+  and 4 are `t_head.canonical_size` / `t_head.canonical_level`). Degenerate
+  boxes (area 0) go to min_level.
   """
   size = jnp.sqrt(box_area(boxes.astype(jnp.float32)))
   level = jnp.floor(canonical_level +
@@ -172,6 +172,9 @@ def _level_inputs(features, boxes, levels, canonical_size, canonical_level,
   if len(maps) != len(levels):
     raise ValueError(f'{len(maps)} feature maps for levels {levels}')
   if box_levels is None:
+    if canonical_size is None or canonical_level is None:
+      raise ValueError('the FPN level rule (box_levels=None) needs '
+                       'canonical_size and canonical_level')
     box_levels = fpn_levels(boxes, levels[0], levels[-1], canonical_size,
                             canonical_level)
   return maps, jnp.clip(box_levels - levels[0], 0, len(levels) - 1)
@@ -184,8 +187,8 @@ def multilevel_roi_align(
     output_size: Tuple[int, int] = (7, 7),
     sampling_ratio: int = 2,
     aligned: bool = True,
-    canonical_size: float = 224.0,
-    canonical_level: int = 4,
+    canonical_size: Optional[float] = None,
+    canonical_level: Optional[int] = None,
     box_levels: Optional[Array] = None) -> Array:
   """RoIAlign of each box on its FPN level (stride 2**level).
 
@@ -200,7 +203,8 @@ def multilevel_roi_align(
     boxes: [B, N, 4] x1y1x2y2 image pixels.
     levels: consecutive levels, e.g. (2, 3, 4, 5, 6).
     output_size, sampling_ratio, aligned: as `roi_align`.
-    canonical_size, canonical_level: the FPN level rule (see `fpn_levels`).
+    canonical_size, canonical_level: the FPN level rule (see `fpn_levels`),
+      needed when box_levels is None.
     box_levels: optional int [B, N] levels to use instead of the rule.
   Returns:
     [B, N, oh, ow, C].
@@ -243,8 +247,8 @@ def multilevel_roi_align_einsum(
     output_size: Tuple[int, int] = (7, 7),
     sampling_ratio: int = 2,
     aligned: bool = True,
-    canonical_size: float = 224.0,
-    canonical_level: int = 4,
+    canonical_size: Optional[float] = None,
+    canonical_level: Optional[int] = None,
     box_levels: Optional[Array] = None) -> Array:
   """`multilevel_roi_align` as matmuls with one-hot bilinear weights.
 
@@ -273,7 +277,8 @@ def multilevel_roi_align_einsum(
     boxes: [B, N, 4] x1y1x2y2 image pixels (no gradient flows to them).
     levels: consecutive levels, e.g. (2, 3, 4, 5, 6).
     output_size, sampling_ratio, aligned: as `roi_align`.
-    canonical_size, canonical_level: the FPN level rule (see `fpn_levels`).
+    canonical_size, canonical_level: the FPN level rule (see `fpn_levels`),
+      needed when box_levels is None.
     box_levels: optional int [B, N] levels to use instead of the rule.
   Returns:
     [B, N, oh, ow, C].
