@@ -1,7 +1,8 @@
 """Writes a generated data set as COCO: images plus OUT/annotations/<split>.json.
 
-Shared by the synthetic shapes (data/synthetic.py) and the real-image proxy
-(data/photos.py): each supplies `render(seed, split, index, min_size,
+Shared by the synthetic shapes (data/synthetic.py), the real-image proxy
+(data/photos.py) and the two further real-image sets (data/glyphs.py,
+data/crowds.py): each supplies `render(seed, split, index, min_size,
 max_size) -> {'image', 'boxes', 'category_ids', 'areas'}`, a module-level
 function so that 'spawn' workers can import it. Their command lines are
 `main` here, with each set's defaults.

@@ -16,8 +16,9 @@ or filled with a photograph's texture, sometimes outlined, on a crop of one
 of the packaged photographs (photos.background). Unlabelled glyphs
 (`DISTRACTOR_CHARACTERS`: symbols, Greek letters) and photograph patches
 lie between them, so neither a glyph's strokes nor its colour names a class.
-Characters that a rotation or a font makes ambiguous (0/O/D-like Q, 1/I,
-S/5, Z/2, 6/9 beyond `MAX_ROTATION`) are left out of the classes.
+Characters that a font makes ambiguous with another (0 / O / Q, 1 / I,
+5 / S, 2 / Z) are left out of the classes; 6 and 9 stay apart because
+rotations stay within `MAX_ROTATION`.
 
 A box is the extent of the glyph's pixels with alpha >= 0.5 (its outline
 included), clipped to the image; an object with less than `MIN_VISIBLE` of

@@ -26,7 +26,9 @@ image; occluded parts still count. An object with less than `MIN_VISIBLE`
 of its alpha mass left visible (inside the image, not under later pastes)
 or a clipped box side under `MIN_BOX_SIDE` px is dropped from the labels.
 Everything is a pure function of (seed, split, index): `render_example`
-re-creates any image in memory.
+re-creates any image in memory. The public helpers (photos, background,
+cut, place, paste, labels, ...) also draw data/glyphs.py and
+data/crowds.py.
 """
 from __future__ import annotations
 
