@@ -212,6 +212,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.pre_nms_topk = 1000
   c.eval.score_threshold = 0.005
   c.eval.nms_threshold = 0.6
+  # hard (greedy, SPEC) | soft: Gaussian soft-NMS (Bodla et al. 2017); soft
+  # ignores nms_threshold and drops what decays below score_threshold
+  c.eval.nms = 'hard'
+  c.eval.soft_nms_sigma = 0.5  # exp(-IoU^2 / sigma); 0.5 as the paper and mmcv
+  c.eval.tta = 'none'  # none | hflip: the image and its mirror, merged before NMS
   c.eval.max_detections = 100
   c.eval.score_times_objectness = False
   c.eval.batch_size = 8

@@ -11,12 +11,14 @@ from mimicdet_jax.data import pipeline
 from mimicdet_jax.data import validation
 from mimicdet_jax.errors import ConfigError
 from mimicdet_jax.evaluation import postprocess
+from mimicdet_jax.evaluation import tta
 from mimicdet_jax.losses import detection
 from mimicdet_jax.losses import mimic
 from mimicdet_jax.losses import total
 from mimicdet_jax.models import backbones
 from mimicdet_jax.models import heads
 from mimicdet_jax.models import mimicdet
+from mimicdet_jax.ops.nms import NMS_KINDS
 from mimicdet_jax.targets import roi_sampling
 from mimicdet_jax.training import optim
 from mimicdet_jax.training import parallel
@@ -44,6 +46,8 @@ CHOICES = {
     'optim.optimizer': optim.OPTIMIZERS,
     'train.parallelism': parallel.PARALLELISMS,
     'eval.head': tuple(postprocess.EVAL_HEADS),
+    'eval.nms': NMS_KINDS,
+    'eval.tta': tta.TTA_MODES,
 }
 
 
@@ -81,6 +85,9 @@ def resolve(config: ml_collections.ConfigDict,
     raise ConfigError(
         f's_head.num_logits={c.s_head.num_logits} differs from the T-head '
         f'({c.model.num_classes + 1} logits): the cls mimic needs equal widths')
+  if not float(c.eval.soft_nms_sigma) > 0:
+    raise ConfigError(f'eval.soft_nms_sigma={c.eval.soft_nms_sigma}; '
+                      'expected > 0')
   optim.lr_mults(c.optim)  # ConfigError unless each is > 0
   k = c.train.grad_accum_steps
   if not isinstance(k, int) or k < 1 or c.train.batch_size % k:

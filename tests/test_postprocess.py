@@ -116,6 +116,67 @@ def test_select_detections_matches_numpy(thr):
     assert out['valid'].all()  # truncation to max_det exercised
 
 
+def np_soft_select(boxes, probs, thr, sigma, max_det):
+  """Per image: every (box, class) pair scoring >= thr with a non-empty box,
+  soft-NMS per class (the published loop, tests/np_refs.py), the first
+  max_det picks. Pairs are numbered box * K + class, as candidates."""
+  n, k = probs.shape
+  pair_boxes = np.repeat(boxes.astype(np.float64), k, axis=0)
+  area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+  scores = np.where(np.repeat(area > 0, k), probs.reshape(-1), -1.0)
+  classes = np.tile(np.arange(k), n)
+  kept = np_refs.soft_nms(pair_boxes, scores, classes, sigma, thr)
+  return [(score, boxes[p // k], p % k + 1) for p, score in kept[:max_det]]
+
+
+def soft_nms_decayed_and_dropped(boxes, probs, thr, sigma):
+  """(pairs kept with a decayed score, pairs >= thr the decay dropped)."""
+  n, k = probs.shape
+  kept = np_refs.soft_nms(np.repeat(boxes.astype(np.float64), k, axis=0),
+                          probs.reshape(-1), np.tile(np.arange(k), n), sigma,
+                          thr)
+  decayed = sum(s < probs.reshape(-1)[p] for p, s in kept)
+  return decayed, np.sum(probs >= thr) - len(kept)
+
+
+@pytest.mark.parametrize('thr,sigma,max_det', [(0.05, 0.5, 6), (0.3, 0.3, 21)])
+def test_select_detections_soft_nms_matches_numpy(thr, sigma, max_det):
+  """nms='soft': decayed scores, boxes and classes of the published loop;
+  (0.3, 0.3, 21) drops decayed pairs at the threshold and pads the output,
+  (0.05, 0.5, 6) truncates it."""
+  rng = np.random.default_rng(3)
+  b, n, k = 2, 7, 3
+  base = random_boxes(rng, (b, 3), 60)
+  boxes = (base[:, rng.integers(0, 3, n)] +
+           rng.normal(0, 3, (b, n, 4))).astype(np.float32)
+  boxes[..., 2:] = np.maximum(boxes[..., 2:], boxes[..., :2] + 1)
+  boxes[1, 2] = [5, 5, 5, 9]  # empty box: never a detection
+  probs = rng.uniform(0, 1, (b, n, k)).astype(np.float32)
+  probs[1, 2] = 0.99
+  out = postprocess.select_detections(
+      jnp.asarray(boxes), jnp.asarray(probs), score_threshold=thr,
+      nms_threshold=0.5, max_detections=max_det, nms='soft',
+      soft_nms_sigma=sigma)
+  out = {key: np.asarray(v) for key, v in out.items()}
+  for i in range(b):
+    refs = np_soft_select(boxes[i], probs[i], thr, sigma, max_det)
+    assert_matches(out, refs, i)
+    decayed, dropped = soft_nms_decayed_and_dropped(boxes[i], probs[i], thr,
+                                                    sigma)
+    assert decayed > 0 and (dropped > 0 or thr < 0.1)
+  assert out['valid'].all() == (thr < 0.1)
+
+
+def test_every_nms_kind_is_a_config_choice():
+  from mimicdet_jax.ops.nms import NMS_KINDS  # pylint: disable=g-import-not-at-top
+  for kind in NMS_KINDS:
+    assert make_config(nms=kind).eval.nms == kind
+  with pytest.raises(config_lib.ConfigError, match="eval.nms='greedy'"):
+    make_config(nms='greedy')
+  with pytest.raises(config_lib.ConfigError, match='eval.soft_nms_sigma'):
+    make_config(nms='soft', soft_nms_sigma=0.0)
+
+
 def hand_built_outputs(rng, b, canvas, levels, num_logits):
   a = anchors_lib.num_anchors(canvas, levels)
   logits = rng.normal(0, 1, (b, a)).astype(np.float32)
@@ -126,15 +187,16 @@ def hand_built_outputs(rng, b, canvas, levels, num_logits):
       s_deltas=rng.normal(0, 1, (b, a, 4)).astype(np.float32))
 
 
-@pytest.mark.parametrize('head,times_obj', [('s', False), ('s', True),
-                                            ('t', False), ('both', True),
-                                            ('s_cls+t_box', False),
-                                            ('t_cls+s_box', True)])
-def test_postprocess_matches_numpy(head, times_obj):
-  topk, thr, nms_thr, max_det = 7, 0.1, 0.6, 6
+@pytest.mark.parametrize('head,times_obj,nms', [
+    ('s', False, 'hard'), ('s', True, 'hard'), ('t', False, 'hard'),
+    ('both', True, 'hard'), ('s_cls+t_box', False, 'hard'),
+    ('t_cls+s_box', True, 'hard'), ('s', False, 'soft')])
+def test_postprocess_matches_numpy(head, times_obj, nms):
+  topk, thr, nms_thr, max_det, sigma = 7, 0.1, 0.6, 6, 0.5
   config = make_config(head=head, score_times_objectness=times_obj,
                        pre_nms_topk=topk, score_threshold=thr,
-                       nms_threshold=nms_thr, max_detections=max_det)
+                       nms_threshold=nms_thr, max_detections=max_det, nms=nms,
+                       soft_nms_sigma=sigma)
   canvas = (128, 128)
   rng = np.random.default_rng(1)
   b = 2
@@ -190,9 +252,13 @@ def test_postprocess_matches_numpy(head, times_obj):
                      for _, d in box_from], 0)
     if times_obj:
       probs = probs * obj[:, None]
-    refs = np_select(boxes, probs, thr, nms_thr, max_det)
+    if nms == 'hard':
+      refs = [(s, boxes[j], c)
+              for s, j, c in np_select(boxes, probs, thr, nms_thr, max_det)]
+    else:
+      refs = np_soft_select(boxes, probs, thr, sigma, max_det)
     assert refs, 'the hand-built case must produce detections'
-    assert_matches(out, [(s, boxes[j], c) for s, j, c in refs], i)
+    assert_matches(out, refs, i)
 
 
 def test_predict_output_boxes_stay_inside_image():

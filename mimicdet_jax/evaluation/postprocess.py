@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from mimicdet_jax import ops
+from mimicdet_jax.evaluation import tta as tta_lib
 from mimicdet_jax.models import anchors as anchors_lib
 from mimicdet_jax.models import mimicdet
+from mimicdet_jax.ops.nms import NMS_KINDS
 from mimicdet_jax.targets import proposals as proposals_lib
 
 Array = jnp.ndarray
@@ -57,23 +59,29 @@ def class_probs(cls_logits: Array) -> Array:
 
 
 def select_detections(boxes: Array, probs: Array, *, score_threshold: float,
-                      nms_threshold: float,
-                      max_detections: int) -> dict[str, Array]:
+                      nms_threshold: float, max_detections: int,
+                      nms: str = 'hard',
+                      soft_nms_sigma: float = 0.5) -> dict[str, Array]:
   """Score threshold -> per-class NMS -> top `max_detections`, per image.
 
   Every (box, class) pair is a candidate, as in Faster R-CNN inference with
-  class-agnostic box deltas. `batched_nms` returns the kept pairs in
-  descending score order, so its first `max_detections` are the top ones.
+  class-agnostic box deltas. `batched_nms` (nms='hard') and `soft_nms`
+  (nms='soft') return the kept pairs in descending score order, so their
+  first `max_detections` are the top ones.
 
   Args:
     boxes: [B, N, 4] class-agnostic boxes (canvas pixels, already clipped).
     probs: [B, N, K] foreground class probabilities.
-    score_threshold: pairs with a score below it are dropped (SPEC: 0.005).
-    nms_threshold: IoU above which a same-class box is suppressed.
+    score_threshold: pairs with a score below it are dropped (SPEC: 0.005);
+      under soft-NMS also pairs whose decayed score falls below it.
+    nms_threshold: IoU above which a same-class box is suppressed (hard).
     max_detections: static output length M.
+    nms: one of ops.nms.NMS_KINDS (static).
+    soft_nms_sigma: the Gaussian's sigma of soft-NMS.
   Returns:
-    dict with boxes [B, M, 4], scores [B, M], classes int32 [B, M] in 1..K
-    (0 where invalid), valid bool [B, M]. Invalid rows are zero.
+    dict with boxes [B, M, 4], scores [B, M] (decayed under soft-NMS),
+    classes int32 [B, M] in 1..K (0 where invalid), valid bool [B, M].
+    Invalid rows are zero.
   """
   _, n, k = probs.shape
 
@@ -84,12 +92,21 @@ def select_detections(boxes: Array, probs: Array, *, score_threshold: float,
     # Empty boxes (e.g. clipped away entirely) are not detections.
     nonempty = ops.box_area(img_boxes) > 0
     valid = (scores >= score_threshold) & nonempty[box_idx]
-    keep, keep_valid = ops.batched_nms(
-        img_boxes[box_idx], scores, classes, nms_threshold,
-        max_output_size=max_detections, valid=valid)
+    if nms == 'hard':
+      keep, keep_valid = ops.batched_nms(
+          img_boxes[box_idx], scores, classes, nms_threshold,
+          max_output_size=max_detections, valid=valid)
+      keep_scores = scores[keep]
+    elif nms == 'soft':
+      keep, keep_scores, keep_valid = ops.soft_nms(
+          img_boxes[box_idx], scores, classes, soft_nms_sigma,
+          score_threshold, max_output_size=max_detections, valid=valid)
+    else:
+      raise ValueError(f'eval.nms={nms!r}; expected one of '
+                       f'{NMS_KINDS}')
     out_boxes = jnp.where(keep_valid[:, None], img_boxes[box_idx[keep]], 0.0)
     return dict(boxes=out_boxes,
-                scores=jnp.where(keep_valid, scores[keep], 0.0),
+                scores=jnp.where(keep_valid, keep_scores, 0.0),
                 classes=jnp.where(keep_valid, classes[keep], 0),
                 valid=keep_valid)
 
@@ -116,18 +133,17 @@ def eval_heads(head: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
   return EVAL_HEADS[head]
 
 
-def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
-                image_size: Array, config,
-                t_head_fn: Optional[Callable[..., tuple]] = None,
-                anchor_level: Optional[Array] = None) -> dict[str, Array]:
-  """SPEC section 4 on the model's dense outputs.
+def candidates(outputs: Mapping[str, Array], anchor_boxes: Array,
+               image_size: Array, config,
+               t_head_fn: Optional[Callable[..., tuple]] = None,
+               anchor_level: Optional[Array] = None) -> tuple[Array, Array]:
+  """SPEC section 4 on the model's dense outputs, up to NMS.
 
   Top `eval.pre_nms_topk` positions by objectness (cells inside the image
   only, with `proposals.inside_image`) -> refined boxes (anchor +
   refinement deltas, clipped to the image) -> class probabilities and boxes
   from the S-head (deltas on the refined boxes), the T-head on the same boxes,
-  or the mean of both (`eval.head`) -> optional score x objectness ->
-  `select_detections`.
+  or the mean of both (`eval.head`) -> optional score x objectness.
 
   Args:
     outputs: the model's dict (refine_logits [B, A], refine_deltas [B, A, 4],
@@ -143,7 +159,8 @@ def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
     anchor_level: int [A] level of each position; needed for the T-head
       under `t_head.level_rule=staggered`.
   Returns:
-    `select_detections`' dict, boxes in canvas pixels.
+    boxes [B, N, 4] (canvas pixels, clipped) and class probabilities
+    [B, N, K], N = min(eval.pre_nms_topk, A): `select_detections`' inputs.
   """
   ev = config.eval
   scale_clip = config.box.scale_clip
@@ -184,9 +201,27 @@ def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
   # Padding cells picked only because fewer than topk cells are inside the
   # image (objectness -inf -> 0) are no detections.
   probs = jnp.where(objectness[..., None] > 0, probs, 0.0)
+  return boxes, probs
+
+
+def detections(boxes: Array, probs: Array, config) -> dict[str, Array]:
+  """`select_detections` with the config's eval.* threshold and NMS."""
+  ev = config.eval
   return select_detections(boxes, probs, score_threshold=ev.score_threshold,
                            nms_threshold=ev.nms_threshold,
-                           max_detections=ev.max_detections)
+                           max_detections=ev.max_detections, nms=ev.nms,
+                           soft_nms_sigma=ev.soft_nms_sigma)
+
+
+def postprocess(outputs: Mapping[str, Array], anchor_boxes: Array,
+                image_size: Array, config,
+                t_head_fn: Optional[Callable[..., tuple]] = None,
+                anchor_level: Optional[Array] = None) -> dict[str, Array]:
+  """SPEC section 4 on the model's dense outputs: `candidates` (arguments
+  as there) -> `detections`, the dict of `select_detections`, boxes in
+  canvas pixels."""
+  return detections(*candidates(outputs, anchor_boxes, image_size, config,
+                                t_head_fn, anchor_level), config)
 
 
 def make_predict_fn(model, config) -> Callable[..., dict[str, Array]]:
@@ -197,6 +232,12 @@ def make_predict_fn(model, config) -> Callable[..., dict[str, Array]]:
   [B, M] (1..K), valid bool [B, M]. image_size None clips to the canvas.
   Shard `images` over devices (see `evaluate`) for data parallelism; the
   computation follows the input sharding.
+
+  eval.tta='hflip': each image and its mirror (tta.hflip_images, inside
+  the image's width) run as one batch of 2B, interleaved (image i at 2i,
+  its mirror at 2i + 1, so a device's shard holds both); the mirror's
+  candidates are flipped back (tta.unflip_boxes) and joined to the image's
+  before the per-class NMS: 2N candidate boxes per image.
   """
 
   def predict(variables, images, image_size=None):
@@ -204,6 +245,16 @@ def make_predict_fn(model, config) -> Callable[..., dict[str, Array]]:
     if image_size is None:
       image_size = jnp.broadcast_to(jnp.asarray(canvas_hw, jnp.int32),
                                     (images.shape[0], 2))
+    image_size = jnp.asarray(image_size, jnp.int32)
+    b = images.shape[0]
+    sizes = image_size
+    if config.eval.tta == 'hflip':
+      images = jnp.stack([images, tta_lib.hflip_images(images, image_size)],
+                         axis=1).reshape((2 * b,) + images.shape[1:])
+      sizes = jnp.repeat(image_size, 2, axis=0)
+    elif config.eval.tta != 'none':
+      raise ValueError(f'eval.tta={config.eval.tta!r}; expected one of '
+                       f'{tta_lib.TTA_MODES}')
     outputs = model.apply(variables, images, train=False)
     anchors = anchors_lib.dense_anchors(
         canvas_hw, config.model.s_levels, config.model.anchor_scale)
@@ -212,7 +263,14 @@ def make_predict_fn(model, config) -> Callable[..., dict[str, Array]]:
       return model.apply(variables, outputs['t_features'], boxes, box_levels,
                          method='t_head')
 
-    return postprocess(outputs, anchors['boxes'], image_size, config,
-                       t_head_fn, anchor_level=anchors['level'])
+    boxes, probs = candidates(outputs, anchors['boxes'], sizes, config,
+                              t_head_fn, anchor_level=anchors['level'])
+    if config.eval.tta == 'hflip':  # [2B, N, .] -> [B, 2N, .]
+      boxes = boxes.reshape((b, 2) + boxes.shape[1:])
+      boxes = jnp.concatenate(
+          [boxes[:, 0], tta_lib.unflip_boxes(boxes[:, 1], image_size[:, 1])],
+          axis=1)
+      probs = probs.reshape((b, -1) + probs.shape[2:])
+    return detections(boxes, probs, config)
 
   return jax.jit(predict)
