@@ -166,3 +166,41 @@ def test_architecture_lists_every_module():
       f'docs/ARCHITECTURE.md, "One line per module", lacks {sorted(modules - named)}')
   assert not named - modules, (
       f'docs/ARCHITECTURE.md names modules that do not exist: {sorted(named - modules)}')
+
+
+def _config(name):
+  return __import__(f'configs.{name}', fromlist=['get_config']).get_config()
+
+
+def test_readme_configs_table_and_photos_line_agree_with_the_recipes():
+  """What the README says of a recipe (steps, batch, lr, canvas, scales,
+  heads' norm, mimic, S-head lr, head samples) is what the file sets."""
+  text = _read('README.md')
+  rows = re.findall(r'^\| `configs/(\w+)\.py` \| (.*) \|$', text, re.M)
+  assert {name for name, _ in rows} >= {'mimicdet_r50_fpn_1x', 'demo', 'photos'}
+  for name, says in rows:
+    c = _config(name)
+    says = says.split(' (')[0]  # the recipe, not the figures after it
+    for steps in re.findall(r'\b(\d+)k steps', says):
+      assert c.train.total_steps == int(steps) * 1000, (name, says)
+    for batch in re.findall(r'\bbatch (\d+)', says):
+      assert c.train.batch_size == int(batch), (name, says)
+    for lr in re.findall(r'\blr (\d\S*\d)', says):
+      assert c.optim.base_lr == float(lr), (name, says)
+    for h, w in re.findall(r'\b(\d+)x(\d+)\b', says):
+      assert (int(h), int(w)) in c.data.canvas_buckets, (name, says)
+    for lo, hi in re.findall(r'multi-scale (\d+)\.\.(\d+)', says):
+      sizes = c.data.train_min_sizes
+      assert (min(sizes), max(sizes)) == (int(lo), int(hi)), (name, says)
+    if 'GroupNorm heads' in says:
+      assert c.t_head.norm == c.s_head.norm == 'group_norm', (name, says)
+    if 'KL mimic' in says:
+      assert 'kl' in {c.mimic.get(k) for k in ('distance', 'cls_distance')}, name
+    for weight in re.findall(r'mimic at weight (\d+)', says):
+      assert c.mimic.weight == float(weight), (name, says)
+    for mult in re.findall(r'S-head lr x(\d+)', says):
+      assert c.optim.s_head_lr_mult == float(mult), (name, says)
+  c = _config('photos')
+  line = (f'{c.t_head.num_samples} / {c.s_head.ohem_samples} samples and '
+          f'{c.train.total_steps} steps')
+  assert line in ' '.join(text.split()), f'README: the photos line should say "{line}"'
