@@ -24,7 +24,7 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 # when a recipe runs, after .venv exists.
 ALLOC_ENV = $(shell $(PY) -m mimicdet_jax.cpu_alloc)
 
-.PHONY: venv test test-slow test-extras demo demo-data proxy-data glyphs-data crowds-data bench bench-peer clean
+.PHONY: venv test test-slow test-extras test-tpu tpu-plan-deps tpu-plan demo demo-data proxy-data glyphs-data crowds-data bench bench-peer clean
 
 venv: $(STAMP)
 
@@ -40,7 +40,7 @@ $(STAMP): requirements.txt
 # before the allocator settings above (2026-12-02; docs/BENCHMARKS.md,
 # "Test suite"); the longest files run first (tests/conftest.py).
 test: $(STAMP)
-	env $(ALLOC_ENV) $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
+	env $(ALLOC_ENV) $(PY) -m pytest -q -m "not slow and not tpu" -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	env $(ALLOC_ENV) $(PY) -m pytest -q -m slow
@@ -54,6 +54,26 @@ test-extras: $(STAMP)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 -r requirements-tfds.txt
 	MIMICDET_REQUIRE_EXTRAS=1 $(PY) -m pytest -q -m torch
 	MIMICDET_REQUIRE_EXTRAS=1 $(PY) -m pytest -q -m tfds
+
+# libtpu: the real TPU compiler, which runs on this CPU-only machine (no TPU
+# needed, ~680 MB), at the version of the installed jax. For the planner
+# (`python -m mimicdet_jax.tools.plan_tpu`, docs/BENCHMARKS.md "TPU, compiled
+# on CPU") and the tests marked tpu; .ci/run runs them after `make test`.
+TPU_STAMP := $(VENV)/.libtpu
+tpu-plan-deps: $(TPU_STAMP)
+
+$(TPU_STAMP): $(STAMP)
+	$(PY) -m pip install -q "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
+	touch $(TPU_STAMP)
+
+test-tpu: $(TPU_STAMP)
+	MIMICDET_REQUIRE_TPU=1 $(PY) -m pytest -q -m tpu
+
+# The demo recipe on a 2-chip v5e (make tpu-plan TOPOLOGY=v5p:2x2x1 CONFIG=...).
+CONFIG ?= configs/demo.py
+TOPOLOGY ?= v5e:2x1
+tpu-plan: $(TPU_STAMP)
+	$(PY) -m mimicdet_jax.tools.plan_tpu --config $(CONFIG) --topology $(TOPOLOGY)
 
 demo-data: $(STAMP)
 	test -f $(DEMO_DATA)/annotations/val.json || \
