@@ -143,7 +143,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mimic = ml_collections.ConfigDict()
   c.mimic.enabled = True
   c.mimic.paths = 'both'  # cls | reg | both
-  c.mimic.distance = 'cosine'  # cosine | l2 | smooth_l1 | kl (cls path only)
+  # Distance per path, a name in losses/mimic.py DISTANCES (kl compares
+  # class distributions: cls path only).
+  c.mimic.cls_distance = 'cosine'  # cosine | l2 | smooth_l1 | kl
+  c.mimic.reg_distance = 'cosine'  # cosine | l2 | smooth_l1
   c.mimic.temperature = 1.0  # kl
   c.mimic.teacher_grad = 'stopped'  # stopped | flowing
   c.mimic.samples = 'all'  # all | foreground

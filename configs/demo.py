@@ -40,7 +40,8 @@ def get_config():
   c.s_head.cls_dim = 256
   c.s_head.reg_dim = 256
   c.s_head.ohem_samples = 32  # as t_head.num_samples (E23)
-  c.mimic.distance = 'kl'  # class distributions, not SPEC's cosine of logits (E22)
+  c.mimic.cls_distance = 'kl'  # class distributions, not SPEC's cosine of logits (E22)
+  c.mimic.reg_distance = 'cosine'  # SPEC's (kl is for class distributions)
   c.optim.optimizer = 'adamw'  # from scratch in minutes; SGD needs far more steps
   # lr 3e-3 at batch 4 (x 4 / optim.base_batch_size): the backbone, FPN,
   # refinement and S-head learn too slowly at 1e-3 (E18-E20) ...

@@ -40,7 +40,8 @@ CHOICES = {
     's_head.sampling': roi_sampling.S_HEAD_SAMPLINGS,
     's_head.norm': heads.HEAD_NORMS,
     'mimic.paths': mimic.PATHS,
-    'mimic.distance': tuple(mimic.DISTANCES),
+    'mimic.cls_distance': mimic.PATH_DISTANCES['cls'],
+    'mimic.reg_distance': mimic.PATH_DISTANCES['reg'],
     'mimic.teacher_grad': mimic.TEACHER_GRADS,
     'mimic.samples': total.MIMIC_SAMPLES,
     'optim.optimizer': optim.OPTIMIZERS,
@@ -64,6 +65,10 @@ def resolve(config: ml_collections.ConfigDict,
     A FrozenConfigDict (hashable, so Flax modules can hold it).
   """
   c = ml_collections.ConfigDict(config.to_dict())
+  for old in REPLACED_KEYS:
+    section, name = old.split('.')
+    if name in c[section]:  # a recipe written for older code
+      raise _replaced(old)
   # Keys added after some WORKDIR/config.json files were written (eval.py
   # reads those): absent means the behaviour of the time (LEGACY_VALUES).
   for key, value in LEGACY_VALUES.items():
@@ -138,6 +143,8 @@ def check_override_keys(argv: list[str], flag_name: str = 'config') -> None:
   config = module.get_config()
   for override in overrides:
     key = override[len(prefix):].split('=', 1)[0]
+    if key in REPLACED_KEYS:
+      raise _replaced(key)
     try:
       get_key(config, key)
     except ConfigError:
@@ -159,7 +166,31 @@ LEGACY_VALUES = {
     'train.parallelism': 'pmap',
     'train.compile_cache': '',
     'data.device_normalize': False,
+    'mimic.cls_distance': 'cosine',  # before mimic.distance existed
+    'mimic.reg_distance': 'cosine',
 }
+
+
+def _legacy_mimic_distance(d: str) -> dict[str, str]:
+  # One distance for both paths, where kl fell back to cosine on reg.
+  return {'mimic.cls_distance': d,
+          'mimic.reg_distance': 'cosine' if d in mimic.CLS_ONLY else d}
+
+
+# Keys replaced by others: old key -> (the new keys, f(old value) = {new key:
+# the value that reproduces what the old one did}). A WORKDIR/config.json with
+# the old key gets the new ones (`fill_missing_keys`); a recipe, an override
+# or a grid entry naming it is an error that names the new keys.
+REPLACED_KEYS = {
+    'mimic.distance': (('mimic.cls_distance', 'mimic.reg_distance'),
+                       _legacy_mimic_distance),
+}
+
+
+def _replaced(old: str) -> ConfigError:
+  return ConfigError(f'{old} was replaced by '
+                     f'{" and ".join(REPLACED_KEYS[old][0])} '
+                     '(configs/common.py, docs/LOSSES.md)')
 
 
 def fill_missing_keys(saved: dict, defaults: dict, prefix: str = '') -> dict:
@@ -169,9 +200,16 @@ def fill_missing_keys(saved: dict, defaults: dict, prefix: str = '') -> dict:
   newer code reads more. Each missing key takes LEGACY_VALUES' value (the
   behaviour of that older code) when listed there, else `defaults`' (today's
   base config, for keys that change nothing a trained model depends on).
-  Keys the saved config has are kept as they are.
+  A key of REPLACED_KEYS becomes the keys that replaced it. Keys the saved
+  config has are kept as they are.
   """
   out = dict(saved)
+  for old, (_, replace) in REPLACED_KEYS.items() if not prefix else ():
+    section, name = old.split('.')
+    if name in out.get(section, {}):
+      out[section] = dict(out[section])
+      for new, value in replace(out[section].pop(name)).items():
+        out[section].setdefault(new.split('.')[1], value)
   for key, default in defaults.items():
     name = f'{prefix}{key}'
     if isinstance(default, dict):
@@ -226,6 +264,8 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
 
 def get_key(config: ml_collections.ConfigDict, key: str) -> Any:
   """config[key] for a dotted key; ConfigError naming it when it is absent."""
+  if key in REPLACED_KEYS:
+    raise _replaced(key)
   node = config
   for part in key.split('.'):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:

@@ -34,10 +34,10 @@ def test_named_adhoc_and_combined_variants():
   assert ablate.variant_overrides('no_stagger+cls', base) == {
       'model.staggered': False, 'mimic.paths': 'cls'}
   got = ablate.variant_overrides(
-      'mimic.weight=2+model.staggered=false+mimic.distance=kl'
+      'mimic.weight=2+model.staggered=false+mimic.reg_distance=l2'
       '+optim.decay_steps=(10,20)', base)
   assert got == {'mimic.weight': 2.0, 'model.staggered': False,
-                 'mimic.distance': 'kl', 'optim.decay_steps': (10, 20)}
+                 'mimic.reg_distance': 'l2', 'optim.decay_steps': (10, 20)}
   assert isinstance(got['mimic.weight'], float)
   with pytest.raises(ValueError, match='unknown variant'):
     ablate.variant_overrides('mimic_of', base)

@@ -158,8 +158,8 @@ def test_unknown_key_names_the_key():
 
 def test_bad_enum_value_names_the_key():
   c = _parse(['--config=configs/demo.py'])
-  c.mimic.distance = 'hamming'
-  with pytest.raises(ValueError, match='mimic.distance'):
+  c.mimic.cls_distance = 'hamming'
+  with pytest.raises(ValueError, match='mimic.cls_distance'):
     config_lib.resolve(c, num_classes=3)
   for key, bad in (('train.parallelism', 'pjit'),
                    ('t_head.roi_align_impl', 'loop')):

@@ -278,7 +278,7 @@ def test_flowing_teacher_gets_mimic_gradient():
 def test_other_variants_finite():
   # KL on the cls path only, foreground samples, focal refinement.
   config, model, params = tiny_setup(**{
-      'mimic.distance': 'kl', 'mimic.paths': 'cls',
+      'mimic.cls_distance': 'kl', 'mimic.paths': 'cls',
       'mimic.samples': 'foreground', 'mimic.temperature': 2.0,
       'refine.cls_loss': 'focal'})
   loss, aux = jax.jit(total.make_loss_fn(model, config))(

@@ -22,6 +22,7 @@ import pytest
 import configs.demo
 from mimicdet_jax import config_lib
 from mimicdet_jax.evaluation import postprocess
+from mimicdet_jax.losses import mimic
 from mimicdet_jax.losses import total
 from mimicdet_jax.models import heads
 from mimicdet_jax.models import mimicdet
@@ -119,7 +120,7 @@ def probe_config(**overrides):
   c.mimic.weight = 0.5  # not 1, so the weight is visible in the total
   # SPEC's cosine mimic, whose closed forms these tests check (the demo
   # uses KL: test_distance below, test_losses_mimic.py).
-  c.mimic.distance = 'cosine'
+  c.mimic.cls_distance = c.mimic.reg_distance = 'cosine'
   for key, value in overrides.items():
     section, name = key.split('.')
     c[section][name] = value
@@ -158,10 +159,21 @@ FORWARD_VARIANTS = {
     # fg_fraction 0.1: at most 1 of the 16 samples foreground, where the
     # mining keeps every foreground proposal (3 here).
     's_balanced': {'s_head.sampling': 'balanced', 's_head.fg_fraction': 0.1},
-    'l2': {'mimic.distance': 'l2'},
-    'smooth_l1': {'mimic.distance': 'smooth_l1'},
-    'kl': {'mimic.distance': 'kl', 'mimic.temperature': TEMPERATURE},
 }
+
+
+def _distance_variant(name):
+  """`name` on every path it is valid for, else the last of that path's
+  distances (so the two paths differ where they can: per-path routing)."""
+  return {f'mimic.{path}_distance': name if name in names else names[-1]
+          for path, names in mimic.PATH_DISTANCES.items()}
+
+
+# One variant per distance of losses/mimic.py: a new one is checked here too.
+FORWARD_VARIANTS.update({
+    f'distance_{name}': dict(_distance_variant(name),
+                             **{'mimic.temperature': TEMPERATURE})
+    for name in mimic.DISTANCES})
 GRAD_VARIANTS = {
     'default': {},
     'off': {'mimic.enabled': False},
@@ -360,18 +372,27 @@ def test_foreground_samples_only(aux_of):
   np.testing.assert_allclose(aux['mimic_cos_reg'], 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize('distance', ['l2', 'smooth_l1', 'kl'])
+def _np_distance(name):
+  """The closed form of a known distance; for one added since, the module's
+  function (its values are tested in test_losses_mimic.py; here, that the
+  loss routes each path's distance to that path on the right samples)."""
+  known = {'cosine': np_cos_dist, 'l2': np_l2, 'smooth_l1': np_smooth_l1,
+           'kl': lambda s, t: np_kl(s, t, TEMPERATURE)}
+  if name in known:
+    return known[name]
+  return lambda s, t: float(mimic.DISTANCES[name](
+      jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), TEMPERATURE))
+
+
+@pytest.mark.parametrize('distance', tuple(mimic.DISTANCES))
 def test_distance(distance, aux_of):
-  aux = aux_of[distance]
+  aux = aux_of[f'distance_{distance}']
   frac_bg = _mimic_bg_fraction(aux)
-  want = {'l2': np_l2, 'smooth_l1': np_smooth_l1,
-          'kl': lambda s, t: np_kl(s, t, TEMPERATURE)}[distance]
-  np.testing.assert_allclose(aux['loss_mimic_cls'],
-                             frac_bg * want(S_CLS, BG_CLS), rtol=1e-4)
-  # KL compares class distributions: the reg path keeps cosine.
-  reg = np_cos_dist if distance == 'kl' else want
-  np.testing.assert_allclose(aux['loss_mimic_reg'],
-                             frac_bg * reg(S_REG, BG_REG), rtol=1e-4)
+  variant = _distance_variant(distance)
+  for path, s, t in (('cls', S_CLS, BG_CLS), ('reg', S_REG, BG_REG)):
+    want = _np_distance(variant[f'mimic.{path}_distance'])
+    np.testing.assert_allclose(aux[f'loss_mimic_{path}'],
+                               frac_bg * want(s, t), rtol=1e-4)
 
 
 # ------------------------------------------------------- real model switches

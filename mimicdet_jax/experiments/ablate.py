@@ -68,6 +68,7 @@ from mimicdet_jax.experiments.report import format_table
 from mimicdet_jax.experiments.report import PLOT_TERMS  # pylint: disable=unused-import
 from mimicdet_jax.experiments.report import plot_curves
 from mimicdet_jax.experiments.report import summarize
+from mimicdet_jax.losses import mimic as mimic_lib
 from mimicdet_jax.training.metrics import median_step_time
 from mimicdet_jax.training.metrics import read_metrics
 from mimicdet_jax.training.metrics import train_time
@@ -80,16 +81,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'cls': {'mimic.paths': 'cls'},
     'reg': {'mimic.paths': 'reg'},
     'both': {'mimic.paths': 'both'},  # the paper's dual-path mimic (default)
-    'cosine': {'mimic.distance': 'cosine'},
-    'l2': {'mimic.distance': 'l2'},
-    'smooth_l1': {'mimic.distance': 'smooth_l1'},
-    # KL compares class distributions: cls path; reg keeps cosine (LOSSES.md).
-    'kl': {'mimic.distance': 'kl'},
     'teacher_flowing': {'mimic.teacher_grad': 'flowing'},
     'fg_only': {'mimic.samples': 'foreground'},
     'no_stagger': {'model.staggered': False},
     'no_deform': {'s_head.deformable': False},
 }
+# One variant per mimic distance (losses/mimic.py DISTANCES): that distance on
+# every path it is valid for (kl: cls only; reg keeps the base recipe's).
+VARIANTS.update({
+    name: {f'mimic.{path}_distance': name
+           for path, names in mimic_lib.PATH_DISTANCES.items() if name in names}
+    for name in mimic_lib.DISTANCES})
 
 RUN_FILE = 'run.json'
 # run.json statuses that end a run (skipped when the grid is re-run).

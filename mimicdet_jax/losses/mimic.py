@@ -5,14 +5,17 @@ each box's origin position are pulled towards the T-head's, separately on the
 classification path (the logits) and the regression path (the fc feature):
   L = mean(1 - cos(T_cls, S_cls)) + mean(1 - cos(T_reg, S_reg)).
 
-Research variants (config `mimic.*`):
-  distance  one function in DISTANCES; a fork adds a variant by adding one
-            function there (signature below) and naming it in the config.
-  paths     cls | reg | both.
-  teacher_grad  stopped (default) | flowing.
-  samples   all sampled boxes | foreground only (chosen by the caller's mask).
-'kl' compares class distributions, so it is used on the cls path only; with
-paths=both the reg path keeps cosine (docs/LOSSES.md).
+Research variants (config `mimic.*`), each list of values defined here once
+(config_lib.resolve checks the config against it):
+  cls_distance, reg_distance  the distance on each path: a name in
+      DISTANCES. A new distance is one function (signature `Distance`) plus
+      one entry in DISTANCES; tests/test_losses_mimic.py then checks it on
+      both paths against the properties every distance must have. One that
+      only compares class distributions (kl) is also named in CLS_ONLY, so
+      `mimic.reg_distance` rejects it (PATH_DISTANCES).
+  paths         PATHS: cls | reg | both.
+  teacher_grad  TEACHER_GRADS: stopped (default) | flowing.
+  samples       losses/total.py MIMIC_SAMPLES (the caller's mask).
 """
 from typing import Callable
 
@@ -73,13 +76,11 @@ DISTANCES: dict[str, Distance] = {
 
 # Distances that only make sense between class distributions (cls path).
 CLS_ONLY = ('kl',)
-
-
-def path_distance(path: str, distance: str) -> str:
-  """The distance used on `path` ('cls' | 'reg') for config `mimic.distance`."""
-  if path == 'reg' and distance in CLS_ONLY:
-    return 'cosine'
-  return distance
+# mimic.cls_distance / mimic.reg_distance: the distances valid on each path.
+PATH_DISTANCES = {
+    'cls': tuple(DISTANCES),
+    'reg': tuple(d for d in DISTANCES if d not in CLS_ONLY),
+}
 
 
 # mimic.paths: the paths the mimic pulls (`mimic_paths`).
@@ -95,8 +96,8 @@ def mimic_paths(paths: str) -> tuple[str, ...]:
 
 
 def mimic_loss(student: dict[str, jax.Array], teacher: dict[str, jax.Array],
-               mask: jax.Array, *, paths: str, distance: str,
-               temperature: float, teacher_grad: str
+               mask: jax.Array, *, paths: str, cls_distance: str,
+               reg_distance: str, temperature: float, teacher_grad: str
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mimic loss summed over paths, each a masked mean over the boxes.
 
@@ -106,7 +107,8 @@ def mimic_loss(student: dict[str, jax.Array], teacher: dict[str, jax.Array],
     teacher: the same keys from the T-head on the boxes.
     mask: [B, S] bool, boxes that take part (valid samples, or the foreground
       ones for mimic.samples=foreground).
-    paths, distance, temperature, teacher_grad: `mimic.*` config.
+    paths, cls_distance, reg_distance, temperature, teacher_grad: `mimic.*`
+      config; each distance a name in DISTANCES.
 
   Returns:
     (loss scalar, {path: that path's mean distance}).
@@ -114,12 +116,12 @@ def mimic_loss(student: dict[str, jax.Array], teacher: dict[str, jax.Array],
   n = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
   total = jnp.zeros((), jnp.float32)
   per_path = {}
+  distances = {'cls': cls_distance, 'reg': reg_distance}
   for path in mimic_paths(paths):
     t = teacher[path]
     if teacher_grad == 'stopped':
       t = jax.lax.stop_gradient(t)
-    fn = DISTANCES[path_distance(path, distance)]
-    d = fn(student[path], t, temperature)
+    d = DISTANCES[distances[path]](student[path], t, temperature)
     per_path[path] = jnp.sum(jnp.where(mask, d, 0.0)) / n
     total = total + per_path[path]
   return total, per_path

@@ -225,7 +225,8 @@ def make_loss_fn(model: nn.Module,
     if c.mimic.enabled:
       mimic_loss, per_path = mimic_lib.mimic_loss(
           student, teacher, mimic_mask, paths=c.mimic.paths,
-          distance=c.mimic.distance, temperature=c.mimic.temperature,
+          cls_distance=c.mimic.cls_distance,
+          reg_distance=c.mimic.reg_distance, temperature=c.mimic.temperature,
           teacher_grad=c.mimic.teacher_grad)
       for path in mimic_paths:
         aux[f'loss_mimic_{path}'] = per_path[path]
