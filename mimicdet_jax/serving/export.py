@@ -16,7 +16,8 @@ one function
 with b symbolic (any batch from one artifact) and D = eval.max_detections:
 normalisation on device (transforms.normalize_on_device), backbone,
 refinement, S-head, decoding, score threshold, per-class NMS and the top D
-(postprocess.make_predict_fn), then labels -> category ids through a
+(postprocess.make_predict_fn, with the config's eval.nms and eval.tta baked
+in and recorded in signature.json), then labels -> category ids through a
 constant table. Boxes are canvas pixels; rows past num_detections are
 zero with class -1. serving/detector.py loads and runs the directory.
 """
@@ -220,6 +221,9 @@ def _signature(config, categories, artifacts, step, platforms, max_batch,
       head='s',
       score_threshold=float(config.eval.score_threshold),
       nms_threshold=float(config.eval.nms_threshold),
+      nms=str(config.eval.nms),
+      soft_nms_sigma=float(config.eval.soft_nms_sigma),
+      tta=str(config.eval.tta),
       pre_nms_topk=int(config.eval.pre_nms_topk),
       score_times_objectness=bool(config.eval.score_times_objectness),
       model_dtype=str(config.model.dtype),
