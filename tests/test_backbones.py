@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from mimicdet_jax.models import backbones as bb
+from mimicdet_jax.tools import import_weights
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 sys.path.insert(0, DATA)
@@ -53,7 +54,7 @@ def test_matches_torchvision_layers(refs, tmp_path, arch, ext):
     save_file(weights, path)
   else:
     np.savez(path, **weights)
-  variables = bb.load_torchvision(arch, path)
+  variables = import_weights.load_torchvision(arch, path)
   out = jax.jit(bb.ResNet(arch).apply)(variables, refs['input_nhwc'])
   for level in LEVELS:
     ref = refs[f'{arch}_{level}']

@@ -34,7 +34,8 @@ def r50_state_dict():
 
 @pytest.fixture(scope='module')
 def r50_variables(r50_state_dict):
-  return bb.variables_from_state_dict('resnet50', r50_state_dict)
+  return import_weights.variables_from_state_dict('resnet50',
+                                                  r50_state_dict)
 
 
 def test_mapping_and_layout(r50_state_dict, r50_variables):
@@ -69,7 +70,7 @@ def test_missing_unexpected_and_misshaped_keys_are_named(r50_state_dict):
   sd['layer5.0.conv1.weight'] = np.zeros((4, 4, 1, 1), np.float32)
   sd['layer3.1.bn2.bias'] = np.zeros((7,), np.float32)
   with pytest.raises(ValueError) as e:
-    bb.variables_from_state_dict('resnet50', sd)
+    import_weights.variables_from_state_dict('resnet50', sd)
   msg = str(e.value)
   assert 'missing keys (2)' in msg
   assert 'layer2.3.conv1.weight' in msg
@@ -80,7 +81,8 @@ def test_missing_unexpected_and_misshaped_keys_are_named(r50_state_dict):
 
 def test_wrong_arch_is_a_clear_error(r50_state_dict):
   with pytest.raises(ValueError, match='resnext101_32x8d'):
-    bb.variables_from_state_dict('resnext101_32x8d', r50_state_dict)
+    import_weights.variables_from_state_dict('resnext101_32x8d',
+                                             r50_state_dict)
 
 
 def test_timm_key_names_and_prefixes(r50_state_dict, r50_variables):
@@ -88,7 +90,7 @@ def test_timm_key_names_and_prefixes(r50_state_dict, r50_variables):
   # DDP / EMA wrappers add 'module.' / 'model.' prefixes.
   timm_sd = {f'module.model.{k}': v for k, v in r50_state_dict.items()
              if not k.endswith('num_batches_tracked')}
-  got = bb.variables_from_state_dict('resnet50', timm_sd)
+  got = import_weights.variables_from_state_dict('resnet50', timm_sd)
   flat_got = traverse_util.flatten_dict(got)
   flat_want = traverse_util.flatten_dict(r50_variables)
   assert flat_got.keys() == flat_want.keys()
@@ -102,12 +104,12 @@ def test_npz_and_safetensors_files_give_the_same_variables(
   np.savez(tmp_path / 'w.npz', **r50_state_dict)
   for name in ('w.safetensors', 'w.npz'):
     got = traverse_util.flatten_dict(
-        bb.load_torchvision('resnet50', tmp_path / name))
+        import_weights.load_torchvision('resnet50', tmp_path / name))
     for k, v in traverse_util.flatten_dict(r50_variables).items():
       assert got[k].dtype == np.float32
       np.testing.assert_array_equal(got[k], v)
   with pytest.raises(ValueError, match='unsupported extension'):
-    bb.load_torchvision('resnet50', tmp_path / 'w.h5')
+    import_weights.load_torchvision('resnet50', tmp_path / 'w.h5')
 
 
 @pytest.mark.skipif(HAS_TORCH, reason='checks the message shown without torch')
@@ -115,7 +117,7 @@ def test_pth_without_torch_says_how_to_convert(tmp_path):
   path = tmp_path / 'w.pth'
   path.write_bytes(b'not read')
   with pytest.raises(ImportError, match='safetensors'):
-    bb.load_torchvision('resnet50', path)
+    import_weights.load_torchvision('resnet50', path)
 
 
 @pytest.mark.torch
@@ -127,7 +129,7 @@ def test_pth_from_torchvision(tmp_path, r50_state_dict, r50_variables):
                          for k, v in r50_state_dict.items()})
   model.eval()
   torch.save({'state_dict': model.state_dict()}, tmp_path / 'w.pth')
-  got = bb.load_torchvision('resnet50', tmp_path / 'w.pth')
+  got = import_weights.load_torchvision('resnet50', tmp_path / 'w.pth')
   for k, v in traverse_util.flatten_dict(r50_variables).items():
     np.testing.assert_array_equal(traverse_util.flatten_dict(got)[k], v)
   # And the forward against torchvision on a fresh image.
@@ -143,7 +145,7 @@ def test_pth_from_torchvision(tmp_path, r50_state_dict, r50_variables):
 
 def _tiny_state_dict(seed=0):
   """A torchvision-format state dict for resnet_tiny (which torchvision lacks)."""
-  shapes = [(k, shape) for k, (_, _, shape) in bb.torch_key_map(
+  shapes = [(k, shape) for k, (_, _, shape) in import_weights.torch_key_map(
       'resnet_tiny').items()]
   return backbone_weights.make_weights(shapes, seed=seed)
 
@@ -156,7 +158,8 @@ def test_cli_checkpoint_roundtrip_and_graft(tmp_path):
   import_weights.main(['--arch', 'resnet_tiny', '--src', str(src),
                        '--out', str(out)])
   restored = import_weights.load_backbone_init(out)
-  want = traverse_util.flatten_dict(bb.load_torchvision('resnet_tiny', src))
+  want = traverse_util.flatten_dict(
+      import_weights.load_torchvision('resnet_tiny', src))
   got = traverse_util.flatten_dict(restored)
   assert got.keys() == want.keys()
   for k, v in want.items():
