@@ -170,7 +170,7 @@ class StandInRun:
       for step in range(1, config.train.total_steps + 1):
         f.write(json.dumps(dict(step=step, step_time=0.5, loss=1.0 / step,
                                 loss_mimic=0.1 / step, mimic_cos_cls=0.5,
-                                mimic_cos_reg=0.6)) + '\n')
+                                mimic_cos_reg=0.6, t_reg_alive=0.9)) + '\n')
     return dict(s_AP=ap, s_AP50=2 * ap, t_AP=ap + 0.05, t_AP50=0.5, step=4,
                 train_time_s=ablate.train_time(ablate.read_metrics(
                     os.path.join(workdir, 'metrics.jsonl'))),
@@ -206,7 +206,8 @@ def test_grid_resumes_without_redoing_finished_runs(tmp_path):
   np.testing.assert_allclose(both['delta_s_AP']['values'], [0.1, 0.1])
   np.testing.assert_allclose(both['train_time_s']['mean'], 2.0)
   md = (tmp_path / 'ablation.md').read_text()
-  assert 'pending' not in md and '| `both` | 2/2 | 10.5 ± 0.7 |' in md
+  assert 'pending' not in md
+  assert '| `both` | cls kl, reg cosine | 2/2 | 10.5 ± 0.7 |' in md
   assert (tmp_path / 'ablation.png').stat().st_size > 10000
 
   # A third call has nothing to do; other settings in the same DIR refuse.
@@ -228,7 +229,8 @@ def test_diverged_run_is_reported_and_not_retried(tmp_path):
   l2 = report['summary']['l2']
   assert l2['seeds_done'] == [0] and l2['seeds_diverged'] == [1]
   assert l2['s_AP']['n'] == 1 and l2['delta_s_AP']['n'] == 1
-  assert '| `l2` | 1/2 (1 diverged) |' in (tmp_path / 'ablation.md').read_text()
+  assert '| `l2` | cls l2, reg l2 | 1/2 (1 diverged) |' in (
+      tmp_path / 'ablation.md').read_text()
   second = StandInRun()
   ablate.run_grid(base, str(tmp_path), grid, seeds, steps=2, run_fn=second,
                   log=lambda _: None, plot=False)
@@ -245,6 +247,144 @@ def test_cli_report_only(tmp_path):
                         '--report_only'])
   assert report['runs'][0]['variant'] == 'cls'
   assert (tmp_path / 'ablation.md').exists()
+
+
+# ------------------------------------------- checks before the first run
+
+
+def test_bad_variant_fails_before_any_training(tmp_path):
+  base = configs.demo.get_config()
+  for bad, match in (('mimic.reg_distance=kl', r"--grid mimic.reg_distance=kl: "
+                      r"mimic.reg_distance='kl'; expected one of"),
+                     ('cls+s_head.sampling=random', r"s_head.sampling='random'"),
+                     ('mimic.distance=kl', 'replaced by mimic.cls_distance'),
+                     ('no_such_variant', 'unknown variant')):
+    run = StandInRun()
+    with pytest.raises(errors.ConfigError, match=match):
+      ablate.run_grid(base, str(tmp_path), ['mimic_off', bad], [0], steps=2,
+                      run_fn=run, log=lambda _: None, plot=False)
+    assert run.calls == [], bad  # the good first variant did not train
+  assert not os.path.exists(tmp_path / 'mimic_off')
+
+
+def _logged_run(tmp_path, base, grid, **kw):
+  lines = []
+  run = StandInRun()
+
+  def log(line):
+    lines.append((len(run.calls), line))
+
+  ablate.run_grid(base, str(tmp_path), grid, [0], run_fn=run, log=log,
+                  plot=False, **kw)
+  return [line for calls, line in lines if calls == 0 and
+          line.startswith('warning')], lines
+
+
+def test_missing_reference_and_cut_warmup_warn_once_before_training(tmp_path):
+  base = configs.demo.get_config()  # warm-up 367 of 2200 steps
+  warned, _ = _logged_run(tmp_path / 'a', base, ['cls', 'both'], steps=2200)
+  assert len(warned) == 1 and '--reference mimic_off is not in --grid' in (
+      warned[0])
+  warned, _ = _logged_run(tmp_path / 'b', base, ['mimic_off', 'both'],
+                          steps=1100)
+  assert len(warned) == 1
+  assert "--steps 1100 cuts the warm-up from the recipe's 367 steps to 184" in (
+      warned[0])
+  # A kept warm-up, or no cut, or the reference in the grid: no warning.
+  warned, lines = _logged_run(
+      tmp_path / 'c', base, ['mimic_off', 'both'], steps=1100,
+      global_overrides={'optim.warmup_steps': 367})
+  assert not warned and not any('warning' in l for _, l in lines)
+  warned, _ = _logged_run(tmp_path / 'd', base, ['mimic_off'], steps=None)
+  assert not warned
+
+
+def test_grid_sets_its_compile_cache_in_every_run(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.training import launch  # pylint: disable=g-import-not-at-top
+  base = configs.demo.get_config()
+  assert base.train.compile_cache  # the recipe has a cache of its own
+  seen = []
+
+  def run(config, workdir):
+    seen.append(config.train.compile_cache)
+    # What train_and_evaluate does with the run's config.
+    before = jax.config.jax_compilation_cache_dir
+    try:
+      assert launch.enable_compile_cache(config.train.compile_cache,
+                                         workdir) == cache
+      assert jax.config.jax_compilation_cache_dir == cache
+    finally:
+      jax.config.update('jax_compilation_cache_dir', before)
+    return StandInRun()(config, workdir)
+
+  cache = ablate.grid_cache(str(tmp_path))
+  assert cache == os.path.join(str(tmp_path), 'jax_cache')
+  assert ablate.grid_cache(str(tmp_path), 'none') == ''
+  ablate.run_grid(base, str(tmp_path), ['mimic_off', 'both'], [0], steps=2,
+                  run_fn=run, log=lambda _: None, plot=False,
+                  compile_cache=cache)
+  assert seen == [cache, cache]
+  # Not a setting of the run: a resume with another cache is the same grid.
+  record = ablate.read_json(str(tmp_path / 'both' / 'seed0' / 'run.json'))
+  assert 'train.compile_cache' not in record['overrides']
+
+
+def test_missing_data_set_is_one_line(tmp_path, capsys):
+  missing = str(tmp_path / 'nowhere' / 'val.json')
+  for flags, key in (
+      (['--config.data.train_annotations=' + missing], 'data.train_annotations'),
+      (['--report_only', '--val_images', '2',
+        '--config.data.val_annotations=' + missing], '--val_images 2'),
+  ):
+    with pytest.raises(SystemExit) as e:
+      errors.cli(ablate.main)(['--base', 'configs/demo.py', '--grid', 'cls',
+                               '--workdir', str(tmp_path / 'grid')] + flags)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err and missing in err, err
+  assert not os.path.exists(tmp_path / 'grid' / 'cls')
+
+
+def test_every_row_states_its_mimic_per_path(tmp_path):
+  base = configs.demo.get_config()  # cls kl, reg cosine
+  grid = ['mimic_off', 'both', 'cls', 'reg', 'l2', 'kl',
+          'mimic.reg_distance=smooth_l1', 'mimic.cls_distance=cosine+reg']
+  want = ['off', 'cls kl, reg cosine', 'cls kl', 'reg cosine',
+          'cls l2, reg l2', 'cls kl, reg cosine', 'cls kl, reg smooth_l1',
+          'reg cosine']
+  report = ablate.run_grid(base, str(tmp_path), grid, [0], steps=2,
+                           run_fn=StandInRun(), log=lambda _: None, plot=False,
+                           only=['mimic_off'])
+  assert report['mimic'] == dict(zip(grid, want))
+  md = (tmp_path / 'ablation.md').read_text()
+  for spec, mimic in zip(grid, want):  # finished and pending rows alike
+    assert f'| `{spec}` | {mimic} | ' in md, spec
+  record = ablate.read_json(str(tmp_path / 'mimic_off' / 'seed0' / 'run.json'))
+  assert record['mimic'] == 'off'
+  # Every distance variant sets each path it is valid for, by name.
+  from mimicdet_jax.losses import mimic  # pylint: disable=g-import-not-at-top
+  for name in mimic.DISTANCES:
+    config, _ = ablate.run_config(base, name, 0, None, {})
+    for path, names in mimic.PATH_DISTANCES.items():
+      if name in names:
+        assert config.mimic[f'{path}_distance'] == name
+
+
+def test_plot_has_every_logged_number_or_the_named_ones(tmp_path, monkeypatch):
+  drawn = []
+  monkeypatch.setattr(ablate, 'plot_curves',
+                      lambda curves, path, terms: drawn.append(
+                          terms or report.logged_terms(curves)) or True)
+  base = configs.demo.get_config()
+  ablate.run_grid(base, str(tmp_path), ['mimic_off'], [0], steps=2,
+                  run_fn=StandInRun(), log=lambda _: None)
+  assert drawn[-1] == ['loss', 'loss_mimic', 'mimic_cos_cls', 'mimic_cos_reg',
+                       'step_time', 't_reg_alive']
+  ablate.run_grid(base, str(tmp_path), ['mimic_off'], [0], steps=2,
+                  run_fn=StandInRun(), log=lambda _: None,
+                  plot_keys=['t_reg_alive'])
+  assert drawn[-1] == ['t_reg_alive']
 
 
 # -------------------------------------------------------- real CLI (slow)

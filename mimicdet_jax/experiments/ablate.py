@@ -3,7 +3,8 @@ r"""Ablation grid: one flag per design choice of the paper, one command per tabl
   python -m mimicdet_jax.experiments.ablate --base configs/demo.py \
       --grid mimic_off,cls,reg,both --seeds 0,1 --workdir DIR [--steps N] \
       [--config.key=value ...] [--only VARIANT[,..]] [--shard i/n] \
-      [--val_images N] [--reference mimic_off] [--report_only]
+      [--val_images N] [--reference mimic_off] [--report_only] \
+      [--plot KEY[,..]]
 
 Each (variant, seed) is one ordinary training run in DIR/<variant>/seed<k>,
 trained by `launch.train_and_evaluate` and scored by `evaluate_lib.evaluate`
@@ -16,9 +17,17 @@ checkpoint, a trained but unscored one is only scored.
 After every run DIR/ablation.json and DIR/ablation.md (mean and spread over
 seeds of S-head AP/AP50, T-head AP/AP50, the final mimic cosines and the
 train time, plus the paired difference to a reference variant) are rebuilt
-from every finished run of the grid, missing runs shown as "pending"; at the
-end DIR/ablation.png (loss terms and mimic cosines over training, one colour
-per variant, from each run's metrics.jsonl) is drawn beside them.
+from every finished run of the grid, missing runs shown as "pending"; each
+row states the mimic its runs really used, per path ("cls kl, reg cosine",
+"off"). At the end DIR/ablation.png (every number the runs logged over
+training: loss terms, mimic cosines, t_reg_alive ...; or the `--plot` keys;
+one colour per variant, from each run's metrics.jsonl) is drawn beside them.
+
+Checks before the first run. Every variant's config is resolved
+(config_lib.resolve: a key or value that does not exist fails, naming the
+variant), and the data set paths must exist (one line otherwise). One-line
+warnings: `--reference` not in `--grid` (the table then has no paired
+columns), and a `--steps` that cuts the recipe's warm-up.
 
 Variants. A grid entry is a name of VARIANTS, a `key=value` config override,
 or several of those joined by '+' (e.g. `cls+no_stagger`,
@@ -37,8 +46,9 @@ Evaluation. Both heads are scored on the validation set of the config;
 to DIR/val_firstN.json), cheaper and noisier.
 
 Compilation. JAX's persistent compilation cache (DIR/jax_cache unless
-`--compilation_cache`) lets the seeds of a variant share their compiled train
-step, and every variant that leaves the model unchanged (all mimic.*
+`--compilation_cache`; set as every run's train.compile_cache, which the
+training launch applies) lets the seeds of a variant share their compiled
+train step, and every variant that leaves the model unchanged (all mimic.*
 switches) share the compiled inference; on a CPU compiling is minutes per run.
 
 Clusters. `--shard i/n` runs every n-th (variant, seed) pair starting at i,
@@ -64,8 +74,8 @@ import ml_collections
 import numpy as np
 
 from mimicdet_jax import config_lib
+from mimicdet_jax import errors
 from mimicdet_jax.experiments.report import format_table
-from mimicdet_jax.experiments.report import PLOT_TERMS  # pylint: disable=unused-import
 from mimicdet_jax.experiments.report import plot_curves
 from mimicdet_jax.experiments.report import summarize
 from mimicdet_jax.losses import mimic as mimic_lib
@@ -109,15 +119,15 @@ def variant_overrides(spec: str, config: ml_collections.ConfigDict
   for part in spec.split('+'):
     part = part.strip()
     if not part:
-      raise ValueError(f'empty part in variant {spec!r}')
+      raise errors.ConfigError(f'empty part in variant {spec!r}')
     if '=' in part:
       key, text = part.split('=', 1)
       overrides[key] = config_lib.parse_value(text, config_lib.get_key(config, key))
     elif part in VARIANTS:
       overrides.update(VARIANTS[part])
     else:
-      raise ValueError(f'unknown variant {part!r}; named variants: '
-                       f'{", ".join(VARIANTS)} (or key=value)')
+      raise errors.ConfigError(f'unknown variant {part!r}; named variants: '
+                               f'{", ".join(VARIANTS)} (or key=value)')
   return overrides
 
 
@@ -193,6 +203,89 @@ def run_config(base: ml_collections.ConfigDict, spec: str, seed: int,
   for key, value in overrides.items():
     config_lib.set_key(config, key, value)
   return config, overrides
+
+
+def effective_mimic(config: ml_collections.ConfigDict) -> str:
+  """What the mimic of a run really is, per path: 'cls kl, reg cosine', 'off'."""
+  m = config.mimic
+  if not m.enabled:
+    return 'off'
+  return ', '.join(f'{path} {m[f"{path}_distance"]}'
+                   for path in mimic_lib.mimic_paths(m.paths))
+
+
+def _num_classes(config: ml_collections.ConfigDict) -> int:
+  """data.num_classes, else the training annotations' (1 while they do not
+  exist: enough to check the keys and values)."""
+  if config.data.num_classes != -1:
+    return int(config.data.num_classes)
+  from mimicdet_jax.evaluation import restore  # pylint: disable=g-import-not-at-top
+  names = restore.class_names_from_annotations(config.data, 'train')
+  return len(names) if names else 1
+
+
+def check_variants(base: ml_collections.ConfigDict, grid: Sequence[str],
+                   steps: Optional[int], global_overrides: Mapping[str, Any]
+                   ) -> dict[str, str]:
+  """Resolves every variant's run config (config_lib.resolve: keys and
+  values) before any training; {variant: `effective_mimic`}.
+
+  Raises:
+    ConfigError: naming the variant, for a key or value that does not exist.
+  """
+  out = {}
+  for spec in grid:
+    try:
+      config, _ = run_config(base, spec, 0, steps, global_overrides)
+      out[spec] = effective_mimic(config_lib.resolve(config,
+                                                     _num_classes(config)))
+    except errors.ConfigError as e:
+      raise errors.ConfigError(f'--grid {spec}: {e}') from None
+  return out
+
+
+# Data set paths every run reads (data.source=coco_json).
+DATA_KEYS = ('train_annotations', 'train_images', 'val_annotations',
+             'val_images')
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """ConfigError (one line) naming the first data set path that is missing."""
+  if config.data.source != 'coco_json':
+    return
+  for key in DATA_KEYS:
+    path = config.data[key]
+    if not os.path.exists(path):
+      raise errors.ConfigError(
+          f'data.{key}={path!r} does not exist: make the data set first '
+          '(docs/DATA.md; the demo\'s: python -m mimicdet_jax.data.synthetic '
+          'data/synthetic) or point --config.data.* at it')
+
+
+def grid_warnings(base: ml_collections.ConfigDict, grid: Sequence[str],
+                  steps: Optional[int], global_overrides: Mapping[str, Any],
+                  reference: str) -> list[str]:
+  """One line each: a reference outside the grid (no paired columns), and
+  a --steps that cuts the recipe's warm-up."""
+  out = []
+  if reference not in grid:
+    out.append(f'warning: --reference {reference} is not in --grid: the '
+               'table has no paired differences (add it to --grid or name '
+               'one of its variants)')
+  warmup = int(base.optim.warmup_steps)
+  scaled = schedule_overrides(base, steps).get('optim.warmup_steps', warmup)
+  if scaled < warmup and 'optim.warmup_steps' not in global_overrides:
+    out.append(f'warning: --steps {steps} cuts the warm-up from the '
+               f"recipe's {warmup} steps to {scaled} (the schedule scales "
+               f'with it); --config.optim.warmup_steps={warmup} keeps it')
+  return out
+
+
+def grid_cache(workdir: str, flag: str = '') -> str:
+  """The grid's compilation cache for train.compile_cache ('' = off)."""
+  if flag == 'none':
+    return ''
+  return os.path.abspath(flag or os.path.join(workdir, 'jax_cache'))
 
 
 # --------------------------------------------------------------------- grid
@@ -322,7 +415,9 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str,
              command: str = '',
              run_fn: RunFn = train_and_score,
              log: Callable[[str], None] = print,
-             plot: bool = True) -> dict[str, Any]:
+             plot: bool = True,
+             compile_cache: Optional[str] = None,
+             plot_keys: Sequence[str] = ()) -> dict[str, Any]:
   """Runs the selected (variant, seed) pairs that are not finished; reports.
 
   Args:
@@ -335,24 +430,36 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str,
     reference: variant the table's paired differences are taken against.
     command: the command line, recorded in the report.
     run_fn: run_fn(config, run_workdir) -> numbers; `train_and_score`.
-    log: progress lines.
+    log: progress lines (and the `grid_warnings`, before any training).
     plot: draw DIR/ablation.png at the end.
+    compile_cache: every run's train.compile_cache (`grid_cache`: the
+      grid's, so seeds and variants share compiled programs); None keeps
+      the recipe's. Not a setting of the run (run.json).
+    plot_keys: the metrics.jsonl keys to plot; () = every logged one.
 
   Returns:
     The report dict written to DIR/ablation.json.
 
   Raises:
+    ConfigError: a variant's key or value does not exist (before any run).
     ValueError: a run folder holds a run with other settings (a different
       --steps or overrides): use a new DIR rather than mixing them.
   """
   global_overrides = dict(global_overrides or {})
   runs = grid_runs(grid, seeds)
-  for spec in grid:  # fail on a typo before training anything
-    variant_overrides(spec, base)
+  # Every variant's config resolved before training anything.
+  mimic_of = check_variants(base, grid, steps, global_overrides)
+  for line in grid_warnings(base, grid, steps, global_overrides, reference):
+    log(line)
   todo = select_runs(runs, only, shard)
+  report_args = dict(reference=reference, command=command, steps=steps,
+                     global_overrides=global_overrides, mimic=mimic_of,
+                     plot_keys=plot_keys)
   for k, (spec, seed) in enumerate(todo):
     rdir = run_dir(workdir, spec, seed)
     config, overrides = run_config(base, spec, seed, steps, global_overrides)
+    if compile_cache is not None:
+      config.train.compile_cache = compile_cache
     record_path = os.path.join(rdir, RUN_FILE)
     record = read_json(record_path)
     settings = _jsonable(overrides)
@@ -368,20 +475,17 @@ def run_grid(base: ml_collections.ConfigDict, workdir: str,
     started = (record or {}).get('started', time.time())
     write_json(record_path, dict(variant=spec, seed=int(seed),
                                  overrides=settings, status='running',
-                                 started=started))
+                                 started=started, mimic=mimic_of[spec]))
     result = run_fn(config, rdir)
     status = 'diverged' if 'diverged' in result else 'done'
     log(f'[{k + 1}/{len(todo)}] {spec} seed {seed}: {status}')
     write_json(record_path, dict(variant=spec, seed=int(seed),
                                  overrides=settings, status=status,
                                  started=started, finished=time.time(),
-                                 result=result))
+                                 mimic=mimic_of[spec], result=result))
     # Table after every run; the plot (slow-ish) once at the end.
-    write_report(workdir, grid, seeds, reference=reference, command=command,
-                 steps=steps, global_overrides=global_overrides, plot=False)
-  return write_report(workdir, grid, seeds, reference=reference,
-                      command=command, steps=steps,
-                      global_overrides=global_overrides, plot=plot)
+    write_report(workdir, grid, seeds, plot=False, **report_args)
+  return write_report(workdir, grid, seeds, plot=plot, **report_args)
 
 
 # ------------------------------------------------------------------ report
@@ -410,10 +514,14 @@ def write_report(workdir: str, grid: Sequence[str], seeds: Sequence[int], *,
                  reference: str = 'mimic_off', command: str = '',
                  steps: Optional[int] = None,
                  global_overrides: Optional[Mapping[str, Any]] = None,
-                 plot: bool = True) -> dict[str, Any]:
+                 plot: bool = True,
+                 mimic: Optional[Mapping[str, str]] = None,
+                 plot_keys: Sequence[str] = ()) -> dict[str, Any]:
   """DIR/ablation.json, DIR/ablation.md and DIR/ablation.png from run.json files.
 
   The plot is redrawn only with `plot`; the table links an existing one.
+  `mimic`: {variant: `effective_mimic`}, a column of the table; `plot_keys`
+  as `run_grid`'s.
   """
   records = collect_records(workdir, grid, seeds)
   summary = summarize(records, grid, seeds, reference)
@@ -423,6 +531,7 @@ def write_report(workdir: str, grid: Sequence[str], seeds: Sequence[int], *,
       grid=list(grid), seeds=list(seeds), reference=reference,
       variants={spec: _jsonable(variant_overrides_or_raw(spec))
                 for spec in grid},
+      mimic=dict(mimic or {}),
       summary=summary,
       runs=[dict(variant=v, seed=s, **records[(v, s)])
             for v, s in grid_runs(grid, seeds) if (v, s) in records],
@@ -432,7 +541,8 @@ def write_report(workdir: str, grid: Sequence[str], seeds: Sequence[int], *,
   curves = {spec: {seed: read_metrics(os.path.join(
       run_dir(workdir, spec, seed), 'metrics.jsonl')) for seed in seeds}
             for spec in grid} if plot else {}
-  drew = plot_curves(curves, plot_path) if plot else os.path.exists(plot_path)
+  drew = (plot_curves(curves, plot_path, plot_keys or None) if plot
+          else os.path.exists(plot_path))
   md = [f'# Ablation: {", ".join(grid)}', '',
         f'Command: `{command}`' if command else '',
         f'Commit: `{report["git_commit"]}`' if report['git_commit'] else '',
@@ -446,8 +556,9 @@ def write_report(workdir: str, grid: Sequence[str], seeds: Sequence[int], *,
         'median seconds per training step. Δ = paired difference (same '
         'seed) to the reference: mean [95 % t interval] and a verdict, '
         'higher or lower only when the interval excludes zero, else '
-        'unresolved (experiments/report.py).', '',
-        format_table(summary, seeds, reference), '']
+        'unresolved (experiments/report.py). mimic = the distance each '
+        'path of the mimic used (cls, reg), as the run\'s config had it.', '',
+        format_table(summary, seeds, reference, mimic), '']
   if drew:
     md += ['![loss terms and mimic cosine](ablation.png)', '']
   md += ['Variants:', '']
@@ -499,6 +610,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                  help='variant the paired differences are taken against')
   p.add_argument('--report_only', action='store_true',
                  help='rebuild ablation.{json,md,png} without training')
+  p.add_argument('--plot', default='',
+                 help='comma-separated metrics.jsonl keys to plot (default: '
+                 'every logged one: losses, mimic cosines, t_reg_alive, ...)')
   return p.parse_known_args(argv)
 
 
@@ -511,15 +625,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args, rest = parse_args(argv)
   base = load_base(args.base)
   global_overrides = config_lib.parse_overrides(rest, base)
+  grid = _split(args.grid)
+  if not args.report_only:
+    # The data every run reads, before anything is written.
+    for spec in grid:
+      check_data(run_config(base, spec, 0, args.steps, global_overrides)[0])
   if args.val_images:
     # The subset file lives in DIR, so every shard of the grid shares it.
     src = global_overrides.get('data.val_annotations',
                                base.data.val_annotations)
+    if not os.path.exists(src):
+      raise errors.ConfigError(f'--val_images {args.val_images}: '
+                               f'data.val_annotations={src!r} does not exist')
     global_overrides['data.val_annotations'] = subset_annotations(
         src, os.path.join(os.path.abspath(args.workdir),
                           f'val_first{args.val_images}.json'),
         args.val_images)
-  grid = _split(args.grid)
   if len(set(grid)) != len(grid):
     raise SystemExit(f'--grid lists a variant twice: {grid}')
   seeds = [int(s) for s in _split(args.seeds)]
@@ -529,30 +650,36 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     shard = (int(i), int(n))
   command = 'python -m mimicdet_jax.experiments.ablate ' + ' '.join(argv)
   if args.report_only:
-    report = write_report(args.workdir, grid, seeds, reference=args.reference,
-                          command=command, steps=args.steps,
-                          global_overrides=global_overrides)
+    for line in grid_warnings(base, grid, args.steps, global_overrides,
+                              args.reference):
+      print(line)
+    report = write_report(
+        args.workdir, grid, seeds, reference=args.reference, command=command,
+        steps=args.steps, global_overrides=global_overrides,
+        mimic=check_variants(base, grid, args.steps, global_overrides),
+        plot_keys=_split(args.plot))
   else:
     from absl import logging  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
     logging.set_verbosity(logging.WARNING)  # orbax/train INFO per step
-    if args.compilation_cache != 'none':
-      jax.config.update('jax_compilation_cache_dir', args.compilation_cache or
-                        os.path.join(args.workdir, 'jax_cache'))
     try:
+      # The grid's cache goes in each run's train.compile_cache, which
+      # launch.enable_compile_cache applies (it would override a global one).
       report = run_grid(base, args.workdir, grid, seeds, steps=args.steps,
                         global_overrides=global_overrides,
                         only=_split(args.only), shard=shard,
-                        reference=args.reference, command=command)
+                        reference=args.reference, command=command,
+                        compile_cache=grid_cache(args.workdir,
+                                                 args.compilation_cache),
+                        plot_keys=_split(args.plot))
     except RuntimeError as e:  # SIGTERM/SIGINT: the run saved a checkpoint
       raise SystemExit(f'{e}\ninterrupted: run the same command again to '
                        'resume the grid') from e
-  print(format_table(report['summary'], seeds, args.reference))
+  print(format_table(report['summary'], seeds, args.reference,
+                     report.get('mimic')))
   print(f'written: {os.path.join(args.workdir, "ablation.md")}, '
         'ablation.json, ablation.png')
   return report
 
 
 if __name__ == '__main__':
-  from mimicdet_jax import errors  # pylint: disable=g-import-not-at-top
   errors.cli(main)()

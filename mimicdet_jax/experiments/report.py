@@ -10,7 +10,8 @@ per-run numbers into what a reader compares:
   `lower` only when the interval excludes zero, `unresolved` otherwise
   (including n < 2, where no interval exists);
 - `summarize` / `format_table`: the Markdown table of DIR/ablation.md;
-- `plot_curves`: DIR/ablation.png, loss terms and mimic cosines over steps.
+- `plot_curves`: DIR/ablation.png, every logged number over steps (loss
+  terms first, then the diagnostics: mimic cosines, t_reg_alive, ...).
 
 Why paired: seeds move the S-head's AP by several points on short runs, far
 more than most design choices; the difference of two runs that share a seed
@@ -24,10 +25,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from scipy import stats as scipy_stats
 
-# Curves drawn in DIR/ablation.png, one panel each (metrics.jsonl keys).
-PLOT_TERMS = ('loss', 'loss_refine_cls', 'loss_refine_reg', 'loss_t_cls',
-              'loss_t_reg', 'loss_s_cls', 'loss_s_reg', 'loss_mimic',
-              'mimic_cos_cls', 'mimic_cos_reg')
+# metrics.jsonl keys that are not curves.
+NOT_PLOTTED = ('step',)
 
 # Per-run numbers summarised over seeds: (key in run.json, table header,
 # factor for the table). APs are fractions in the JSON, percent in the table.
@@ -150,11 +149,17 @@ def _delta_cell(stats: Mapping[str, Any], factor: float = 100.0) -> str:
 
 
 def format_table(summary: Mapping[str, Any], seeds: Sequence[int],
-                 reference: str = 'mimic_off') -> str:
+                 reference: str = 'mimic_off',
+                 mimic: Optional[Mapping[str, str]] = None) -> str:
   """Markdown table: mean ± sample std over the finished seeds, and the
-  paired difference to the reference with its interval and verdict."""
+  paired difference to the reference with its interval and verdict.
+
+  `mimic` ({variant: 'cls kl, reg cosine'}, the distance each path used)
+  adds that column.
+  """
   with_delta = any('delta_s_AP' in e for e in summary.values())
-  head = ['variant', 'seeds'] + [h for _, h, _ in SUMMARY_FIELDS]
+  lead = ['variant'] + (['mimic'] if mimic is not None else [])
+  head = lead + ['seeds'] + [h for _, h, _ in SUMMARY_FIELDS]
   if with_delta:
     head += [f'Δ S AP vs {reference} [CI]', f'Δ T AP vs {reference} [CI]']
   lines = ['| ' + ' | '.join(head) + ' |',
@@ -163,10 +168,12 @@ def format_table(summary: Mapping[str, Any], seeds: Sequence[int],
     seeds_cell = f'{len(entry["seeds_done"])}/{len(seeds)}'
     if entry['seeds_diverged']:
       seeds_cell += f' ({len(entry["seeds_diverged"])} diverged)'
-    row = [f'`{spec}`', seeds_cell]
+    row = [f'`{spec}`'] + ([mimic.get(spec, '?')] if mimic is not None
+                           else []) + [seeds_cell]
     if not entry['seeds_done']:
       empty = 'diverged' if entry['seeds_diverged'] else 'pending'
-      lines.append('| ' + ' | '.join(row + [empty] * (len(head) - 2)) + ' |')
+      lines.append('| ' + ' | '.join(row + [empty] * (len(head) - len(row)))
+                   + ' |')
       continue
     for key, _, factor in SUMMARY_FIELDS:
       digits = {'train_time_s': 0, 'step_time_s': 2}.get(
@@ -180,18 +187,30 @@ def format_table(summary: Mapping[str, Any], seeds: Sequence[int],
   return '\n'.join(lines)
 
 
+def logged_terms(curves: Mapping[str, Mapping[int, Sequence[Mapping]]]
+                 ) -> list[str]:
+  """Every number any run logged (NOT_PLOTTED aside): `loss`, the loss_*
+  terms, then the rest (diagnostics, lr, timing) in name order."""
+  keys = {k for per_seed in curves.values() for rows in per_seed.values()
+          for r in rows for k, v in r.items()
+          if k not in NOT_PLOTTED and isinstance(v, (int, float))}
+  return sorted(keys, key=lambda k: (k != 'loss', not k.startswith('loss'), k))
+
+
 def plot_curves(curves: Mapping[str, Mapping[int, Sequence[Mapping]]],
-                path: str, terms: Sequence[str] = PLOT_TERMS) -> bool:
+                path: str, terms: Optional[Sequence[str]] = None) -> bool:
   """PNG: one panel per term; per variant thin lines per seed and the mean.
 
   Args:
     curves: {variant: {seed: metrics.jsonl rows}}.
     path: output PNG.
+    terms: the metrics.jsonl keys to draw; None = `logged_terms`.
   Returns:
     False (nothing written) when no run has logged a row yet.
   """
   if not any(rows for per_seed in curves.values() for rows in per_seed.values()):
     return False
+  terms = list(terms) if terms else logged_terms(curves)
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
