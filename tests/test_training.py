@@ -375,39 +375,53 @@ def test_nan_batches_stop_training_with_a_message(tmp_path):
   assert [r['nonfinite_steps'] for r in rows] == [0, 0, 1, 1, 1]
 
 
-def test_dead_unit_warnings_once_per_layer_at_the_threshold():
-  warned = set()
+def test_dead_unit_monitor_once_per_layer_at_the_threshold():
+  from mimicdet_jax.losses import total  # pylint: disable=g-import-not-at-top
+  monitor = total.DeadUnitMonitor()
   # E18's collapsed proxy run: the T-head's units all dead, the S-head's not.
-  got = loop_lib.dead_unit_warnings(450, {'t_reg_alive': 0.0,
-                                          's_reg_alive': 0.141}, warned)
+  got = monitor(450, {'t_reg_alive': 0.0, 's_reg_alive': 0.141})
   assert len(got) == 1
   assert got[0].startswith('step 450: t_reg_alive=0.000: ')
   assert "the T-head's regression features" in got[0]
-  assert warned == {'t_reg_alive'}
   # Reported once; the S-head's at the threshold (1 % alive) is dead too.
-  got = loop_lib.dead_unit_warnings(500, {'t_reg_alive': 0.0,
-                                          's_reg_alive': 0.01}, warned)
+  got = monitor(500, {'t_reg_alive': 0.0, 's_reg_alive': 0.01})
   assert [m.split(':')[0] for m in got] == ['step 500']
   assert 's_reg_alive=0.010' in got[0]
-  assert warned == {'t_reg_alive', 's_reg_alive'}
-  # Just above the threshold, or a loss without the monitors: nothing.
-  assert not loop_lib.dead_unit_warnings(1, {'t_reg_alive': 0.011}, set())
-  assert not loop_lib.dead_unit_warnings(1, {'loss': 0.0}, set())
+  assert not monitor(550, {'t_reg_alive': 0.0, 's_reg_alive': 0.0})
+  # Just above the threshold, or a loss without the diagnostics: nothing.
+  assert not total.DeadUnitMonitor()(1, {'t_reg_alive': 0.011})
+  assert not total.DeadUnitMonitor()(1, {'loss': 0.0})
 
 
-def test_training_warns_when_a_monitored_layer_is_dead(tmp_path, capsys):
+def test_training_runs_the_monitors_its_caller_passes(tmp_path, capsys):
+  """The loop knows no model's diagnostics: it warns what the monitors
+  it is given return (launch.py passes the loss's DeadUnitMonitor), and
+  nothing without them."""
+  from mimicdet_jax.losses import total  # pylint: disable=g-import-not-at-top
+
   def loss_with_monitors(params, frozen, batch, rng):
     loss, aux = th.toy_loss(params, frozen, batch, rng)
     return loss, dict(aux, t_reg_alive=jnp.zeros(()),
                       s_reg_alive=jnp.full((), 0.5))
 
-  th.run_toy(tmp_path, th.toy_config(total_steps=4, log_every=1),
-             loss_fn=loss_with_monitors)
+  seen = []
+  def recording(step, scalars):
+    seen.append((step, sorted(scalars)))
+    return [f'step {step}: recorded'] if step == 2 else []
+
+  config = th.toy_config(total_steps=4, log_every=1)
+  th.run_toy(tmp_path / 'with', config, loss_fn=loss_with_monitors,
+             monitors=[total.DeadUnitMonitor(), recording])
   out = capsys.readouterr().out
   # The first window shows it, once; the live layer is not named.
   assert out.count('WARNING: step 1: t_reg_alive=0.000') == 1
   assert out.count('t_reg_alive=') == 1 and 's_reg_alive=' not in out
-  assert [r['t_reg_alive'] for r in _metrics(tmp_path)] == [0.0] * 4
+  assert out.count('WARNING: step 2: recorded') == 1
+  assert [s for s, _ in seen] == [1, 2, 3, 4]
+  assert {'loss', 't_reg_alive', 'err_x', 'lr'} <= set(seen[0][1])
+  assert [r['t_reg_alive'] for r in _metrics(tmp_path / 'with')] == [0.0] * 4
+  th.run_toy(tmp_path / 'without', config, loss_fn=loss_with_monitors)
+  assert 'WARNING' not in capsys.readouterr().out
 
 
 def test_sigterm_saves_at_the_next_step_boundary(tmp_path):

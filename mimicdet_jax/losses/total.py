@@ -90,6 +90,43 @@ def alive_units(features: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.mean(jnp.any(on, axis=(0, 1)).astype(jnp.float32))
 
 
+# The dead-ReLU diagnostics (`alive_units`) and the layer each one watches.
+# At or under DEAD_UNIT_SHARE of its units alive a layer gets no gradient
+# again: its mimic path is flat for the rest of the run (docs/S_HEAD_GAP.md
+# E11, E12, E18: the T-head's at AdamW 3e-3 on the real-image proxy, by step
+# 450).
+DEAD_UNIT_KEYS = {'t_reg_alive': "the T-head's regression features",
+                  's_reg_alive': "the S-head's regression features"}
+DEAD_UNIT_SHARE = 0.01
+
+
+class DeadUnitMonitor:
+  """The loss's monitor for the training loop (`training.loop.Monitor`).
+
+  monitor(step, scalars) -> one message per layer of DEAD_UNIT_KEYS the
+  first time its share of alive units, averaged over a log window, is at or
+  under DEAD_UNIT_SHARE; each layer is reported once per run.
+  """
+
+  def __init__(self):
+    self.warned = set()
+
+  def __call__(self, step: int, scalars) -> list[str]:
+    messages = []
+    for key, layer in DEAD_UNIT_KEYS.items():
+      if key in self.warned or key not in scalars:
+        continue
+      if scalars[key] <= DEAD_UNIT_SHARE:
+        self.warned.add(key)
+        messages.append(
+            f'step {step}: {key}={scalars[key]:.3f}: the units of {layer} '
+            'are dead (zero on every mimic sample), so no gradient reaches '
+            'them again and the mimic\'s regression path is flat from here; '
+            'a lower optim.base_lr, or group_norm for t_head.norm and '
+            's_head.norm, keeps them alive (docs/S_HEAD_GAP.md E12, E18)')
+    return messages
+
+
 def make_loss_fn(model: nn.Module,
                  config: ml_collections.FrozenConfigDict) -> Callable:
   """Builds total_loss(params, frozen, batch, rng) -> (loss, aux), a

@@ -182,7 +182,8 @@ def build_training(config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns:
     Keyword arguments of `loop.run_training` (config, workdir, variables,
-    frozen_mask, loss_fn, train_iter, eval_fn).
+    frozen_mask, loss_fn, train_iter, eval_fn, monitors: the loss's
+    dead-ReLU monitor).
   """
   # Imported here so that the generic machinery above does not need them.
   from mimicdet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -217,7 +218,8 @@ def build_training(config: ml_collections.ConfigDict, workdir: str, *,
               frozen_mask=frozen_mask,
               loss_fn=total.make_loss_fn(model, config),
               train_iter=iter(loader),
-              eval_fn=_eval_fn(config, workdir))
+              eval_fn=_eval_fn(config, workdir),
+              monitors=[total.DeadUnitMonitor()])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,

@@ -1,13 +1,13 @@
 """The training loop: resume, step, log, check, checkpoint, evaluate, stop.
 
 `run_training` trains until train.total_steps from WORKDIR/checkpoints;
-`summarize_window` averages the fetched metrics of a log window;
-`dead_unit_warnings` names a regression layer whose ReLUs have all died;
+`summarize_window` averages the fetched metrics of a log window, which the
+caller's `monitors` read (warnings, e.g. dead ReLUs);
 `NonFiniteLossError` ends a run after too many skipped steps in a row.
 """
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from absl import logging
 import jax
@@ -51,38 +51,11 @@ def summarize_window(window: list[dict], elapsed: float,
   return out
 
 
-# The loss's dead-ReLU monitors (losses/total.py `alive_units`) and the layer
-# each one watches. At or under DEAD_UNIT_SHARE of its units alive a layer
-# gets no gradient again: its mimic path is flat for the rest of the run
-# (docs/S_HEAD_GAP.md E11, E12, E18: the T-head's at AdamW 3e-3 on the
-# real-image proxy, by step 450).
-DEAD_UNIT_KEYS = {'t_reg_alive': "the T-head's regression features",
-                  's_reg_alive': "the S-head's regression features"}
-DEAD_UNIT_SHARE = 0.01
-
-
-def dead_unit_warnings(step: int, scalars: Mapping[str, float],
-                       warned: set[str]) -> list[str]:
-  """One message per monitored layer the first time its units are all dead.
-
-  Args:
-    step: the step the window ends at.
-    scalars: the window's averaged metrics (`summarize_window`).
-    warned: keys already reported; updated in place.
-  """
-  messages = []
-  for key, layer in DEAD_UNIT_KEYS.items():
-    if key in warned or key not in scalars:
-      continue
-    if scalars[key] <= DEAD_UNIT_SHARE:
-      warned.add(key)
-      messages.append(
-          f'step {step}: {key}={scalars[key]:.3f}: the units of {layer} are '
-          'dead (zero on every mimic sample), so no gradient reaches them '
-          'again and the mimic\'s regression path is flat from here; a '
-          'lower optim.base_lr, or group_norm for t_head.norm and '
-          's_head.norm, keeps them alive (docs/S_HEAD_GAP.md E12, E18)')
-  return messages
+# A monitor: monitor(step, scalars) -> warnings, called with each log
+# window's averaged metrics (`summarize_window`). The loop knows only that
+# dict; what a model wants watched, and what to say, is its caller's
+# (training/launch.py passes the loss's, losses/total.py `DeadUnitMonitor`).
+Monitor = Callable[[int, Mapping[str, float]], Sequence[str]]
 
 
 class NonFiniteLossError(errors.UserError, RuntimeError):
@@ -99,7 +72,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
                  loss_fn: step_lib.LossFn,
                  train_iter: Iterator[Mapping[str, np.ndarray]],
                  eval_fn: Optional[Callable[[PyTree, int], Any]] = None,
-                 on_step_end: Optional[Callable[[int], None]] = None
+                 on_step_end: Optional[Callable[[int], None]] = None,
+                 monitors: Sequence[Monitor] = ()
                  ) -> state_lib.TrainState:
   """Trains until train.total_steps, resuming from WORKDIR/checkpoints.
 
@@ -115,6 +89,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
     eval_fn: eval_fn(variables, step), run every train.eval_every steps and
       at the end when eval.at_end (process-collective).
     on_step_end: called with the step number after each step's bookkeeping.
+    monitors: `Monitor`s, run on every log window; each warning they return
+      is logged and shown on the progress bar.
 
   Returns:
     The final TrainState as host arrays (replica 0).
@@ -160,7 +136,6 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   bar = tqdm.tqdm(total=t.total_steps, initial=start_step, unit='step',
                   dynamic_ncols=True, disable=not is_main)
   window, last_metrics = [], None
-  dead_warned = set()
   window_start = time.time()
   step = start_step
   try:
@@ -177,7 +152,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
         now = time.time()
         scalars = summarize_window(fetched, now - window_start, t.batch_size)
         writer.write(step, scalars)
-        for message in dead_unit_warnings(step, scalars, dead_warned):
+        for message in (m for monitor in monitors
+                        for m in monitor(step, scalars)):
           logging.warning(message)
           if is_main:
             bar.write('WARNING: ' + message)
