@@ -73,3 +73,39 @@ def test_offset_modes_wiring():
   # The micro-net's last layer starts at zero: box_learned starts as box.
   np.testing.assert_allclose(out['box_learned'][1], out['box'][1], atol=1e-6)
   assert np.abs(out['learned'][1] - out['box'][1]).max() > 1e-3
+
+
+@pytest.mark.parametrize('mode', heads.OFFSET_MODES)
+def test_s_head_at_points_equals_the_dense_head_read_there(mode):
+  """SHead with `points` (what MimicDet.s_head_at runs in the training loss)
+  against the dense SHead read at the same positions, on three levels (the
+  finest with its own 3x3 conv, two sharing the 5x5 one), every offset mode,
+  with all parameters perturbed so that the learned offsets are not zero."""
+  rng = np.random.default_rng(1)
+  levels = (3, 4, 5)
+  sizes = {3: (8, 10), 4: (4, 5), 5: (2, 3)}
+  feats = {l: jnp.asarray(rng.normal(size=(2,) + sizes[l] + (6,)), jnp.float32)
+           for l in levels}
+  deltas = {l: jnp.asarray(rng.normal(0, 0.5, (2,) + sizes[l] + (4,)),
+                           jnp.float32) for l in levels}
+  head = heads.SHead(levels=levels, num_logits=3, channels=6, p3_kernel=3,
+                     kernel=5, offset_hidden=(4,), cls_dim=7, reg_dim=5,
+                     offset_mode=mode, anchor_scale=4.0, scale_clip=CLIP)
+  variables = head.init(jax.random.PRNGKey(0), feats, deltas)
+  variables = jax.tree.map(
+      lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape), p.dtype),
+      variables)
+  dense = head.apply(variables, feats, deltas)
+  n = 9
+  level_index = rng.integers(0, 3, size=(2, n))
+  yx = np.array([[[rng.integers(0, sizes[levels[i]][0]),
+                   rng.integers(0, sizes[levels[i]][1])] for i in row]
+                 for row in level_index])
+  deltas_at = np.stack([[deltas[levels[i]][b, y, x] for i, (y, x) in
+                         zip(level_index[b], yx[b])] for b in range(2)])
+  at = head.apply(variables, feats, jnp.asarray(deltas_at),
+                  (jnp.asarray(level_index, jnp.int32), jnp.asarray(yx, jnp.int32)))
+  for part in range(3):
+    want = np.stack([[dense[levels[i]][part][b, y, x] for i, (y, x) in
+                      zip(level_index[b], yx[b])] for b in range(2)])
+    np.testing.assert_allclose(at[part], want, rtol=1e-5, atol=1e-5)

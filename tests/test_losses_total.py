@@ -362,3 +362,37 @@ def test_demo_config_200_steps_lower_every_loss_term():
     first = np.mean([h[k] for h in history[:10]])
     last = np.mean([h[k] for h in history[-10:]])
     assert last < first, (k, first, last)
+
+
+@pytest.mark.slow
+def test_s_head_at_its_samples_equals_the_dense_s_head_read_there():
+  from mimicdet_jax.models.mimicdet import MimicDet  # pylint: disable=g-import-not-at-top
+  """s_head.sparse_train (MimicDet.s_head_at, the default): the loss, every
+  aux term and every gradient equal those of the dense S-head read at the
+  same positions (the dense deformable conv is the one checked against
+  torchvision, tests/test_ops_deform_conv.py)."""
+  config, model, variables = demo_setup()
+  assert config.s_head.sparse_train
+  dense_config = config.to_dict()
+  dense_config['s_head']['sparse_train'] = False
+  dense_config = ml_collections.FrozenConfigDict(dense_config)
+  params, frozen = variables['params'], variables.get('frozen', {})
+  batch = make_batch(config, [config.data.max_boxes, 3], seed=1)
+
+  def loss_and_grads(cfg):
+    fn = total.make_loss_fn(MimicDet(cfg), cfg)
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(
+        params, frozen, batch, jax.random.PRNGKey(0))
+
+  (loss, aux), grads = loss_and_grads(config)
+  (dense_loss, dense_aux), dense_grads = loss_and_grads(dense_config)
+  np.testing.assert_allclose(loss, dense_loss, rtol=1e-5)
+  for k in aux:
+    np.testing.assert_allclose(aux[k], dense_aux[k], rtol=1e-4, atol=1e-6,
+                               err_msg=k)
+  flat = jax.tree_util.tree_leaves_with_path(grads)
+  dense_flat = dict(jax.tree_util.tree_leaves_with_path(dense_grads))
+  for path, g in flat:
+    d = np.asarray(dense_flat[path])
+    np.testing.assert_allclose(g, d, rtol=2e-4, atol=2e-6 * np.abs(d).max(),
+                               err_msg=jax.tree_util.keystr(path))

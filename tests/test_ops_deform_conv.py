@@ -184,3 +184,34 @@ def test_gradients_finite_differences():
         a, o, k, padding=1, feature_group_count=2, mask=m))
     check_grads(fn, (x, offset, kernel, mask), order=1, modes=('rev',),
                 atol=1e-5, rtol=1e-5, eps=1e-6)
+
+
+def test_deform_conv_at_points_equals_the_dense_map_read_there():
+  """deform_conv2d_at on two maps of different sizes (one shared kernel, 2
+  offset groups) against the dense deform_conv2d of each map read at the
+  same positions, with each position's offsets placed at it."""
+  rng = np.random.default_rng(3)
+  b, cin, cout, k, g, n = 2, 8, 5, 3, 2, 7
+  maps = [jnp.asarray(rng.normal(size=(b, 9, 11, cin)), jnp.float32),
+          jnp.asarray(rng.normal(size=(b, 4, 6, cin)), jnp.float32)]
+  kernel = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
+  map_index = rng.integers(0, 2, size=(b, n))
+  sizes = [m.shape[1:3] for m in maps]
+  points = np.stack([[[rng.integers(0, sizes[m][0]), rng.integers(0, sizes[m][1])]
+                      for m in row] for row in map_index])
+  offset = rng.normal(scale=2.0, size=(b, n, 2 * g * k * k)).astype(np.float32)
+  out = ops.deform_conv.deform_conv2d_at(maps, jnp.asarray(offset), kernel,
+                                     jnp.asarray(map_index), jnp.asarray(points),
+                                     padding=k // 2)
+  assert out.shape == (b, n, cout)
+  dense_conv = jax.jit(lambda x, o: ops.deform_conv.deform_conv2d(
+      x, o, kernel, padding=k // 2))
+  for i in range(b):
+    for j in range(n):
+      m = map_index[i, j]
+      y, x = points[i, j]
+      dense_offset = np.zeros(maps[m].shape[:3] + (2 * g * k * k,), np.float32)
+      dense_offset[i, y, x] = offset[i, j]
+      dense = dense_conv(maps[m], jnp.asarray(dense_offset))
+      np.testing.assert_allclose(out[i, j], dense[i, y, x], rtol=1e-5,
+                                 atol=1e-5)

@@ -17,6 +17,7 @@ from mimicdet_jax.models.fpn import c2_xavier_fill  # also the T-head's fcs
 from mimicdet_jax.models.layers import Conv1x1
 from mimicdet_jax.ops.boxes import decode_deltas
 from mimicdet_jax.ops.deform_conv import deform_conv2d
+from mimicdet_jax.ops.deform_conv import deform_conv2d_at
 from mimicdet_jax.ops.roi_align import multilevel_roi_align
 from mimicdet_jax.ops.roi_align import multilevel_roi_align_einsum
 
@@ -259,37 +260,60 @@ class GuidedConv(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, refine_deltas: jax.Array) -> jax.Array:
-    """x [B, H, W, Cin], refine_deltas [B, H, W, 4] -> [B, H, W, features]."""
+  def __call__(self, x, refine_deltas: jax.Array,
+               points: Optional[tuple[jax.Array, jax.Array]] = None
+               ) -> jax.Array:
+    """x [B, H, W, Cin], refine_deltas [B, H, W, 4] -> [B, H, W, features].
+
+    With `points` = (map_index int [B, N], yx int [B, N, 2]) the conv runs
+    only at those output positions (`ops.deform_conv.deform_conv2d_at`):
+    x is a list of maps sharing this conv, refine_deltas [B, N, 4] the
+    deltas at the positions, and the result [B, N, features] equals the
+    dense output read there. Deformable only.
+    """
     k = self.kernel_size
+    cin = (x[0] if points is not None else x).shape[-1]
     kernel = self.param('kernel', normal(DENSE_INIT_STD),
-                        (k, k, x.shape[-1], self.features), jnp.float32)
+                        (k, k, cin, self.features), jnp.float32)
     bias = self.param('bias', zeros, (self.features,), jnp.float32)
-    x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
+    if points is not None:
+      if not self.deformable:
+        raise ValueError('GuidedConv at points needs deformable=True')
+      offsets = self._offsets(refine_deltas[:, :, None, :])[:, :, 0]
+      y = deform_conv2d_at([m.astype(self.dtype) for m in x], offsets, kernel,
+                           points[0], points[1], padding=k // 2)
+      return nn.relu(y.astype(self.dtype) + bias.astype(self.dtype))
+    x = x.astype(self.dtype)
     if self.deformable:
-      if self.offset_stop_grad:
-        refine_deltas = jax.lax.stop_gradient(refine_deltas)
-      offsets = 0.0
-      if self.offset_mode in ('box', 'box_learned'):
-        if self.scale_clip is None:
-          raise ValueError(f'offset_mode={self.offset_mode!r} needs '
-                           'scale_clip (box.scale_clip)')
-        offsets = box_aligned_offsets(refine_deltas, k, self.anchor_scale,
-                                      self.refine_stds, self.scale_clip)
-      if self.offset_mode in ('learned', 'box_learned'):
-        offsets = offsets + OffsetNet(self.offset_hidden, 2 * k * k,
-                                      dtype=self.dtype,
-                                      name='offset_net')(refine_deltas)
-      # For diagnostics (experiments/offsets.py): apply with
-      # mutable=['intermediates'] to read the offsets; a no-op otherwise.
-      self.sow('intermediates', 'offsets', offsets)
+      offsets = self._offsets(refine_deltas)
       y = deform_conv2d(x, offsets, kernel, stride=1, padding=k // 2)
     else:
       y = jax.lax.conv_general_dilated(
           x, kernel, window_strides=(1, 1), padding=((k // 2, k // 2),) * 2,
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return nn.relu(y.astype(self.dtype) + bias.astype(self.dtype))
+
+  def _offsets(self, refine_deltas: jax.Array) -> jax.Array:
+    """[B, H, W, 4] deltas -> float32 [B, H, W, 2 k k] offsets (s_head.offset_mode)."""
+    k = self.kernel_size
+    if self.offset_stop_grad:
+      refine_deltas = jax.lax.stop_gradient(refine_deltas)
+    offsets = 0.0
+    if self.offset_mode in ('box', 'box_learned'):
+      if self.scale_clip is None:
+        raise ValueError(f'offset_mode={self.offset_mode!r} needs '
+                         'scale_clip (box.scale_clip)')
+      offsets = box_aligned_offsets(refine_deltas, k, self.anchor_scale,
+                                    self.refine_stds, self.scale_clip)
+    if self.offset_mode in ('learned', 'box_learned'):
+      offsets = offsets + OffsetNet(self.offset_hidden, 2 * k * k,
+                                    dtype=self.dtype,
+                                    name='offset_net')(refine_deltas)
+    # For diagnostics (experiments/offsets.py): apply with
+    # mutable=['intermediates'] to read the offsets; a no-op otherwise.
+    self.sow('intermediates', 'offsets', offsets)
+    return offsets
 
 
 class SHead(nn.Module):
@@ -320,16 +344,24 @@ class SHead(nn.Module):
 
   @nn.compact
   def __call__(self, features: Mapping[int, jax.Array],
-               refine_deltas: Mapping[int, jax.Array]
-               ) -> dict[int, tuple[jax.Array, jax.Array, jax.Array]]:
+               refine_deltas,
+               points: Optional[tuple[jax.Array, jax.Array]] = None):
     """Args:
       features: {level: [B, H_l, W_l, C]} for `levels`.
-      refine_deltas: {level: [B, H_l, W_l, 4]}, the refinement module's deltas.
+      refine_deltas: {level: [B, H_l, W_l, 4]}, the refinement module's
+        deltas; with `points`, [B, N, 4] at the points.
+      points: None (dense), or (level_index int [B, N] into `levels`, sorted
+        finest first; yx int [B, N, 2]) to run the head only there. Only
+        without norm layers (a GroupNorm reads the whole map).
 
     Returns:
       {level: (s_cls_logits [B, H, W, num_logits], s_reg_feature
-      [B, H, W, reg_dim], s_deltas [B, H, W, 4])} in the compute dtype.
+      [B, H, W, reg_dim], s_deltas [B, H, W, 4])} in the compute dtype;
+      with `points`, one such triple of [B, N, ...] arrays.
     """
+    if points is not None and self.norm != 'none':
+      raise ValueError(f's_head.norm={self.norm!r} reads whole maps; the '
+                       'S-head cannot run at points')
     guided = lambda k, name: GuidedConv(  # pylint: disable=g-long-lambda
         self.channels, k, deformable=self.deformable,
         offset_hidden=self.offset_hidden,
@@ -354,11 +386,26 @@ class SHead(nn.Module):
                               param_dtype=jnp.float32, name='reg_hidden_norm')
     else:  # 'none'
       cls_norm = reg_norm = lambda h: h
+    def head(x):
+      s_reg_feature = nn.relu(reg_norm(reg_hidden(x)))
+      return (cls_logits(nn.relu(cls_norm(cls_hidden(x)))), s_reg_feature,
+              reg_deltas(s_reg_feature))
+
+    if points is not None:
+      # Pointwise from here on (1x1 layers, no norm): each position on the
+      # finest level through its conv, the others through the shared one.
+      level_index, yx = points
+      finest_index = list(self.levels).index(finest)
+      coarse = [features[l] for l in self.levels if l != finest]
+      fine = fine_conv([features[finest]], refine_deltas,
+                       (jnp.zeros_like(level_index), yx))
+      rest = coarse_conv(coarse, refine_deltas, (
+          level_index - (level_index > finest_index).astype(level_index.dtype),
+          yx))
+      on_finest = (level_index == finest_index)[..., None]
+      return head(jnp.where(on_finest, fine, rest))
     out = {}
     for level in self.levels:
       conv = fine_conv if level == finest else coarse_conv
-      x = conv(features[level], refine_deltas[level])
-      s_reg_feature = nn.relu(reg_norm(reg_hidden(x)))
-      out[level] = (cls_logits(nn.relu(cls_norm(cls_hidden(x)))),
-                    s_reg_feature, reg_deltas(s_reg_feature))
+      out[level] = head(conv(features[level], refine_deltas[level]))
     return out

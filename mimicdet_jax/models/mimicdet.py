@@ -63,6 +63,14 @@ def t_head_box_levels(config: ml_collections.ConfigDict,
   return jnp.clip(level, min(t_levels), max(t_levels)).astype(jnp.int32)
 
 
+def s_head_sparse(config: ml_collections.ConfigDict) -> bool:
+  """Whether the training loss can run the S-head at its samples only
+  (`MimicDet.s_head_at`): a deformable S-head without norm layers, whose
+  every layer after its input maps is per position."""
+  return (config.s_head.sparse_train and config.s_head.deformable and
+          config.s_head.norm == 'none')
+
+
 def flatten_levels(per_level: list[jax.Array]) -> jax.Array:
   """[B, H_l, W_l, ...] per level -> [B, A, ...], row-major within each level.
 
@@ -131,7 +139,8 @@ class MimicDet(nn.Module):
         roi_align_impl=c.t_head.roi_align_impl,
         norm=c.t_head.norm)
 
-  def __call__(self, images: jax.Array, train: bool = False) -> dict:
+  def __call__(self, images: jax.Array, train: bool = False,
+               dense_s_head: bool = True) -> dict:
     """Backbone, pyramid, refinement module and S-head on a batch of images.
 
     Args:
@@ -154,6 +163,14 @@ class MimicDet(nn.Module):
 
     refine = self.refinement(s_features)
     refine_deltas = {level: refine[level][1] for level in self.s_levels}
+    def gather(outputs, i):
+      return flatten_levels([outputs[l][i] for l in self.s_levels]).astype(jnp.float32)
+
+    out = dict(t_features=t_features, refine_logits=gather(refine, 0),
+               refine_deltas=gather(refine, 1))
+    if not dense_s_head and not self.is_initializing():
+      out['s_features'] = s_features  # for `s_head_at`
+      return out
     s_out = self.s_head_net(s_features, refine_deltas)
 
     if self.is_initializing():
@@ -163,16 +180,47 @@ class MimicDet(nn.Module):
       dummy_boxes = jnp.tile(jnp.array([[[0.0, 0.0, 64.0, 64.0]]]), (batch, 1, 1))
       self.t_head_net(t_features, dummy_boxes)
 
-    def gather(outputs, i):
-      return flatten_levels([outputs[l][i] for l in self.s_levels]).astype(jnp.float32)
+    out.update(s_cls_logits=gather(s_out, 0), s_reg_feature=gather(s_out, 1),
+               s_deltas=gather(s_out, 2))
+    return out
 
-    return dict(
-        t_features=t_features,
-        refine_logits=gather(refine, 0),
-        refine_deltas=gather(refine, 1),
-        s_cls_logits=gather(s_out, 0),
-        s_reg_feature=gather(s_out, 1),
-        s_deltas=gather(s_out, 2))
+  def s_head_at(self, s_features: dict, refine_deltas: jax.Array,
+                origin: jax.Array) -> dict:
+    """The S-head's outputs at flat dense positions only.
+
+    Equal to `__call__`'s s_cls_logits / s_reg_feature / s_deltas read at
+    `origin` (`gather_at`), at the cost of those positions alone: the
+    training loss reads the S-head at its proposals and mimic samples
+    (~2k of the ~26k positions of an 896x1408 canvas), and everything the
+    S-head does after its input maps is per position (SHead, `points`).
+    Needs s_head.norm 'none' and a deformable S-head (`s_head_sparse`).
+
+    Args:
+      s_features: {level: [B, H_l, W_l, C]}, `__call__(...,
+        dense_s_head=False)['s_features']`.
+      refine_deltas: [B, A, 4], `__call__`'s refine_deltas.
+      origin: int [B, N] flat positions (the `flatten_levels` order).
+    Returns:
+      dict s_cls_logits [B, N, num_logits], s_reg_feature [B, N, reg_dim],
+      s_deltas [B, N, 4], float32.
+    """
+    starts, widths, total = [], [], 0
+    for level in self.s_levels:
+      h, w = s_features[level].shape[1:3]
+      starts.append(total)
+      widths.append(w)
+      total += h * w
+    starts_arr = jnp.array(starts, jnp.int32)
+    level_index = jnp.searchsorted(starts_arr, origin, side='right') - 1
+    local = origin - starts_arr[level_index]
+    width = jnp.array(widths, jnp.int32)[level_index]
+    yx = jnp.stack([local // width, local % width], axis=-1)
+    cls, reg, deltas = self.s_head_net(
+        s_features, gather_at(refine_deltas, origin),
+        (level_index.astype(jnp.int32), yx.astype(jnp.int32)))
+    f32 = lambda x: x.astype(jnp.float32)
+    return dict(s_cls_logits=f32(cls), s_reg_feature=f32(reg),
+                s_deltas=f32(deltas))
 
   def t_head(self, t_features: dict, boxes: jax.Array,
              box_levels: Optional[jax.Array] = None):

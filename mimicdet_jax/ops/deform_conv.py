@@ -61,6 +61,46 @@ def _neighbourhoods(x: Array, offset_groups: int) -> Array:
   return quads.reshape(-1, 4, cin // g)
 
 
+def _bilinear_taps(quads: Array, py: Array, px: Array, map_row: Array,
+                   h, w, mask: Optional[Array]) -> Array:
+  """Bilinear samples from the 2x2-neighbourhood table, zeros outside.
+
+  Args:
+    quads: [M, 4, Cg], the rows of one or more `_neighbourhoods` tables.
+    py, px: float [..., G, K] sample positions in input pixels.
+    map_row: int [..., G, 1], the first row of the sample's map in `quads`.
+    h, w: the map's height and width (ints, or int arrays like map_row).
+    mask: [..., G, K] modulation or None.
+  Returns:
+    [..., G, K, Cg].
+  """
+  y0 = jnp.floor(py)
+  x0 = jnp.floor(px)
+  ly = py - y0
+  lx = px - x0
+  # Weights of the 2x2 neighbourhood; a neighbour outside the image weighs 0.
+  weights = []
+  for cy, wy in ((y0, 1.0 - ly), (y0 + 1.0, ly)):
+    for cx, wx in ((x0, 1.0 - lx), (x0 + 1.0, lx)):
+      inside = (cy >= 0) & (cy <= h - 1) & (cx >= 0) & (cx <= w - 1)
+      weights.append(jnp.where(inside, wy * wx, 0.0))
+  weight = jnp.stack(weights, axis=-1)  # [..., G, K, 4]
+  if mask is not None:
+    weight = weight * mask[..., None].astype(weight.dtype)
+  # One row gather from the 2x2-neighbourhood map (see `_neighbourhoods`).
+  # Neighbourhoods wholly outside get clamped indices but all-zero weights.
+  ys = jnp.clip(y0 + 1, 0, h).astype(jnp.int32)
+  xs = jnp.clip(x0 + 1, 0, w).astype(jnp.int32)
+  index = map_row + ys * (w + 1) + xs  # [..., G, K]
+  patches = jnp.take(quads, index.reshape(-1), axis=0, mode='clip')
+  patches = patches.reshape(index.shape + (4, -1))
+  # A contraction, not multiply + sum: ~3x faster on CPU, and the
+  # multiply + reduce form crashed XLA:CPU's backward for one-row chunks
+  # (jax 0.10.2). 'highest' keeps TF32 out of the interpolation on GPUs.
+  return jnp.einsum('...fc,...f->...c', patches, weight.astype(patches.dtype),
+                    precision='highest')
+
+
 def _sample_rows(quads: Array, offset: Array, mask: Optional[Array],
                  row_ids: Array, *, in_hw: Tuple[int, int],
                  kernel_hw: Tuple[int, int], stride: Tuple[int, int],
@@ -83,42 +123,84 @@ def _sample_rows(quads: Array, offset: Array, mask: Optional[Array],
   # Sample positions in at least float32 even for bfloat16 offsets.
   ftype = jnp.promote_types(offset.dtype, jnp.float32)
   off = offset.reshape(b, r, wo, g, k, 2).astype(ftype)
-  tap_y = (jnp.arange(kh) * dilation[0]).repeat(kw).astype(ftype)
-  tap_x = jnp.tile(jnp.arange(kw) * dilation[1], kh).astype(ftype)
+  tap_y, tap_x = _taps(kernel_hw, dilation, ftype)
   base_y = (row_ids * stride[0] - padding[0]).astype(ftype)
   base_x = (jnp.arange(wo) * stride[1] - padding[1]).astype(ftype)
   py = base_y[None, :, None, None, None] + tap_y + off[..., 0]  # [B,R,Wo,G,K]
   px = base_x[None, None, :, None, None] + tap_x + off[..., 1]
-  y0 = jnp.floor(py)
-  x0 = jnp.floor(px)
-  ly = py - y0
-  lx = px - x0
-  # Weights of the 2x2 neighbourhood; a neighbour outside the image weighs 0.
-  weights = []
-  for cy, wy in ((y0, 1.0 - ly), (y0 + 1.0, ly)):
-    for cx, wx in ((x0, 1.0 - lx), (x0 + 1.0, lx)):
-      inside = (cy >= 0) & (cy <= h - 1) & (cx >= 0) & (cx <= w - 1)
-      weights.append(jnp.where(inside, wy * wx, 0.0))
-  weight = jnp.stack(weights, axis=-1)  # [B, R, Wo, G, K, 4]
-  if mask is not None:
-    weight = weight * mask.reshape(b, r, wo, g, k, 1).astype(ftype)
-  # One row gather from the 2x2-neighbourhood map (see `_neighbourhoods`).
-  # Neighbourhoods wholly outside get clamped indices but all-zero weights.
-  ys = jnp.clip(y0 + 1, 0, h).astype(jnp.int32)
-  xs = jnp.clip(x0 + 1, 0, w).astype(jnp.int32)
   maps = (jnp.arange(b)[:, None, None, None, None] * g +
           jnp.arange(g)[:, None])  # [B, 1, 1, G, 1]
-  index = (maps * (h + 1) + ys) * (w + 1) + xs  # [B, R, Wo, G, K]
-  patches = jnp.take(quads, index.reshape(-1), axis=0, mode='clip')
-  patches = patches.reshape(b, r, wo, g, k, 4, -1)
-  # A contraction, not multiply + sum: ~3x faster on CPU, and the
-  # multiply + reduce form crashed XLA:CPU's backward for one-row chunks
-  # (jax 0.10.2). 'highest' keeps TF32 out of the interpolation on GPUs.
-  total = jnp.einsum('...fc,...f->...c', patches, weight.astype(patches.dtype),
-                     precision='highest')
+  total = _bilinear_taps(
+      quads, py, px, maps * ((h + 1) * (w + 1)), h, w,
+      None if mask is None else mask.reshape(b, r, wo, g, k))
   # [B, R, Wo, G, K, Cg] -> [B, R, Wo, K, G * Cg]
   total = jnp.moveaxis(total, 3, 4)
   return total.reshape(b, r, wo, k, -1)
+
+
+def _taps(kernel_hw, dilation, ftype) -> Tuple[Array, Array]:
+  """Each tap's regular (y, x) place relative to the window's corner, [K]."""
+  kh, kw = kernel_hw
+  tap_y = (jnp.arange(kh) * dilation[0]).repeat(kw).astype(ftype)
+  tap_x = jnp.tile(jnp.arange(kw) * dilation[1], kh).astype(ftype)
+  return tap_y, tap_x
+
+
+def deform_conv2d_at(maps: Sequence[Array], offset: Array, kernel: Array,
+                     map_index: Array, points: Array, padding: IntPair = 0,
+                     dilation: IntPair = 1) -> Array:
+  """`deform_conv2d` (stride 1, one convolution group, no mask) evaluated
+  only at given output positions of one or more maps sharing its kernel.
+
+  Output (b, n) equals `deform_conv2d(maps[m], o, kernel, padding=...,
+  dilation=...)[b, y, x]` with m = map_index[b, n], (y, x) = points[b, n]
+  and o any offset map that holds offset[b, n] at (y, x): an output
+  position reads only the input and its own offsets. A loss that reads a
+  dense head at a few positions (the S-head at its proposals) pays for
+  those alone.
+
+  Args:
+    maps: [B, H_m, W_m, Cin] each; their output maps are the same size
+      (stride 1, padding k // 2 keeps it).
+    offset: [B, N, 2 * G * kh * kw], torchvision channel order.
+    kernel: [kh, kw, Cin, Cout].
+    map_index: int [B, N] which map each position is on.
+    points: int [B, N, 2] (y, x) output position in that map.
+    padding, dilation: int or (h, w).
+  Returns:
+    [B, N, Cout].
+  """
+  padding, dilation = _pair(padding), _pair(dilation)
+  kh, kw, cin, cout = kernel.shape
+  k = kh * kw
+  b, n = offset.shape[:2]
+  g = offset.shape[2] // (2 * k)
+  if offset.shape[2] != 2 * g * k or any(m.shape[-1] != cin for m in maps):
+    raise ValueError(f'offset {offset.shape} or maps '
+                     f'{[m.shape for m in maps]} do not fit kernel '
+                     f'{kernel.shape}')
+  tables = [_neighbourhoods(m, g) for m in maps]
+  quads = jnp.concatenate(tables, axis=0) if len(tables) > 1 else tables[0]
+  first_rows = [0]
+  for t in tables[:-1]:
+    first_rows.append(first_rows[-1] + t.shape[0])
+  ftype = jnp.promote_types(offset.dtype, jnp.float32)
+  heights = jnp.array([m.shape[1] for m in maps], jnp.int32)[map_index]
+  widths = jnp.array([m.shape[2] for m in maps], jnp.int32)[map_index]
+  first = jnp.array(first_rows, jnp.int32)[map_index]  # [B, N]
+  per_image = (heights + 1) * (widths + 1) * g
+  maps_row = (first + jnp.arange(b)[:, None] * per_image)[..., None, None] + (
+      jnp.arange(g)[:, None] * ((heights + 1) * (widths + 1))[..., None, None])
+  off = offset.reshape(b, n, g, k, 2).astype(ftype)
+  tap_y, tap_x = _taps((kh, kw), dilation, ftype)
+  py = (points[..., 0] - padding[0]).astype(ftype)[..., None, None] + tap_y + off[..., 0]
+  px = (points[..., 1] - padding[1]).astype(ftype)[..., None, None] + tap_x + off[..., 1]
+  h = heights[..., None, None]
+  w = widths[..., None, None]
+  cols = _bilinear_taps(quads, py, px, maps_row, h, w, None)  # [B,N,G,K,Cg]
+  cols = jnp.moveaxis(cols, 2, 3).reshape(b * n, k * cin)
+  out = jnp.dot(cols, kernel.reshape(k * cin, cout).astype(cols.dtype))
+  return out.reshape(b, n, cout)
 
 
 def deform_conv2d(x: Array, offset: Array, kernel: Array,
