@@ -29,6 +29,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tfds_val_split = 'validation'
   c.data.num_classes = -1  # -1: from the training annotation file's categories
   c.data.train_min_sizes = (800,)  # shorter side; several values = multi-scale
+  # Training resize: resize (shorter side from train_min_sizes, the paper) |
+  # lsj (large-scale jitter: fit lsj_size x a factor drawn uniformly from
+  # lsj_scale, random crop / zero pad to lsj_size x lsj_size: one canvas,
+  # canvas_buckets unused in training). Evaluation always resizes.
+  c.data.augment = 'resize'
+  c.data.lsj_size = 1024  # the training canvas under lsj (detectron2's LSJ)
+  c.data.lsj_scale = (0.1, 2.0)  # factor range (detectron2 new_baselines)
+  # A box the lsj crop cuts to a side <= this (pixels) is dropped (counted):
+  # detectron2's filter_empty_instances threshold.
+  c.data.lsj_min_box_side = 1e-5
   c.data.min_size = 800  # shorter side at evaluation
   c.data.max_size = 1333  # longer side bound
   # Fixed canvases (h, w), each divisible by 128 and compiled once; a batch is
@@ -126,6 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
   # paper); box = a k x k grid over the refined box (no parameters);
   # box_learned = that grid plus the micro-net as a learned correction.
   c.s_head.offset_mode = 'learned'  # learned | box | box_learned
+  # The training loss runs the S-head only at the proposals and mimic samples
+  # it reads (the same outputs, ~10x fewer positions; models/mimicdet.py
+  # `s_head_sparse`); False: dense, then read. Needs s_head.norm none.
+  c.s_head.sparse_train = True
   c.s_head.cls_dim = 1024
   c.s_head.reg_dim = 1024
   c.s_head.fg_iou = 0.5
@@ -180,6 +194,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.s_head_lr_mult = 1.0
   # lr x this for the T-head (params t_head_net) only, likewise.
   c.optim.t_head_lr_mult = 1.0
+  # Exponential moving average of the weights, updated after every applied
+  # step; 0 = off (the paper has none). Evaluation, predict and export use it
+  # when present (eval.weights). docs/TRAINING.md, "EMA of the weights".
+  c.optim.ema_decay = 0.0
+  # EMA warm-up: decay of update n = min(ema_decay, (1 + n) / (ema_warmup + n)),
+  # d2go's DECAY_WARM_UP_FACTOR / TensorFlow's ExponentialMovingAverage (10);
+  # 0 = none (the full decay from the first update).
+  c.optim.ema_warmup = 10.0
 
   # ---------------------------------------------------------------- train
   c.train = ml_collections.ConfigDict()
@@ -190,6 +212,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.max_consecutive_nonfinite = 10
   c.train.eval_every = 0  # 0 = only at the end (when eval.at_end)
+  # With train.eval_every > 0, keep the weights of the best evaluation by this
+  # metrics.json key (higher is better) in WORKDIR/checkpoints_best/, which
+  # rotation never deletes; '' = off. On by default: it costs nothing without
+  # periodic evaluation and one model's weights with it. docs/TRAINING.md.
+  c.train.keep_best = 'AP'
   # The loss runs per image (vmap, batch of one) with the step key folded with
   # the image's global index: sampling and normalisation do not depend on how
   # the batch is split over devices/hosts. False: per-device batch, device key.
@@ -226,4 +253,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.viz = 0  # draw the first N validation images
   c.eval.viz_score_threshold = 0.3  # detections drawn in pictures (eval --viz, predict)
   c.eval.at_end = False
+  # Which weights of a checkpoint detect: ema (optim.ema_decay's average, when
+  # the run kept one; otherwise the raw weights) | raw.
+  c.eval.weights = 'ema'
   return c
