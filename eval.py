@@ -3,7 +3,8 @@ r"""Evaluates a MimicDet checkpoint with pycocotools, or scores a result file.
   # detect on the validation split and score (DIR/eval/detections.json,
   # DIR/eval/metrics.json, DIR/eval/viz/*.png with --viz N)
   python eval.py --config configs/mimicdet_r50_fpn_1x.py --workdir DIR \
-      [--checkpoint latest|STEP|PATH] [--viz N] [--head s|t|both]
+      [--checkpoint latest|best|STEP|PATH] [--weights ema|raw] [--viz N] \
+      [--head s|t|both]
   # an exported detector (serving/export.py) on the validation split of
   # --config (or of DIR/config.json with --workdir); writes EXPORTED/eval/
   python eval.py --exported EXPORTED (--config C | --workdir DIR) [--out OUT]
@@ -27,7 +28,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Recipe config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training WORKDIR.')
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', 'latest', "'latest', a step number or a checkpoint path.")
+    'checkpoint', 'latest', "'latest', 'best' (train.keep_best), a step "
+    'number or a checkpoint path.')
+_WEIGHTS = flags.DEFINE_string(
+    'weights', None, "'ema' (the EMA weights when the run kept them) or 'raw' "
+    '(default eval.weights of the config).')
 _VIZ = flags.DEFINE_integer(
     'viz', None, 'Draw the first N validation images (default eval.viz).')
 _HEAD = flags.DEFINE_enum(
@@ -85,15 +90,16 @@ def main(argv):
   # pylint: enable=g-import-not-at-top
   launch.initialize_distributed()  # no-op for one process
   config = restore.load_config(_WORKDIR.value, _CONFIG.value,
-                               head=_HEAD.value)
-  variables, step = restore.restore_variables(_WORKDIR.value,
-                                              _CHECKPOINT.value)
+                               head=_HEAD.value, weights=_WEIGHTS.value)
+  variables, step, weights = restore.restore_checkpoint(
+      _WORKDIR.value, _CHECKPOINT.value, config.eval.weights)
   # After the checks a user's mistake fails (no checkpoint): its log line
   # would come before their one-line error.
   launch.enable_compile_cache(config.train.compile_cache, _WORKDIR.value)
-  logging.info('evaluating step %s on %d devices (%d processes)', step,
-               jax.device_count(), jax.process_count())
-  evaluate_lib.evaluate(config, variables, _WORKDIR.value, step, viz=_VIZ.value)
+  logging.info('evaluating step %s (%s weights) on %d devices (%d processes)',
+               step, weights, jax.device_count(), jax.process_count())
+  evaluate_lib.evaluate(config, variables, _WORKDIR.value, step, viz=_VIZ.value,
+                        weights=weights)
 
 
 if __name__ == '__main__':

@@ -102,9 +102,11 @@ def main(argv):
   t_metrics = _saved_metrics(workdir, total, 'eval_t')
   if metrics is None or t_metrics is None:
     resolved = restore.load_config(workdir, config)
-    variables, step = restore.restore_variables(workdir, 'latest')
+    variables, step, weights = restore.restore_checkpoint(
+        workdir, 'latest', resolved.eval.weights)
     if metrics is None:
-      metrics = evaluate_lib.evaluate(resolved, variables, workdir, step)
+      metrics = evaluate_lib.evaluate(resolved, variables, workdir, step,
+                                      weights=weights)
     if t_metrics is None:
       # The teacher on the same checkpoint (eval.py --config.eval.head=t),
       # so that every user sees how far the S-head is from it.
@@ -112,7 +114,8 @@ def main(argv):
       t_recipe.eval.head = 't'
       t_config = restore.load_config(workdir, t_recipe)
       t_metrics = evaluate_lib.evaluate(t_config, variables, workdir, step, viz=0,
-                                    out_dir=os.path.join(workdir, 'eval_t'))
+                                    out_dir=os.path.join(workdir, 'eval_t'),
+                                    weights=weights)
     eval_minutes = (time.time() - start) / 60
   else:
     eval_minutes = None
@@ -125,6 +128,11 @@ def main(argv):
   for name, m in (('S-head (detector)', metrics),
                   ('T-head (teacher)', t_metrics)):
     print(f'  {name:<20s}' + '  '.join(f'{m[k]:6.3f}' for k in COLUMNS))
+  # metrics.json of a run from before EMA existed has no 'weights': raw.
+  weights = metrics.get('weights', 'raw')
+  print(f'  weights scored: {weights} (' + (
+      'the EMA of the weights, optim.ema_decay' if weights == 'ema' else
+      'the trained weights: optim.ema_decay=0 or eval.weights=raw') + ')')
   # Three digits: the recipe's seeds sit at 0.88-0.92 (docs/RESULTS.md), and
   # 0.896 printed as 0.90 would hide which side of 0.9 a run is on.
   print(f'  S-head AP / T-head AP = {metrics["AP"] / max(t_metrics["AP"], 1e-9):.3f}')

@@ -33,7 +33,8 @@ def _predict_fn_of_config(config) -> Callable[..., dict[str, jax.Array]]:
 
 def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
              viz: Optional[int] = None, model=None,
-             out_dir: Optional[str] = None) -> Optional[dict[str, Any]]:
+             out_dir: Optional[str] = None,
+             weights: Optional[str] = None) -> Optional[dict[str, Any]]:
   """Detects on the validation split, writes and scores the results.
 
   `config` is the resolved (frozen) config; the compiled predict function
@@ -41,7 +42,8 @@ def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
   images on its local devices); process 0 gathers, writes OUT/detections.json and
   OUT/metrics.json (OUT = WORKDIR/eval unless `out_dir`), appends the metrics
   with `step` to OUT/history.jsonl, prints the COCO and per-class tables and
-  draws the first `viz` images (default eval.viz) to OUT/viz/.
+  draws the first `viz` images (default eval.viz) to OUT/viz/. `weights`
+  ('ema' | 'raw', which weights `variables` are) is recorded in metrics.json.
 
   Returns:
     The metrics dict on process 0, None on the others.
@@ -92,7 +94,7 @@ def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
   results = coco_eval.detections_to_coco(dets, dets,
                                          source.label_to_category_id)
   metrics = write_and_score(config, source, results, out_dir, step,
-                            len(dets['image_id']))
+                            len(dets['image_id']), weights=weights)
   if drawn:
     print(f'{len(drawn)} pictures (gt green, detections red, score >= '
           f'{config.eval.viz_score_threshold}) in {os.path.dirname(drawn[0])}')
@@ -100,7 +102,8 @@ def evaluate(config, variables, workdir: str, step: Optional[int] = None, *,
 
 
 def write_and_score(config, source, results: list, out_dir: str,
-                    step: Optional[int], num_images: int) -> dict[str, Any]:
+                    step: Optional[int], num_images: int, *,
+                    weights: Optional[str] = None) -> dict[str, Any]:
   """OUT/detections.json, pycocotools, OUT/metrics.json and history.jsonl.
 
   `results` are COCO results-format dicts of the validation `source`; the
@@ -110,11 +113,15 @@ def write_and_score(config, source, results: list, out_dir: str,
   det_path = os.path.join(out_dir, 'detections.json')
   coco_eval.write_json(det_path, results)
   if step is not None:
-    print(f'Evaluation at step {step} on {num_images} images:')
+    print(f'Evaluation at step {step}'
+          f'{f" ({weights} weights)" if weights else ""} on {num_images} '
+          'images:')
   coco_gt, gt_name = coco_eval.ground_truth(source, config)
   metrics = coco_eval.coco_evaluate(coco_gt, results)
   metrics.update(step=step, annotations=gt_name,
                  detections=os.path.abspath(det_path))
+  if weights is not None:
+    metrics['weights'] = weights
   coco_eval.write_json(os.path.join(out_dir, 'metrics.json'), metrics)
   with open(os.path.join(out_dir, 'history.jsonl'), 'a') as f:
     f.write(json.dumps({k: v for k, v in metrics.items()

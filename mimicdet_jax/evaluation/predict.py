@@ -1,8 +1,8 @@
 r"""Runs a checkpoint on a folder of images; writes pictures and a JSON.
 
   python -m mimicdet_jax.evaluation.predict --workdir DIR --images FOLDER --out OUT \
-      [--config configs/demo.py] [--checkpoint latest|STEP|PATH] \
-      [--config.eval.viz_score_threshold=0.5]
+      [--config configs/demo.py] [--checkpoint latest|best|STEP|PATH] \
+      [--weights ema|raw] [--config.eval.viz_score_threshold=0.5]
   # the same with an exported detector (serving/export.py) instead
   python -m mimicdet_jax.evaluation.predict --exported EXPORTED --images FOLDER --out OUT
 
@@ -242,9 +242,11 @@ def main(argv):
 
 
 def _predict_checkpoint() -> dict:
-  config = restore.load_config(_WORKDIR.value, _CONFIG.value)
-  variables, step = restore.restore_variables(_WORKDIR.value,
-                                              _CHECKPOINT.value)
+  config = restore.load_config(_WORKDIR.value, _CONFIG.value,
+                               weights=_WEIGHTS.value)
+  variables, step, weights = restore.restore_checkpoint(
+      _WORKDIR.value, _CHECKPOINT.value, config.eval.weights)
+  print(f'step {step}, {weights} weights')
   categories, _ = restore.training_categories(config, _WORKDIR.value)
   names = [c['name'] for c in categories or []]
   if len(names) != config.model.num_classes:
@@ -268,5 +270,9 @@ if __name__ == '__main__':
                                 required=True)
   _OUT = flags.DEFINE_string('out', None, 'Output folder.', required=True)
   _CHECKPOINT = flags.DEFINE_string(
-      'checkpoint', 'latest', "'latest', a step number or a checkpoint path.")
+      'checkpoint', 'latest', "'latest', 'best' (train.keep_best), a step "
+      'number or a checkpoint path.')
+  _WEIGHTS = flags.DEFINE_string(
+      'weights', None, "'ema' (the EMA weights when the run kept them) or "
+      "'raw' (default eval.weights of the config).")
   config_lib.run_absl(main)

@@ -1,7 +1,8 @@
 """What evaluation and predict restore from a training WORKDIR.
 
-- `restore_variables`: model variables of a checkpoint (latest, a step or a
-  path); `checkpoint_steps` lists the committed steps.
+- `restore_checkpoint` / `restore_variables`: model variables of a checkpoint
+  (latest, best, a step or a path), the EMA or the raw weights
+  (eval.weights); `checkpoint_steps` lists the committed steps.
 - `load_config` / `resolve_config`: the resolved config, from a recipe or
   WORKDIR/config.json, with the number of classes the run trained with.
 - `training_categories` / `check_categories`: the categories labels 1..K
@@ -22,15 +23,15 @@ import numpy as np
 from mimicdet_jax import errors
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Committed steps under WORKDIR/checkpoints, ascending.
+def checkpoint_steps(workdir: str, folder: str = 'checkpoints') -> list[int]:
+  """Committed steps under WORKDIR/checkpoints (or WORKDIR/`folder`), ascending.
 
   Orbax writes a step into a temporary directory and renames it to the bare
   step number when complete, so only all-digit names are finished steps.
   Read-only: unlike a CheckpointManager, this never cleans up temporary
   directories of a training run that is still saving.
   """
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  ckpt_dir = os.path.join(workdir, folder)
   if not os.path.isdir(ckpt_dir):
     return []
   return sorted(int(name) for name in os.listdir(ckpt_dir)
@@ -38,31 +39,48 @@ def checkpoint_steps(workdir: str) -> list[int]:
                 os.path.isdir(os.path.join(ckpt_dir, name, 'state')))
 
 
-def restore_variables(workdir: str, checkpoint: str = 'latest'
-                      ) -> tuple[dict, Optional[int]]:
+def restore_variables(workdir: str, checkpoint: str = 'latest',
+                      weights: str = 'ema') -> tuple[dict, Optional[int]]:
+  """`restore_checkpoint` without saying which weights: (variables, step)."""
+  variables, step, _ = restore_checkpoint(workdir, checkpoint, weights)
+  return variables, step
+
+
+def restore_checkpoint(workdir: str, checkpoint: str = 'latest',
+                       weights: str = 'ema'
+                       ) -> tuple[dict, Optional[int], str]:
   """Model variables {'params', 'frozen'} of a training checkpoint.
 
   Args:
     workdir: the training WORKDIR (checkpoints under WORKDIR/checkpoints,
-      written by mimicdet_jax.checkpoint.Checkpointer).
-    checkpoint: 'latest', a step number, a step directory
-      (WORKDIR/checkpoints/1500) or its 'state' item directory.
+      written by mimicdet_jax.checkpoint.Checkpointer; the best one under
+      WORKDIR/checkpoints_best, by checkpoint.BestCheckpoint).
+    checkpoint: 'latest', 'best' (train.keep_best), a step number, a step
+      directory (WORKDIR/checkpoints/1500) or its 'state' item directory.
+    weights: eval.weights: 'ema' (the EMA weights when the run kept them,
+      else the raw ones) | 'raw'.
   Returns:
-    (variables as host arrays, step or None when a path was given).
+    (variables as host arrays, step or None when a path was given,
+    'ema' or 'raw': the weights returned).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  step = None
-  if checkpoint in (None, '', 'latest'):
-    steps = checkpoint_steps(workdir)
+  from mimicdet_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  step, folder = None, 'checkpoints'
+  if checkpoint in (None, '', 'latest', 'best'):
+    if checkpoint == 'best':
+      folder = checkpoint_lib.BEST_DIR
+    steps = checkpoint_steps(workdir, folder)
     if not steps:
       raise errors.MissingFileError(
-          f'{os.path.join(workdir, "checkpoints")}: no checkpoint (train '
-          'first, or pass --checkpoint PATH)')
+          f'{os.path.join(workdir, folder)}: no checkpoint ' + (
+              '(train with train.eval_every > 0 and train.keep_best)'
+              if checkpoint == 'best' else
+              '(train first, or pass --checkpoint PATH)'))
     step = steps[-1]
   elif str(checkpoint).isdigit():
     step = int(checkpoint)
   if step is not None:
-    path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+    path = os.path.join(workdir, folder, str(step), 'state')
   else:
     path = str(checkpoint)
     if os.path.isdir(os.path.join(path, 'state')):
@@ -74,10 +92,10 @@ def restore_variables(workdir: str, checkpoint: str = 'latest'
   # No template: the saved tree comes back as nested dicts; only the model
   # variables are kept (the optimiser state is not needed).
   state = ocp.StandardCheckpointer().restore(os.path.abspath(path))
-  variables = {'params': state['params'], 'frozen': state.get('frozen', {})}
+  variables, used = checkpoint_lib.model_variables(state, weights)
   variables = jax.tree.map(np.asarray, variables)
-  logging.info('restored variables of step %s from %s', step, path)
-  return variables, step
+  logging.info('restored the %s weights of step %s from %s', used, step, path)
+  return variables, step, used
 
 
 def resolve_config(config, workdir: Optional[str] = None):
@@ -110,10 +128,12 @@ def resolve_config(config, workdir: Optional[str] = None):
   return config_lib.resolve(config, num_classes)
 
 
-def load_config(workdir: str, config=None, head: Optional[str] = None):
+def load_config(workdir: str, config=None, head: Optional[str] = None,
+                weights: Optional[str] = None):
   """The resolved config: `config` (a recipe) or WORKDIR/config.json.
 
-  `head` ('s', 't', 'both') replaces eval.head when given.
+  `head` ('s', 't', 'both') replaces eval.head, `weights` ('ema', 'raw')
+  eval.weights, when given.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   if config is None:
@@ -133,6 +153,8 @@ def load_config(workdir: str, config=None, head: Optional[str] = None):
       config if isinstance(config, dict) else config.to_dict())
   if head is not None:
     config.eval.head = head
+  if weights is not None:
+    config.eval.weights = weights
   return resolve_config(config, workdir)
 
 

@@ -1,8 +1,8 @@
 r"""Exports a checkpoint's S-head detector as jax.export artifacts.
 
   python -m mimicdet_jax.serving.export --workdir W --out DIR \
-      [--config configs/C.py] [--checkpoint latest|STEP|PATH] \
-      [--platforms cpu,cuda,tpu] [--max_batch 32]
+      [--config configs/C.py] [--checkpoint latest|best|STEP|PATH] \
+      [--weights ema|raw] [--platforms cpu,cuda,tpu] [--max_batch 32]
 
 DIR gets one self-contained artifact per canvas of data.canvas_buckets,
 DIR/detector_{H}x{W}.jaxexport (jax.export serialization, weights baked in),
@@ -135,6 +135,7 @@ def _write_bytes(path: str, blob: bytes) -> None:
 
 def export_detector(config, variables, categories: Sequence[dict],
                     out_dir: str, *, step: Optional[int] = None,
+                    weights: Optional[str] = None,
                     platforms: Sequence[str] = DEFAULT_PLATFORMS,
                     max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, Any]:
   """Writes DIR/detector_{H}x{W}.jaxexport per canvas and DIR/signature.json.
@@ -146,6 +147,7 @@ def export_detector(config, variables, categories: Sequence[dict],
     categories: [{'id', 'name'}] of labels 1..K, in label order.
     out_dir: created if missing; signature.json is written last.
     step: the checkpoint step, recorded.
+    weights: which weights `variables` are ('ema' | 'raw'), recorded.
     platforms: jax.export platforms to lower for (all in every artifact).
     max_batch: the most images per call (the loader enforces it).
   Returns:
@@ -176,14 +178,14 @@ def export_detector(config, variables, categories: Sequence[dict],
                           sha256=hashlib.sha256(blob).hexdigest()))
     logging.info('%s: %.1f MB, %s', name, len(blob) / 1e6, platforms)
   signature = _signature(config, categories, artifacts, step, platforms,
-                         max_batch, exported)
+                         max_batch, exported, weights)
   _write_bytes(os.path.join(out_dir, detector_lib.SIGNATURE_FILE),
                json.dumps(signature, indent=1).encode())
   return signature
 
 
 def _signature(config, categories, artifacts, step, platforms, max_batch,
-               exported) -> dict[str, Any]:
+               exported, weights) -> dict[str, Any]:
   d = int(config.eval.max_detections)
   data = config.data
   return dict(
@@ -228,6 +230,7 @@ def _signature(config, categories, artifacts, step, platforms, max_batch,
       score_times_objectness=bool(config.eval.score_times_objectness),
       model_dtype=str(config.model.dtype),
       checkpoint_step=step,
+      checkpoint_weights=weights,
       config_hash=config_hash(config),
       jax_version=jax.__version__,
       jaxlib_version=importlib.metadata.version('jaxlib'),
@@ -236,10 +239,17 @@ def _signature(config, categories, artifacts, step, platforms, max_batch,
 
 
 def export_workdir(workdir: str, out_dir: str, config=None,
-                   checkpoint: str = 'latest', **kwargs) -> dict[str, Any]:
-  """`export_detector` on a training WORKDIR's checkpoint and categories."""
-  config = restore.load_config(workdir, config)
-  variables, step = restore.restore_variables(workdir, checkpoint)
+                   checkpoint: str = 'latest', weights: Optional[str] = None,
+                   **kwargs) -> dict[str, Any]:
+  """`export_detector` on a training WORKDIR's checkpoint and categories.
+
+  `checkpoint` as evaluation/restore.py's ('latest', 'best', a step, a
+  path); `weights` ('ema' | 'raw') replaces the config's eval.weights.
+  """
+  config = restore.load_config(workdir, config, weights=weights)
+  variables, step, used = restore.restore_checkpoint(
+      workdir, checkpoint, config.eval.weights)
+  logging.info('exporting the %s weights of step %s', used, step)
   categories, origin = restore.training_categories(config, workdir)
   if categories is None:
     raise errors.MissingFileError(
@@ -251,7 +261,7 @@ def export_workdir(workdir: str, out_dir: str, config=None,
         f'{origin} has {len(categories)} categories but the model '
         f'{config.model.num_classes} classes')
   return export_detector(config, variables, categories, out_dir, step=step,
-                         **kwargs)
+                         weights=used, **kwargs)
 
 
 def main(argv):
@@ -260,11 +270,12 @@ def main(argv):
   platforms = check_platforms(
       p.strip() for p in _PLATFORMS.value.split(',') if p.strip())
   sig = export_workdir(_WORKDIR.value, _OUT.value, _CONFIG.value,
-                       _CHECKPOINT.value, platforms=platforms,
+                       _CHECKPOINT.value, _WEIGHTS.value, platforms=platforms,
                        max_batch=_MAX_BATCH.value)
   total = sum(a['bytes'] for a in sig['artifacts'])
   print(f'{len(sig["artifacts"])} artifact(s) ({total / 1e6:.1f} MB, '
-        f'{",".join(sig["platforms"])}; step {sig["checkpoint_step"]}) and '
+        f'{",".join(sig["platforms"])}; step {sig["checkpoint_step"]}, '
+        f'{sig["checkpoint_weights"]} weights) and '
         f'{detector_lib.SIGNATURE_FILE} in {_OUT.value}')
 
 
@@ -277,7 +288,11 @@ if __name__ == '__main__':
                                  required=True)
   _OUT = flags.DEFINE_string('out', None, 'Output directory.', required=True)
   _CHECKPOINT = flags.DEFINE_string(
-      'checkpoint', 'latest', "'latest', a step number or a checkpoint path.")
+      'checkpoint', 'latest', "'latest', 'best' (train.keep_best), a step "
+      'number or a checkpoint path.')
+  _WEIGHTS = flags.DEFINE_string(
+      'weights', None, "'ema' (the EMA weights when the run kept them) or "
+      "'raw' (default eval.weights of the config).")
   _PLATFORMS = flags.DEFINE_string(
       'platforms', ','.join(DEFAULT_PLATFORMS),
       'Comma-separated jax.export platforms, all lowered into each artifact.')

@@ -15,6 +15,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from mimicdet_jax import checkpoint as checkpoint_lib
 from mimicdet_jax import config_lib
 from mimicdet_jax import cpu_alloc
 from mimicdet_jax.training import loop
@@ -165,8 +166,11 @@ def _eval_fn(config, workdir: str) -> Callable:
   # Imported here: training needs evaluation only for the periodic and final
   # evaluation of a run, not for its machinery.
   from mimicdet_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  # The loop hands over the weights eval.weights picks (checkpoint.model_variables).
+  weights = checkpoint_lib.weights_used(config.optim.ema_decay > 0,
+                                        config.eval.weights)
   return lambda variables, step: evaluate_lib.evaluate(
-      config, variables, workdir, step)
+      config, variables, workdir, step, weights=weights)
 
 
 def build_training(config: ml_collections.ConfigDict, workdir: str, *,

@@ -86,8 +86,10 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
     train_iter: yields this process's batches, every leaf shaped
       [local_device_count, per_device_batch, ...]; must have
       get_state()/set_state() (a grain iterator) for exact resume.
-    eval_fn: eval_fn(variables, step), run every train.eval_every steps and
-      at the end when eval.at_end (process-collective).
+    eval_fn: eval_fn(variables, step) -> metrics (process 0), run every
+      train.eval_every steps and at the end when eval.at_end
+      (process-collective), on the eval.weights (EMA or raw); with
+      train.keep_best the best is kept in WORKDIR/checkpoints_best.
     on_step_end: called with the step number after each step's bookkeeping.
     monitors: `Monitor`s, run on every log window; each warning they return
       is logged and shown on the progress bar.
@@ -111,6 +113,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), save_every=t.checkpoint_every,
       keep=t.keep_checkpoints)
+  best = (checkpoint_lib.BestCheckpoint(  # reads the stored best on resume
+      os.path.join(workdir, checkpoint_lib.BEST_DIR), t.keep_best)
+          if eval_fn is not None and t.keep_best and t.eval_every > 0 else None)
   latest = ckpt.latest_step()
   if latest is not None:
     state = ckpt.restore(latest, state, train_iter)
@@ -122,7 +127,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('train.parallelism=%s', t.parallelism)
   p_step = parallel.wrap(step_lib.make_train_step(
       loss_fn, tx, frozen_mask, loss_per_image=t.loss_per_image,
-      lr_schedule=lr_schedule, grad_accum_steps=t.grad_accum_steps))
+      lr_schedule=lr_schedule, grad_accum_steps=t.grad_accum_steps,
+      ema_decay=config.optim.ema_decay, ema_warmup=config.optim.ema_warmup))
   rstate = parallel.put_state(state)
   del state
 
@@ -180,7 +186,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
 
       if eval_fn is not None and t.eval_every > 0 and (
           step % t.eval_every == 0) and not is_last:
-        eval_fn(_variables_of(parallel.host(rstate)), step)
+        _evaluate(eval_fn, best, config.eval.weights, parallel.host(rstate),
+                  step)
 
       if on_step_end is not None:
         on_step_end(step)
@@ -192,14 +199,20 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
     if (eval_fn is not None and step == t.total_steps and
         step > start_step and (config.eval.at_end or t.eval_every > 0)):
       ckpt.wait()
-      eval_fn(_variables_of(final), step)
+      _evaluate(eval_fn, best, config.eval.weights, final, step)
     return final
   finally:
     bar.close()
     stop.uninstall()
     writer.close()
     ckpt.close()
+    if best is not None:
+      best.close()
 
 
-def _variables_of(state: state_lib.TrainState) -> dict:
-  return {'params': state.params, 'frozen': state.frozen}
+def _evaluate(eval_fn, best, weights: str, state: state_lib.TrainState,
+              step: int) -> None:
+  """eval_fn on `state`'s eval.weights; `best` (or None) keeps the best."""
+  metrics = eval_fn(checkpoint_lib.model_variables(state, weights)[0], step)
+  if best is not None:
+    best.update(step, metrics, state)

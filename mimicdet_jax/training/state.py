@@ -32,6 +32,8 @@ class TrainState:
     rng: uint32 [2], the run's base key; each step folds in the step number.
     nonfinite_streak: int32 [], consecutive skipped steps ending at `step`.
     nonfinite_total: int32 [], skipped steps since the start of training.
+    ema_params: the exponential moving average of `params` (training/ema.py),
+      or None when optim.ema_decay is 0.
   """
   step: jax.Array
   params: PyTree
@@ -40,6 +42,7 @@ class TrainState:
   rng: jax.Array
   nonfinite_streak: jax.Array
   nonfinite_total: jax.Array
+  ema_params: PyTree = None
 
   @property
   def num_updates(self) -> jax.Array:
@@ -55,7 +58,8 @@ def create_train_state(config: ml_collections.ConfigDict,
   """Builds the step-0 state (on the host) and its optimiser.
 
   Args:
-    config: reads optim.* and train.batch_size.
+    config: reads optim.* (optim.ema_decay > 0: with EMA weights) and
+      train.batch_size.
     variables: {'params': ..., 'frozen': ... (optional)}.
     frozen_mask: pytree of bools like variables['params'].
     rng: uint32 [2] PRNG key (jax.random.PRNGKey).
@@ -70,7 +74,10 @@ def create_train_state(config: ml_collections.ConfigDict,
       opt_state=jax.device_get(tx.init(params)),
       rng=np.asarray(rng, np.uint32),
       nonfinite_streak=np.zeros((), np.int32),
-      nonfinite_total=np.zeros((), np.int32))
+      nonfinite_total=np.zeros((), np.int32),
+      # The average starts at the initial weights (d2go, timm).
+      ema_params=(jax.tree.map(np.copy, params)
+                  if config.optim.ema_decay > 0 else None))
   return state, tx
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from mimicdet_jax.errors import ConfigError
+from mimicdet_jax.training import ema as ema_lib
 from mimicdet_jax.training.state import TrainState
 
 PyTree = Any
@@ -58,7 +59,8 @@ def check_grad_accum(per_device_batch: int, grad_accum_steps: int) -> None:
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     frozen_mask: PyTree, *, loss_per_image: bool = True,
                     lr_schedule: Optional[optax.Schedule] = None,
-                    grad_accum_steps: int = 1
+                    grad_accum_steps: int = 1,
+                    ema_decay: float = 0.0, ema_warmup: float = 0.0
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict]]:
   """One optimiser step on one device's batch, over axis 'data' (DataParallel).
@@ -72,6 +74,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     lr_schedule: reported as metrics['lr'] (of the update count).
     grad_accum_steps: micro-batches per device batch (module docstring); the
       loss, the aux terms and the gradients are their means.
+    ema_decay, ema_warmup: optim.ema_*; the EMA weights (state.ema_params,
+      when not None) follow each applied update (training/ema.py).
 
   Returns:
     train_step(state, batch) -> (state, metrics). Metrics are scalars equal
@@ -146,6 +150,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         step=state.step + 1,
         params=keep(new_params, state.params),
         opt_state=keep(new_opt_state, state.opt_state),
+        ema_params=keep(ema_lib.update_ema(
+            state.ema_params, new_params, state.num_updates, ema_decay,
+            ema_warmup), state.ema_params),
         nonfinite_streak=streak.astype(jnp.int32),
         nonfinite_total=total.astype(jnp.int32))
     metrics = dict(aux)
