@@ -214,3 +214,114 @@ def test_parse_overrides_types_values_by_the_current_ones():
     config_lib.parse_overrides(['--config.model.staggered=maybe'], base)
   config_lib.set_key(base, 'eval.head', 'both')
   assert config_lib.get_key(base, 'eval.head') == 'both'
+
+
+# ------------------------------------------- allowed values (config_lib.CHOICES)
+
+
+def _base():
+  from configs import common  # pylint: disable=g-import-not-at-top
+  return common.base_config()
+
+
+@pytest.mark.parametrize('key', sorted(config_lib.CHOICES))
+def test_every_allowed_value_resolves_and_a_bad_one_is_named(key):
+  allowed = config_lib.CHOICES[key]
+  assert allowed and len(set(allowed)) == len(allowed), allowed
+  assert config_lib.get_key(_base(), key) in allowed, 'the default is allowed'
+  for value in allowed:
+    c = _base()
+    config_lib.set_key(c, key, value)
+    assert config_lib.get_key(config_lib.resolve(c, 3), key) == value
+  c = _base()
+  config_lib.set_key(c, key, 'no_such_value')
+  with pytest.raises(errors.ConfigError) as e:
+    config_lib.resolve(c, 3)
+  message = str(e.value)
+  assert message.startswith(f"{key}='no_such_value'; expected one of ")
+  for value in allowed:
+    assert repr(value) in message
+
+
+def _common_lines(key):
+  """configs/common.py's assignment of `key` and the comments just above it."""
+  with open('configs/common.py') as f:
+    lines = f.read().splitlines()
+  for i, line in enumerate(lines):
+    if line.strip().startswith(f'c.{key} ='):
+      j = i
+      while j > 0 and lines[j - 1].strip().startswith('#'):
+        j -= 1
+      return '\n'.join(lines[j:i + 1])
+  raise AssertionError(f'{key} is not set in configs/common.py')
+
+
+@pytest.mark.parametrize('key', sorted(config_lib.CHOICES))
+def test_every_allowed_value_is_documented(key):
+  """common.py's comment on the key names each allowed value, and a doc of
+  docs/ (history aside) names the key and each value: a new entry in a
+  list shows up where a reader looks for the choices."""
+  allowed = [str(v) for v in config_lib.CHOICES[key]]
+  block = _common_lines(key)
+  assert [v for v in allowed if v not in block] == [], block
+  docs = {}
+  for path in glob.glob('docs/*.md'):
+    if os.path.basename(path) != 'HISTORY.md':
+      with open(path) as f:
+        docs[path] = f.read()
+  naming = [p for p, text in docs.items() if key in text]
+  assert naming, f'no doc names {key}'
+  assert any(all(v in docs[p] for v in allowed) for p in naming), (
+      key, {p: [v for v in allowed if v not in docs[p]] for p in naming})
+
+
+def test_choices_are_the_owners_lists():
+  """The lists config_lib checks are the owners' objects, not copies."""
+  from mimicdet_jax.losses import mimic  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.models import heads  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.targets import roi_sampling  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.training import optim  # pylint: disable=g-import-not-at-top
+  assert config_lib.CHOICES['mimic.paths'] is mimic.PATHS
+  assert config_lib.CHOICES['mimic.cls_distance'] is mimic.PATH_DISTANCES['cls']
+  assert config_lib.CHOICES['mimic.reg_distance'] is mimic.PATH_DISTANCES['reg']
+  assert config_lib.CHOICES['s_head.sampling'] is roi_sampling.S_HEAD_SAMPLINGS
+  assert config_lib.CHOICES['s_head.offset_mode'] is heads.OFFSET_MODES
+  assert config_lib.CHOICES['optim.optimizer'] is optim.OPTIMIZERS
+  assert tuple(config_lib.CHOICES['t_head.roi_align_impl']) == tuple(
+      heads.ROI_ALIGN_IMPLS)
+
+
+def test_old_mimic_distance_reads_back_as_the_pair_that_reproduces_it():
+  from mimicdet_jax.losses import mimic  # pylint: disable=g-import-not-at-top
+  base = _base().to_dict()
+  for old in mimic.DISTANCES:
+    saved = json.loads(json.dumps(base))  # a config.json of the older code
+    del saved['mimic']['cls_distance'], saved['mimic']['reg_distance']
+    saved['mimic']['distance'] = old
+    filled = config_lib.fill_missing_keys(saved, base)
+    want_reg = 'cosine' if old in mimic.CLS_ONLY else old
+    assert filled['mimic']['cls_distance'] == old
+    assert filled['mimic']['reg_distance'] == want_reg
+    assert 'distance' not in filled['mimic']
+    r = config_lib.resolve(ml_collections.ConfigDict(filled), 3)
+    assert (r.mimic.cls_distance, r.mimic.reg_distance) == (old, want_reg)
+  # Older still (no distance key at all): cosine on both paths.
+  saved = json.loads(json.dumps(base))
+  del saved['mimic']['cls_distance'], saved['mimic']['reg_distance']
+  filled = config_lib.fill_missing_keys(saved, base)
+  assert (filled['mimic']['cls_distance'],
+          filled['mimic']['reg_distance']) == ('cosine', 'cosine')
+
+
+def test_old_mimic_distance_in_a_recipe_or_override_names_the_new_keys():
+  c = _base()
+  c.mimic.distance = 'kl'  # a fork's recipe written for the older code
+  with pytest.raises(errors.ConfigError,
+                     match='mimic.distance was replaced by mimic.cls_distance '
+                     'and mimic.reg_distance'):
+    config_lib.resolve(c, 3)
+  with pytest.raises(errors.ConfigError, match='replaced by mimic.cls_distance'):
+    config_lib.check_override_keys(
+        ['train.py', '--config=configs/demo.py', '--config.mimic.distance=kl'])
+  with pytest.raises(errors.ConfigError, match='replaced by mimic.cls_distance'):
+    config_lib.get_key(_base(), 'mimic.distance')
