@@ -7,8 +7,10 @@ devices.
 
 PRNG policy: the replicated `state.rng` is folded with the step; with
 `train.loss_per_image` (default) the loss runs once per image (vmap over the
-per-device batch, each image a batch of one) with that key folded with the
-image's *global* index in the global batch, so sampling and loss
+per-device batch, each image a batch of one; for a staged loss,
+`losses.total.StagedLoss`, the network runs on the whole batch and only the
+targets and loss terms per image) with that key folded with the image's
+*global* index in the global batch, so sampling and loss
 normalisation do not depend on how the batch is split over devices or hosts
 (8 devices x 1 image == 1 device x 8 images). Without it the loss sees the
 whole per-device batch and the key folded with the device index.
@@ -100,11 +102,21 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     global_index = first + jnp.arange(per_micro)
     keys = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(global_index)
 
-    def one_image(example, key):
-      return loss_fn(params, frozen,
-                     jax.tree.map(lambda x: x[None], example), key)
-
-    losses, aux = jax.vmap(one_image)(batch, keys)
+    one = lambda tree: jax.tree.map(lambda x: x[None], tree)
+    if getattr(loss_fn, 'forward', None) is None:
+      losses, aux = jax.vmap(
+          lambda example, key: loss_fn(params, frozen, one(example), key))(
+              batch, keys)
+    else:
+      # The network on the whole batch, the targets and losses per image
+      # (losses.total.StagedLoss): the same values as the whole loss per
+      # image, without vmapping the network (on TPU that vmap cost 22 % of
+      # the step's HBM traffic, docs/BENCHMARKS.md "TPU, compiled on CPU").
+      outputs = loss_fn.forward(params, frozen, batch)
+      losses, aux = jax.vmap(
+          lambda output, example, key: loss_fn.losses(
+              params, frozen, one(output), one(example), key))(
+                  outputs, batch, keys)
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
 
   grad_fn = jax.value_and_grad(device_loss, has_aux=True)
