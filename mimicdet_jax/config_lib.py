@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from mimicdet_jax import checkpoint
 from mimicdet_jax import errors
 from mimicdet_jax.data import pipeline
 from mimicdet_jax.data import validation
@@ -20,6 +21,7 @@ from mimicdet_jax.models import heads
 from mimicdet_jax.models import mimicdet
 from mimicdet_jax.ops.nms import NMS_KINDS
 from mimicdet_jax.targets import roi_sampling
+from mimicdet_jax.training import ema
 from mimicdet_jax.training import optim
 from mimicdet_jax.training import parallel
 
@@ -46,9 +48,11 @@ CHOICES = {
     'mimic.samples': total.MIMIC_SAMPLES,
     'optim.optimizer': optim.OPTIMIZERS,
     'train.parallelism': parallel.PARALLELISMS,
+    'train.keep_best': checkpoint.KEEP_BEST,
     'eval.head': tuple(postprocess.EVAL_HEADS),
     'eval.nms': NMS_KINDS,
     'eval.tta': tta.TTA_MODES,
+    'eval.weights': checkpoint.WEIGHTS,
 }
 
 
@@ -90,6 +94,7 @@ def resolve(config: ml_collections.ConfigDict,
     raise ConfigError(
         f's_head.num_logits={c.s_head.num_logits} differs from the T-head '
         f'({c.model.num_classes + 1} logits): the cls mimic needs equal widths')
+  ema.check_config(c.optim)
   if not float(c.eval.soft_nms_sigma) > 0:
     raise ConfigError(f'eval.soft_nms_sigma={c.eval.soft_nms_sigma}; '
                       'expected > 0')
