@@ -97,7 +97,7 @@ def test_skip_counts_every_case_and_logs_one_line_each(tmp_path, caplog):
 def test_unusable_annotation_file_fails_under_both_policies(tmp_path, content, words):
   path = tmp_path / 'bad.json'
   path.write_text(content)
-  for policy in ('skip', 'fail'):
+  for policy in validation.POLICIES:  # every policy, a new one too
     with pytest.raises(BadInputError) as err:
       coco.CocoSource(str(path), str(tmp_path), bad_input=policy)
     assert str(path) in str(err.value)
