@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mimicdet_jax import checkpoint
+from mimicdet_jax import config_lib
 from mimicdet_jax import errors
 from mimicdet_jax.evaluation import restore
 from mimicdet_jax.training import ema as ema_lib
@@ -200,3 +201,16 @@ def test_model_variables_picks_the_weights():
   assert used == 'raw'
   with pytest.raises(errors.ConfigError, match='eval.weights'):
     checkpoint.model_variables(state, 'average')
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('ema_decay', 1.0, 'optim.ema_decay=1.0'),
+    ('ema_decay', -0.1, 'optim.ema_decay=-0.1'),
+    ('ema_warmup', -1.0, 'optim.ema_warmup=-1.0')])
+def test_bad_ema_settings_are_config_errors_naming_the_key(key, value, match):
+  c = th.toy_config()
+  setattr(c.optim, key, value)
+  with pytest.raises(errors.ConfigError, match=match):
+    config_lib.resolve(c, 2)
+  setattr(c.optim, key, 0.5)
+  config_lib.resolve(c, 2)

@@ -150,10 +150,8 @@ def train_step_program(config, devices: Sequence, canvas: tuple[int, int]
   frozen_mask = backbones.frozen_param_mask(
       params, config.model.backbone.frozen_stages)
   tx = optim.make_optimizer(config, frozen_mask)
-  train_step = step_lib.make_train_step(
-      total.make_loss_fn(model, config), tx, frozen_mask,
-      loss_per_image=config.train.loss_per_image,
-      lr_schedule=optim.make_lr_schedule(config))
+  train_step = step_lib.make_train_step_for(
+      config, total.make_loss_fn(model, config), tx, frozen_mask)
   parallel = parallel_lib.DataParallel('shard_map', devices)
   spec = jax.sharding.PartitionSpec
   replicated = jax.sharding.NamedSharding(parallel.mesh, spec())
@@ -166,7 +164,9 @@ def train_step_program(config, devices: Sequence, canvas: tuple[int, int]
         frozen=v.get('frozen', {}), opt_state=tx.init(v['params']),
         rng=jnp.zeros((2,), jnp.uint32),
         nonfinite_streak=jnp.zeros((), jnp.int32),
-        nonfinite_total=jnp.zeros((), jnp.int32))
+        nonfinite_total=jnp.zeros((), jnp.int32),
+        # The EMA is one more copy of the params (state.create_train_state).
+        ema_params=v['params'] if config.optim.ema_decay > 0 else None)
 
   state = _shaped(jax.eval_shape(build_state, jax.random.PRNGKey(0)),
                   replicated)
