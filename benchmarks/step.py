@@ -59,7 +59,8 @@ def build_step(config, per_device_batch: int, *, boxes_per_image: int = 5,
   train_step = step_lib.make_train_step(
       total.make_loss_fn(model, config), tx, frozen_mask,
       loss_per_image=config.train.loss_per_image,
-      lr_schedule=optim.make_lr_schedule(config))
+      lr_schedule=optim.make_lr_schedule(config),
+      grad_accum_steps=config.train.grad_accum_steps)
   ndev = jax.local_device_count()
   examples = bench.synthetic_examples(
       config, (ndev, per_device_batch), boxes_per_image=boxes_per_image,

@@ -9,6 +9,7 @@ import ml_collections
 from mimicdet_jax import checkpoint
 from mimicdet_jax import errors
 from mimicdet_jax.data import pipeline
+from mimicdet_jax.data import transforms
 from mimicdet_jax.data import validation
 from mimicdet_jax.errors import ConfigError
 from mimicdet_jax.evaluation import postprocess
@@ -31,6 +32,7 @@ from mimicdet_jax.training import parallel
 CHOICES = {
     'data.source': pipeline.SOURCES,
     'data.bad_input': validation.POLICIES,
+    'data.augment': transforms.AUGMENTS,
     'model.dtype': mimicdet.DTYPES,
     'model.backbone.arch': tuple(backbones.ARCHS),
     'model.backbone.norm': backbones.NORMS,
@@ -99,6 +101,7 @@ def resolve(config: ml_collections.ConfigDict,
     raise ConfigError(f'eval.soft_nms_sigma={c.eval.soft_nms_sigma}; '
                       'expected > 0')
   optim.lr_mults(c.optim)  # ConfigError unless each is > 0
+  transforms.check_lsj_config(c.data)
   k = c.train.grad_accum_steps
   if not isinstance(k, int) or k < 1 or c.train.batch_size % k:
     raise ConfigError(f'train.grad_accum_steps={k!r}; expected an integer >= 1 '

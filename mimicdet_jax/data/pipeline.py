@@ -85,7 +85,7 @@ def per_device_batch_size(global_batch: int, process_count: int,
 
 
 class TrainTransform(grain.RandomMapTransform):
-  """Raw example -> model example with random scale and flip.
+  """Raw example -> model example with random scale (or LSJ crop) and flip.
 
   With `data.device_normalize` the image stays uint8 (the step normalises).
   Images leave unpadded; the batch_fn (`transforms.collate`) pads them.
@@ -175,6 +175,8 @@ def make_train_loader(config, source, *, num_local_devices: int,
                                seed=int(config.seed))
   fixed = (transforms.largest_canvas(data.canvas_buckets)
            if process_count > 1 else None)
+  if data.augment == 'lsj':  # every example is cut to fit this one canvas
+    fixed = (int(data.lsj_size), int(data.lsj_size))
   batch_fn = _CollateToDevices(data.canvas_buckets, fixed, num_local_devices)
   host_batch = per_device * num_local_devices
   _allow_grain_workers(int(data.num_workers))

@@ -4,6 +4,12 @@ Steps (NumPy, run in grain workers):
 1. Resize so the shorter side is S (train: one of `data.train_min_sizes`,
    drawn with the example's rng; eval: `data.min_size`) unless the longer side
    would exceed `data.max_size`; then the longer side is `data.max_size`.
+   Training with `data.augment='lsj'` (large-scale jitter) instead: resize to
+   fit `data.lsj_size` x f (f uniform in `data.lsj_scale`), then a random
+   crop to at most lsj_size x lsj_size (`lsj_geometry`); boxes are shifted,
+   clipped, and dropped when a clipped side is <= `data.lsj_min_box_side`
+   (counted: `lsj_dropped_count`). Every training batch is then one
+   lsj_size x lsj_size canvas.
 2. Train only: horizontal flip with probability `data.hflip_prob`.
 3. Normalise with `data.pixel_mean` / `data.pixel_std` (RGB, 0..255 scale),
    unless `normalize=False`: the training loader then ships the resized
@@ -32,17 +38,51 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from mimicdet_jax.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 Example = dict[str, Any]
 
-# Counted per process; logged on the first truncation.
+# data.augment, the training resize: resize (shorter side from
+# data.train_min_sizes, the paper) | lsj (large-scale jitter on one canvas).
+AUGMENTS = ('resize', 'lsj')
+
+# Counted per process; logged on the first truncation / the first drop.
 _truncation_count = 0
+_lsj_dropped_count = 0
 
 
 def truncation_count() -> int:
   """How many examples of this process had more than data.max_boxes boxes."""
   return _truncation_count
+
+
+def lsj_dropped_count() -> int:
+  """How many boxes this process's LSJ crops left empty (dropped)."""
+  return _lsj_dropped_count
+
+
+def lsj_geometry(h: int, w: int, size: int, factor: float,
+                 offset_fraction: tuple[float, float]
+                 ) -> tuple[int, int, float, int, int]:
+  """(new_h, new_w, scale, top, left) of one large-scale-jitter example.
+
+  The image is resized by `scale` so that it fits size * factor on both
+  sides (aspect kept, sides rounded; detectron2's ResizeScale), then the
+  window [top, top + size) x [left, left + size) is cut from it; where the
+  resized image is smaller than `size` on a side, that side's offset is 0
+  and the canvas is zero-padded at the bottom/right (FixedSizeCrop).
+  offset_fraction (u_y, u_x) in [0, 1): offset = round(u * (new - size)) on
+  each side with room, drawn independently per axis (TF Model Garden's
+  resize_and_crop_image; detectron2 uses one draw for both axes).
+  """
+  scale = min(size * factor / h, size * factor / w)
+  new_h = max(1, int(round(h * scale)))
+  new_w = max(1, int(round(w * scale)))
+  top = int(round(offset_fraction[0] * max(new_h - size, 0)))
+  left = int(round(offset_fraction[1] * max(new_w - size, 0)))
+  return new_h, new_w, float(scale), top, left
 
 
 def resized_size(h: int, w: int, short_side: int, max_size: int
@@ -89,15 +129,31 @@ def largest_canvas(buckets: Sequence[Sequence[int]]) -> tuple[int, int]:
   return big
 
 
+def check_lsj_config(data) -> None:
+  """ConfigError naming the key for bad data.lsj_* values (under lsj)."""
+  if data.augment != 'lsj':
+    return
+  if data.lsj_size < 1 or data.lsj_size % data.size_divisor:
+    raise ConfigError(f'data.lsj_size={data.lsj_size} must be a positive '
+                      f'multiple of data.size_divisor={data.size_divisor}')
+  lo, hi = (float(v) for v in data.lsj_scale)
+  if not 0 < lo <= hi:
+    raise ConfigError(f'data.lsj_scale={tuple(data.lsj_scale)}; expected '
+                      '(low, high) with 0 < low <= high')
+
+
 def check_data_config(data) -> None:
   """Static checks of the data.* keys the transforms read."""
+  check_lsj_config(data)
   for b in _bucket_list(data.canvas_buckets):
     if b[0] % data.size_divisor or b[1] % data.size_divisor:
       raise ValueError(f'data.canvas_buckets entry {b} is not divisible by '
                        f'data.size_divisor={data.size_divisor}')
   if data.max_boxes < 1:
     raise ValueError(f'data.max_boxes must be >= 1, got {data.max_boxes}')
-  sizes = list(data.train_min_sizes) + [data.min_size]
+  # The training sizes only where training resizes (lsj crops to its canvas).
+  sizes = ([] if data.augment == 'lsj' else list(data.train_min_sizes)) + [
+      data.min_size]
   for s in sizes:
     # The largest resized image: shorter side s, longer side max_size.
     side = min(int(s), int(data.max_size))
@@ -151,22 +207,40 @@ def transform_example(example: Example, data, *, train: bool,
   """
   image = np.asarray(example['image'])
   h, w = image.shape[:2]
+  lsj = train and data.augment == 'lsj'
+  top = left = 0
   if train:
     if rng is None:
       raise ValueError('train transforms need an rng')
-    sizes = tuple(data.train_min_sizes)
-    short = int(sizes[int(rng.integers(len(sizes)))])
+    if lsj:  # draws: the factor, the two offset fractions, the flip
+      size = int(data.lsj_size)
+      factor = float(rng.uniform(*(float(v) for v in data.lsj_scale)))
+      u_y, u_x = (float(v) for v in rng.uniform(size=2))
+      new_h, new_w, scale, top, left = lsj_geometry(h, w, size, factor,
+                                                    (u_y, u_x))
+    else:
+      sizes = tuple(data.train_min_sizes)
+      short = int(sizes[int(rng.integers(len(sizes)))])
     flip = bool(rng.random() < data.hflip_prob)
   else:
     short, flip = int(data.min_size), False
-  new_h, new_w, scale = resized_size(h, w, short, int(data.max_size))
+  if not lsj:
+    new_h, new_w, scale = resized_size(h, w, short, int(data.max_size))
   if (new_h, new_w) != (h, w):
     image = np.asarray(Image.fromarray(image).resize((new_w, new_h),
                                                      Image.BILINEAR))
   boxes = np.asarray(example['boxes'], np.float32).reshape(-1, 4)
   # Per-axis factors keep boxes on the same pixels as the resized image.
   boxes = boxes * np.array([new_w / w, new_h / h] * 2, np.float32)
+  keep = np.arange(boxes.shape[0])
+  if lsj:
+    image = image[top:top + size, left:left + size]
+    new_h, new_w = image.shape[:2]
+    boxes = boxes - np.array([left, top] * 2, np.float32)
   boxes = np.clip(boxes, 0, np.array([new_w, new_h] * 2, np.float32))
+  if lsj:
+    keep = _lsj_kept(boxes, float(data.lsj_min_box_side))
+    boxes = boxes[keep]
   if flip:
     image = image[:, ::-1]
     boxes = np.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0],
@@ -174,6 +248,8 @@ def transform_example(example: Example, data, *, train: bool,
 
   if not pad:
     canvas = (new_h, new_w)
+  elif canvas is None and lsj:
+    canvas = (size, size)
   elif canvas is None:
     canvas = choose_canvas([(new_h, new_w)], data.canvas_buckets)
   hc, wc = canvas
@@ -195,14 +271,15 @@ def transform_example(example: Example, data, *, train: bool,
 
   max_boxes = int(data.max_boxes)
   image_id = int(example['image_id'])
-  keep = _truncate(boxes, max_boxes, image_id)
-  n = keep.size
+  kept = _truncate(boxes, max_boxes, image_id)
+  n = kept.size
   out_boxes = np.zeros((max_boxes, 4), np.float32)
-  out_boxes[:n] = boxes[keep]
+  out_boxes[:n] = boxes[kept]
+  keep = keep[kept]  # indices into the example's boxes
   classes = np.zeros((max_boxes,), np.int32)
-  classes[:n] = np.asarray(example['classes'], np.int32)[keep]
+  classes[:n] = np.asarray(example['classes'], np.int32).reshape(-1)[keep]
   is_crowd = np.zeros((max_boxes,), bool)
-  is_crowd[:n] = np.asarray(example['is_crowd'], bool)[keep]
+  is_crowd[:n] = np.asarray(example['is_crowd'], bool).reshape(-1)[keep]
   box_mask = np.zeros((max_boxes,), bool)
   box_mask[:n] = True
   return {
@@ -216,6 +293,21 @@ def transform_example(example: Example, data, *, train: bool,
       'orig_size': np.asarray(example['orig_size'], np.int32).reshape(2),
       'scale': np.float32(scale),
   }
+
+
+def _lsj_kept(boxes: np.ndarray, min_side: float) -> np.ndarray:
+  """Indices of the clipped boxes whose both sides exceed min_side; counts
+  the others (detectron2's filter_empty_instances rule)."""
+  global _lsj_dropped_count
+  ok = ((boxes[:, 2] - boxes[:, 0] > min_side) &
+        (boxes[:, 3] - boxes[:, 1] > min_side))
+  dropped = int(np.sum(~ok))
+  if dropped and not _lsj_dropped_count:
+    logger.info('data.augment=lsj: boxes cropped to a side <= '
+                'data.lsj_min_box_side=%g are dropped (counted, see '
+                'transforms.lsj_dropped_count())', min_side)
+  _lsj_dropped_count += dropped
+  return np.flatnonzero(ok)
 
 
 def _mean_and_inv_std(data) -> tuple[np.ndarray, np.ndarray]:
