@@ -182,6 +182,39 @@ def test_artifact_matches_in_repo_predictor_at_batches_1_3_8(served, in_repo):
         _category_ids(categories, want['classes'][i][valid]))
 
 
+@pytest.mark.slow
+def test_artifact_carries_soft_nms_and_hflip_tta(served, in_repo):
+  """Exported with eval.nms='soft' and eval.tta='hflip': signature.json
+  records both, and the artifact detects as the in-repo predictor with the
+  same config on the 8 canvases, not as the default (hard, none) one."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.evaluation import postprocess  # pylint: disable=g-import-not-at-top
+  from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
+  recipe = ml_collections.ConfigDict(served['recipe'].to_dict())
+  recipe.eval.nms, recipe.eval.tta = 'soft', 'hflip'
+  out = os.path.join(served['root'], 'exported_soft_hflip')
+  sig = export.export_workdir(served['work'], out, recipe, platforms=('cpu',),
+                              max_batch=MAX_BATCH)
+  assert (sig['nms'], sig['tta'], sig['soft_nms_sigma']) == (
+      'soft', 'hflip', 0.5)
+  assert (served['signature']['nms'], served['signature']['tta']) == (
+      'hard', 'none')
+  detector = detector_lib.Detector.load(out, compiler_options=QUICK_XLA)
+  got = detector.detect_canvas(in_repo['canvases'], in_repo['sizes'])
+  config = restore.load_config(served['work'], recipe)
+  predict_fn = postprocess.make_predict_fn(mimicdet.MimicDet(config), config)
+  images = transforms.normalize_on_device(in_repo['canvases'],
+                                          in_repo['sizes'], config.data)
+  with _quick_xla():
+    want = jax.tree.map(np.asarray, predict_fn(served['variables'], images,
+                                               in_repo['sizes']))
+  for i in range(len(in_repo['sizes'])):
+    _same_detections(got, want, i, sig['categories'])
+  default = served['detector'].detect_canvas(in_repo['canvases'],
+                                             in_repo['sizes'])
+  assert not np.allclose(got['scores'], default['scores'], atol=1e-6)
+
+
 def test_exported_eval_gives_the_checkpoint_ap(served, in_repo):
   del in_repo  # compiled the predict function evaluate uses
   config = served['config']
@@ -225,6 +258,20 @@ def test_predict_exported_writes_the_checkpoint_schema(served, tmp_path):
     np.testing.assert_allclose([d['bbox'] for d in image['detections']],
                                want['boxes'], atol=0.006)
   assert (tmp_path / 'out' / 'detections.json').exists()
+  # The command line (top-level predict.py) writes the same file and says
+  # what it wrote and skipped.
+  proc = _run('predict.py', '--exported', served['out'], '--images',
+              str(images), '--out', str(tmp_path / 'cli'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (f"{len(served['paths'])} pictures and detections.json"
+          in proc.stdout)
+  assert 'skipped 1 unreadable file(s): broken.jpg' in proc.stdout
+  with open(tmp_path / 'cli' / 'detections.json') as f:
+    cli = json.load(f)
+  with open(tmp_path / 'out' / 'detections.json') as f:
+    assert cli == json.load(f)
+  assert sorted(os.listdir(tmp_path / 'cli')) == sorted(
+      os.listdir(tmp_path / 'out'))
 
 
 def test_loader_imports_no_model_code_in_a_fresh_process(served):
@@ -392,7 +439,7 @@ def _one_line_error(proc, *texts):
 def test_command_line_errors_are_one_line(served, tmp_path):
   out, art = _broken_copy(served, tmp_path, 'truncated')
   art.write_bytes(art.read_bytes()[:500])
-  _one_line_error(_run('-m', 'mimicdet_jax.evaluation.predict', '--exported',
+  _one_line_error(_run('predict.py', '--exported',
                        str(out), '--images', str(tmp_path), '--out',
                        str(tmp_path / 'o')), str(art), 'sha256')
   out, art = _broken_copy(served, tmp_path, 'mismatched')
