@@ -4,7 +4,7 @@ A `UserError` is a mistake the user can fix without reading code: a missing
 or unreadable file, a bad annotation, an unknown config key or value, a
 workdir without a checkpoint, image or category ids that do not match. Its
 message names the file, id or key. Every entry point (train.py, eval.py,
-`python -m mimicdet_jax.evaluation.predict`, `.demo`, `.tools.import_weights`,
+predict.py, `python -m mimicdet_jax.demo`, `.tools.import_weights`,
 `.experiments.ablate`) runs its main through `cli` (or
 `config_lib.run_absl`, which also checks `--config.<key>` overrides), which
 prints such an error as one line on stderr and exits with status 1. Any

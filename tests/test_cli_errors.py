@@ -125,7 +125,7 @@ CASES = [
      lambda f: ['eval.py', '--workdir', f['empty_dir']],
      lambda f: [os.path.join(f['empty_dir'], 'config.json'), 'not found']),
     ('predict_workdir_without_checkpoint',
-     lambda f: ['-m', 'mimicdet_jax.evaluation.predict', '--workdir', f['work'],
+     lambda f: ['predict.py', '--workdir', f['work'],
                 '--images', f['empty_dir'], '--out', f['empty_dir'] + '_out'],
      lambda f: ['no checkpoint']),
     ('import_weights_missing_source',

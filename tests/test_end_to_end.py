@@ -3,7 +3,7 @@
 One chain of subprocesses on a tiny synthetic set (128 px canvas, narrow
 heads, image ids past 2**31): train.py (one step, a checkpoint) -> train.py
 again (resumes, second step) -> eval.py for heads s, t and both ->
-eval.py --detections (scoring only) -> python -m mimicdet_jax.evaluation.predict on a
+eval.py --detections (scoring only) -> predict.py on a
 folder with an unreadable file. Each stage is checked on what it writes.
 
 Speed (this runs in `make test`): every process shares one persistent JAX
@@ -179,7 +179,7 @@ def test_train_resume_eval_score_predict(tmp_path):
   with open(os.path.join(images, 'broken.jpg'), 'wb') as f:
     f.write(b'\xff\xd8 this is no jpeg')
   pred = str(tmp_path / 'pred')
-  proc = _run(env, '-m', 'mimicdet_jax.evaluation.predict', '--workdir', work,
+  proc = _run(env, 'predict.py', '--workdir', work,
               '--images', images, '--out', pred)
   assert 'skipped 1 unreadable file(s): broken.jpg' in proc.stdout
   result = _json(os.path.join(pred, 'detections.json'))

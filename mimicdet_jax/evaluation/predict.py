@@ -1,10 +1,7 @@
 r"""Runs a checkpoint on a folder of images; writes pictures and a JSON.
 
-  python -m mimicdet_jax.evaluation.predict --workdir DIR --images FOLDER --out OUT \
-      [--config configs/demo.py] [--checkpoint latest|best|STEP|PATH] \
-      [--weights ema|raw] [--config.eval.viz_score_threshold=0.5]
-  # the same with an exported detector (serving/export.py) instead
-  python -m mimicdet_jax.evaluation.predict --exported EXPORTED --images FOLDER --out OUT
+The command line is predict.py at the top of the repository (flags only);
+this module is what it runs: `predict_checkpoint`, `predict_exported`.
 
 Any image Pillow reads works: any size, grey, palette or RGBA (converted to
 RGB; transparency is dropped). For every image OUT gets <name>.png with the
@@ -27,13 +24,10 @@ them, labels are shown as "class k".
 import os
 from typing import Iterator, Optional, Sequence
 
-from absl import app
-from absl import flags
 from absl import logging
 import numpy as np
 from PIL import Image
 
-from mimicdet_jax import config_lib
 from mimicdet_jax import errors
 from mimicdet_jax.evaluation import coco as coco_eval
 from mimicdet_jax.evaluation import inference
@@ -213,66 +207,55 @@ def write_predictions(out_dir: str, detections, class_names, viz_score_threshold
   return result
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _EXPORTED.value:
-    from mimicdet_jax.evaluation import exported  # pylint: disable=g-import-not-at-top
-    if _CONFIG.value is None:
-      from configs import common  # pylint: disable=g-import-not-at-top
-      eval_config = common.base_config().eval
-    else:
-      eval_config = _CONFIG.value.eval
-    detector = exported.load_detector(_EXPORTED.value)
-    result = predict_folder_exported(
-        detector, _IMAGES.value, _OUT.value, eval_config.viz_score_threshold,
-        eval_config.batch_size)
-  else:
-    if not _WORKDIR.value:
-      raise app.UsageError('--workdir (a checkpoint) or --exported (an '
-                           'exported detector) is required')
-    result = _predict_checkpoint()
-  n = sum(len(im['detections']) for im in result['images'])
-  logging.info('%d images, %d detections', len(result['images']), n)
-  print(f'{len(result["images"])} pictures and detections.json '
-        f'({n} detections) in {_OUT.value}')
-  if result['skipped']:
-    print(f'skipped {len(result["skipped"])} unreadable file(s): ' +
-          ', '.join(s['file_name'] for s in result['skipped']))
+def predict_checkpoint(workdir: str, image_dir: str, out_dir: str, config=None,
+                       checkpoint: str = 'latest',
+                       weights: Optional[str] = None) -> dict:
+  """`predict_folder` with a checkpoint of a training WORKDIR (predict.py).
 
-
-def _predict_checkpoint() -> dict:
-  config = restore.load_config(_WORKDIR.value, _CONFIG.value,
-                               weights=_WEIGHTS.value)
-  variables, step, weights = restore.restore_checkpoint(
-      _WORKDIR.value, _CHECKPOINT.value, config.eval.weights)
-  print(f'step {step}, {weights} weights')
-  categories, _ = restore.training_categories(config, _WORKDIR.value)
+  Args:
+    workdir: the training WORKDIR (config.json, categories.json,
+      checkpoints/).
+    image_dir, out_dir: as `predict_folder`.
+    config: a recipe config; None = WORKDIR/config.json.
+    checkpoint: 'latest', 'best' (train.keep_best), a step or a path.
+    weights: 'ema' | 'raw'; None = the config's eval.weights.
+  Returns:
+    `predict_folder`'s result.
+  """
+  config = restore.load_config(workdir, config, weights=weights)
+  variables, step, used = restore.restore_checkpoint(
+      workdir, checkpoint, config.eval.weights)
+  print(f'step {step}, {used} weights')
+  categories, _ = restore.training_categories(config, workdir)
   names = [c['name'] for c in categories or []]
   if len(names) != config.model.num_classes:
     names = restore.class_names_from_annotations(config.data, 'val')
     if names is None or len(names) != config.model.num_classes:
       names = None
-  return predict_folder(config, variables, _IMAGES.value, _OUT.value, names,
-                        step)
+  return predict_folder(config, variables, image_dir, out_dir, names, step)
 
 
-if __name__ == '__main__':
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _CONFIG = config_flags.DEFINE_config_file(
-      'config', None, 'Recipe config (default: WORKDIR/config.json).',
-      lock_config=True)
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'Training WORKDIR.')
-  _EXPORTED = flags.DEFINE_string(
-      'exported', None, 'An exported detector directory (serving/export.py) '
-      'instead of a checkpoint; --config then only sets eval.*.')
-  _IMAGES = flags.DEFINE_string('images', None, 'Folder of images.',
-                                required=True)
-  _OUT = flags.DEFINE_string('out', None, 'Output folder.', required=True)
-  _CHECKPOINT = flags.DEFINE_string(
-      'checkpoint', 'latest', "'latest', 'best' (train.keep_best), a step "
-      'number or a checkpoint path.')
-  _WEIGHTS = flags.DEFINE_string(
-      'weights', None, "'ema' (the EMA weights when the run kept them) or "
-      "'raw' (default eval.weights of the config).")
-  config_lib.run_absl(main)
+def predict_exported(exported_dir: str, image_dir: str, out_dir: str,
+                     config=None) -> dict:
+  """`predict_folder_exported` with the detector of `exported_dir`
+  (predict.py --exported); `config` (a recipe, None = the defaults) only
+  sets eval.viz_score_threshold and eval.batch_size."""
+  from mimicdet_jax.evaluation import exported  # pylint: disable=g-import-not-at-top
+  if config is None:
+    from configs import common  # pylint: disable=g-import-not-at-top
+    config = common.base_config()
+  detector = exported.load_detector(exported_dir)
+  return predict_folder_exported(detector, image_dir, out_dir,
+                                 config.eval.viz_score_threshold,
+                                 config.eval.batch_size)
+
+
+def summary(result: dict, out_dir: str) -> list[str]:
+  """The lines predict.py prints for a `predict_folder*` result."""
+  n = sum(len(im['detections']) for im in result['images'])
+  lines = [f'{len(result["images"])} pictures and detections.json '
+           f'({n} detections) in {out_dir}']
+  if result['skipped']:
+    lines.append(f'skipped {len(result["skipped"])} unreadable file(s): ' +
+                 ', '.join(s['file_name'] for s in result['skipped']))
+  return lines
