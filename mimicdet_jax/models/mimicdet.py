@@ -211,7 +211,9 @@ class MimicDet(nn.Module):
       widths.append(w)
       total += h * w
     starts_arr = jnp.array(starts, jnp.int32)
-    level_index = jnp.searchsorted(starts_arr, origin, side='right') - 1
+    # Loop-free (searchsorted lowers to a while loop, whose bytes XLA's cost
+    # analysis counts once, not per trip).
+    level_index = jnp.sum(origin[..., None] >= starts_arr, axis=-1) - 1
     local = origin - starts_arr[level_index]
     width = jnp.array(widths, jnp.int32)[level_index]
     yx = jnp.stack([local // width, local % width], axis=-1)

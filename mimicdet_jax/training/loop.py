@@ -18,7 +18,6 @@ import tqdm
 from mimicdet_jax import checkpoint as checkpoint_lib
 from mimicdet_jax import errors
 from mimicdet_jax.training import metrics as metrics_lib
-from mimicdet_jax.training import optim
 from mimicdet_jax.training import parallel as parallel_lib
 from mimicdet_jax.training import preemption
 from mimicdet_jax.training import state as state_lib
@@ -122,13 +121,10 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('resumed from step %d', latest)
   start_step = int(state.step)
 
-  lr_schedule = optim.make_lr_schedule(config)
   parallel = parallel_lib.DataParallel(t.parallelism)
   logging.info('train.parallelism=%s', t.parallelism)
-  p_step = parallel.wrap(step_lib.make_train_step(
-      loss_fn, tx, frozen_mask, loss_per_image=t.loss_per_image,
-      lr_schedule=lr_schedule, grad_accum_steps=t.grad_accum_steps,
-      ema_decay=config.optim.ema_decay, ema_warmup=config.optim.ema_warmup))
+  p_step = parallel.wrap(step_lib.make_train_step_for(config, loss_fn, tx,
+                                                     frozen_mask))
   rstate = parallel.put_state(state)
   del state
 

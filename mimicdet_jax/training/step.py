@@ -32,6 +32,7 @@ import optax
 
 from mimicdet_jax.errors import ConfigError
 from mimicdet_jax.training import ema as ema_lib
+from mimicdet_jax.training import optim
 from mimicdet_jax.training.state import TrainState
 
 PyTree = Any
@@ -175,3 +176,17 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     return new_state, metrics
 
   return train_step
+
+
+def make_train_step_for(config, loss_fn: LossFn,
+                        tx: optax.GradientTransformation, frozen_mask: PyTree
+                        ) -> Callable[[TrainState, Mapping[str, jax.Array]],
+                                      tuple[TrainState, dict]]:
+  """`make_train_step` with the options a config sets (train.loss_per_image,
+  train.grad_accum_steps, optim.ema_*, the lr schedule): the one mapping
+  from config keys to the step, used by the train loop and by the TPU
+  planner (tools/aot.py), so the planner compiles the step train.py runs."""
+  return make_train_step(
+      loss_fn, tx, frozen_mask, loss_per_image=config.train.loss_per_image,
+      lr_schedule=optim.make_lr_schedule(config),
+      ema_decay=config.optim.ema_decay, ema_warmup=config.optim.ema_warmup)
