@@ -2,23 +2,27 @@
 
 `make_loss_fn(model, config)` returns `total_loss(params, frozen, batch, rng)`
 -> `(loss, aux)`, a pure function of one device's batch (docs/ARCHITECTURE.md)
-that training.step differentiates. The steps, in order:
+that training.step differentiates. It composes these stages, each a function
+below with its inputs and outputs in its signature, in this order:
 
-  1. dense forward pass (backbone, pyramid, refinement module, S-head);
-  2. refinement targets and loss (targets/refine.py);
-  3. proposals from the refined boxes, no gradient (targets/proposals.py);
-  4. T-head: sample boxes among proposals + gts, run the T-head on them,
-     softmax CE + L1 (targets/roi_sampling.py);
-  5. S-head: label every proposal, read the S-head at its origin, CE + L1 with
-     online hard-example mining (or the T-head's balanced sampler,
+  1. `dense_forward`: backbone, pyramid, refinement module, S-head (or the
+     S-head later, only where it is read: `s_head.sparse_train`);
+  2. `refinement_loss`: refinement targets and L_R (targets/refine.py);
+  3. `proposals`: from the refined boxes, no gradient (targets/proposals.py);
+  4. `t_head_loss`: sample boxes among proposals + gts, run the T-head on
+     them, softmax CE + L1 (targets/roi_sampling.py);
+  5. `s_head_sampling`, `s_head_at_positions`, `s_head_loss`: label every
+     proposal, read the S-head at its origin, CE + L1 with online
+     hard-example mining (or the T-head's balanced sampler,
      `s_head.sampling`);
-  6. mimic: S-head vs T-head on the T-head's samples (losses/mimic.py).
+  6. `mimic`: S-head vs T-head on the T-head's samples (losses/mimic.py);
+  7. `weighted_total` and `diagnostics`: L and the aux scalars.
 
 Every count, threshold and weight comes from the config; the per-image target
 functions are vmapped over the batch.
 """
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -127,10 +131,252 @@ class DeadUnitMonitor:
     return messages
 
 
+# ------------------------------------------------------------------ stages
+# Each stage is a pure function of what it names; `make_loss_fn` composes
+# them in this order (the order also fixes the traced program).
+
+
+def model_inputs(batch: dict, data_config) -> jax.Array:
+  """The network input [B, H, W, 3] float32: uint8 pixels are normalised on
+  device (`data.device_normalize`), float32 inputs are taken as they are."""
+  images = batch['image']
+  if images.dtype == jnp.uint8:
+    images = transforms.normalize_on_device(images, batch['image_size'],
+                                            data_config)
+  return images
+
+
+def ground_truth(batch: dict) -> dict:
+  """Gt boxes float32 [B, G, 4], classes int32 [B, G] (1..K) and the mask of
+  those the targets use [B, G] (`gt_mask_of`)."""
+  return dict(boxes=batch['boxes'].astype(jnp.float32),
+              classes=batch['classes'].astype(jnp.int32),
+              mask=gt_mask_of(batch))
+
+
+def dense_forward(model: nn.Module, variables: dict, images: jax.Array, *,
+                  sparse_s_head: bool) -> dict:
+  """Backbone, pyramid, refinement module and, unless `sparse_s_head`, the
+  dense S-head: the model's output dict (docs/ARCHITECTURE.md, "Model
+  outputs"). With `sparse_s_head` the S-head runs later, only where the
+  losses read it (`s_head_at_positions`)."""
+  return model.apply(variables, images, train=True,
+                     **({'dense_s_head': False} if sparse_s_head else {}))
+
+
+def refinement_loss(outputs: dict, anchors: dict, gts: dict, key: jax.Array,
+                    config) -> tuple[dict, dict]:
+  """Refinement targets on the anchors (targets/refine.py) and L_R.
+
+  Returns:
+    (losses: cls, reg, num_positives of `detection.refine_loss`;
+     targets: `refine_targets`' dict, whose gt_origin the T-head's sampler
+     reads).
+  """
+  c = config
+  batch_size = gts['boxes'].shape[0]
+  targets = jax.vmap(functools.partial(
+      refine_lib.refine_targets, levels=tuple(c.model.s_levels),
+      anchor_scale=c.model.anchor_scale, pos_shrink=c.refine.pos_shrink,
+      stds=tuple(c.refine.stds)), in_axes=(None, None, 0, 0))(
+          anchors['boxes'], anchors['level'], gts['boxes'], gts['mask'])
+  sampled = None
+  if c.refine.cls_loss == 'bce':
+    sampled = jax.vmap(functools.partial(
+        refine_lib.sample_positions, num_samples=c.refine.num_samples,
+        pos_fraction=c.refine.pos_fraction))(
+            jax.random.split(key, batch_size), targets['positive'])
+  losses = detection.refine_loss(
+      outputs['refine_logits'], outputs['refine_deltas'], targets['positive'],
+      targets['delta_targets'], sampled, cls_loss=c.refine.cls_loss,
+      focal_alpha=c.refine.focal_alpha, focal_gamma=c.refine.focal_gamma)
+  return losses, targets
+
+
+def proposals(outputs: dict, anchors: dict, image_size: jax.Array,
+              canvas: tuple[int, int], config) -> dict:
+  """Proposals from the refined boxes, no gradient (targets/proposals.py):
+  boxes [B, P, 4], valid [B, P], origin [B, P] (flat dense position)."""
+  c = config
+  return jax.vmap(functools.partial(
+      proposals_lib.generate_proposals,
+      sizes=proposals_lib.level_sizes(canvas, tuple(c.model.s_levels)),
+      stds=tuple(c.refine.stds), scale_clip=c.box.scale_clip,
+      pre_nms_topk=c.proposals.pre_nms_topk,
+      nms_threshold=c.proposals.nms_threshold,
+      num_proposals=c.proposals.num_proposals,
+      inside_image=c.proposals.inside_image,
+      nms_tile_size=c.proposals.nms_tile_size), in_axes=(0, 0, None, 0))(
+          outputs['refine_logits'], outputs['refine_deltas'], anchors['boxes'],
+          image_size)
+
+
+def t_head_loss(model: nn.Module, variables: dict, outputs: dict,
+                anchor_level: jax.Array, proposal_set: dict, gts: dict,
+                gt_origin: jax.Array, key: jax.Array,
+                config) -> tuple[dict, dict, dict]:
+  """The T-head on its samples among proposals + gts, softmax CE + L1.
+
+  Returns:
+    (samples: `roi_sampling.t_head_targets`' dict [B, S, ...];
+     teacher: cls_logits [B, S, K+1], reg_feature [B, S, fc_dim],
+       deltas [B, S, 4] of the T-head on the samples;
+     losses: cls, reg of `detection.t_head_loss`).
+  """
+  c = config
+  batch_size = gts['boxes'].shape[0]
+  samples = jax.vmap(functools.partial(
+      roi_sampling.t_head_targets, fg_iou=c.t_head.fg_iou,
+      num_samples=c.t_head.num_samples, fg_fraction=c.t_head.fg_fraction,
+      append_gt=c.t_head.append_gt, stds=tuple(c.t_head.stds)))(
+          jax.random.split(key, batch_size), proposal_set['boxes'],
+          proposal_set['valid'], proposal_set['origin'], gts['boxes'],
+          gts['classes'], gts['mask'], gt_origin)
+  box_levels = mimicdet.t_head_box_levels(c, anchor_level, samples['origin'])
+  cls_logits, reg_feature, deltas = model.apply(
+      variables, outputs['t_features'], samples['boxes'], box_levels,
+      method='t_head')
+  losses = detection.t_head_loss(cls_logits, deltas, samples['labels'],
+                                 samples['delta_targets'], samples['valid'])
+  return samples, dict(cls_logits=cls_logits, reg_feature=reg_feature,
+                       deltas=deltas), losses
+
+
+def _balanced_proposal_mask(key, positive, negative, *, num_samples,
+                            fg_fraction, num_proposals):
+  """One image's proposals drawn by the T-head's balanced sampler, [P] bool."""
+  idx, _, ok = roi_sampling.balanced_sample(key, positive, negative,
+                                            num_samples, fg_fraction)
+  return jnp.zeros((num_proposals,), bool).at[idx].max(ok)
+
+
+def s_head_sampling(proposal_set: dict, gts: dict, rng: jax.Array,
+                    config) -> tuple[dict, Optional[jax.Array]]:
+  """Labels every proposal for the S-head and, under
+  `s_head.sampling=balanced`, draws the proposals its loss takes.
+
+  Returns:
+    (targets: `roi_sampling.s_head_targets`' dict [B, P, ...];
+     sampled: [B, P] bool under balanced, None under ohem, where
+       `detection.s_head_loss` mines the hardest instead).
+  """
+  c = config
+  targets = jax.vmap(functools.partial(
+      roi_sampling.s_head_targets, fg_iou=c.s_head.fg_iou,
+      stds=tuple(c.s_head.stds)))(proposal_set['boxes'], proposal_set['valid'],
+                                  gts['boxes'], gts['classes'], gts['mask'])
+  sampled = None
+  if c.s_head.sampling == 'balanced':
+    # The T-head's sampler instead of hard-example mining. Its own key
+    # (fold_in), so the other samplers draw as they do under ohem.
+    batch_size = gts['boxes'].shape[0]
+    sampled = jax.vmap(functools.partial(
+        _balanced_proposal_mask, num_samples=c.s_head.ohem_samples,
+        fg_fraction=c.s_head.fg_fraction,
+        num_proposals=c.proposals.num_proposals))(
+            jax.random.split(jax.random.fold_in(rng, 2), batch_size),
+            targets['foreground'],
+            proposal_set['valid'] & ~targets['foreground'])
+  return targets, sampled
+
+
+def s_head_at_positions(model: nn.Module, variables: dict, outputs: dict,
+                        proposal_origin: jax.Array, sample_origin: jax.Array,
+                        *, sparse_s_head: bool) -> tuple[dict, dict]:
+  """The S-head (s_cls_logits, s_reg_feature, s_deltas) at the proposals'
+  origins [B, P] and at the T-head samples' [B, S], in one read: run there
+  (`MimicDet.s_head_at`) under `sparse_s_head`, else gathered from the dense
+  outputs. Returns (at the proposals, at the samples)."""
+  num_proposals = proposal_origin.shape[1]
+  origins = jnp.concatenate([proposal_origin, sample_origin], axis=1)
+  if sparse_s_head:
+    read = model.apply(variables, outputs['s_features'],
+                       outputs['refine_deltas'], origins, method='s_head_at')
+  else:
+    read = {k: mimicdet.gather_at(outputs[k], origins)
+            for k in ('s_cls_logits', 's_reg_feature', 's_deltas')}
+  return ({k: v[:, :num_proposals] for k, v in read.items()},
+          {k: v[:, num_proposals:] for k, v in read.items()})
+
+
+def s_head_loss(s_head: dict, proposal_set: dict, targets: dict,
+                sampled: Optional[jax.Array], config) -> dict:
+  """L_S on the proposals: CE + L1 on the mined (or sampled) ones
+  (`detection.s_head_loss`: total, cls, reg, num_kept, num_kept_fg)."""
+  return detection.s_head_loss(
+      s_head['s_cls_logits'], s_head['s_deltas'], targets['labels'],
+      targets['delta_targets'], proposal_set['valid'],
+      config.s_head.ohem_samples, sampled)
+
+
+def mimic(student: dict, teacher: dict, t_samples: dict,
+          config) -> tuple[jax.Array, dict, jax.Array]:
+  """L_mimic: S-head vs T-head on the T-head's samples (losses/mimic.py).
+
+  Args:
+    student, teacher: dict(cls=[B, S, K+1] logits, reg=[B, S, D] features).
+    t_samples: the T-head's samples (`mimic_sample_mask` reads them).
+  Returns:
+    (loss, {path: its term} for the enabled paths, mask [B, S] of the
+    samples in it); a zero loss and no terms when mimic.enabled is False.
+  """
+  c = config
+  mask = mimic_sample_mask(t_samples, samples=c.mimic.samples,
+                           include_gt=c.mimic.include_gt)
+  if not c.mimic.enabled:
+    return jnp.zeros((), jnp.float32), {}, mask
+  loss, per_path = mimic_lib.mimic_loss(
+      student, teacher, mask, paths=c.mimic.paths,
+      cls_distance=c.mimic.cls_distance, reg_distance=c.mimic.reg_distance,
+      temperature=c.mimic.temperature, teacher_grad=c.mimic.teacher_grad)
+  return loss, {path: per_path[path]
+                for path in mimic_lib.mimic_paths(c.mimic.paths)}, mask
+
+
+def weighted_total(refine: dict, t_head: dict, s_head: dict,
+                   mimic_loss: jax.Array, config) -> jax.Array:
+  """L = L_R + L_S + L_T + L_mimic with `loss_weights` and `mimic.weight`."""
+  w = config.loss_weights
+  loss = (w.refine * (refine['cls'] + refine['reg']) +
+          w.s_head * s_head['total'] +
+          w.t_head * (t_head['cls'] + t_head['reg']))
+  if config.mimic.enabled:
+    loss = loss + config.mimic.weight * mimic_loss
+  return loss
+
+
+def diagnostics(refine: dict, proposal_set: dict, gts: dict, t_samples: dict,
+                s_targets: dict, s_losses: dict, student: dict,
+                teacher: dict, mimic_mask: jax.Array) -> dict:
+  """The aux diagnostics (`make_loss_fn`), float32 scalars, no gradient use."""
+  batch_size = gts['boxes'].shape[0]
+  num_fg = jnp.sum(t_samples['foreground'])
+  return dict(
+      num_positives=_f32(refine['num_positives']) / batch_size,
+      proposal_recall=proposal_recall(proposal_set['boxes'],
+                                      proposal_set['valid'], gts['boxes'],
+                                      gts['mask']),
+      num_proposals=_f32(jnp.sum(proposal_set['valid'])) / batch_size,
+      t_num_fg=_f32(num_fg) / batch_size,
+      s_num_fg=_f32(jnp.sum(s_targets['foreground'])) / batch_size,
+      s_fg_share=_f32(s_losses['num_kept_fg']) /
+      jnp.maximum(s_losses['num_kept'], 1).astype(jnp.float32),
+      mimic_num_samples=_f32(jnp.sum(mimic_mask)) / batch_size,
+      t_fg_iou=jnp.sum(jnp.where(t_samples['foreground'], t_samples['iou'],
+                                 0.0)) /
+      jnp.maximum(num_fg, 1).astype(jnp.float32),
+      mimic_cos_cls=mimic_lib.mean_cosine(student['cls'], teacher['cls'],
+                                          mimic_mask),
+      mimic_cos_reg=mimic_lib.mean_cosine(student['reg'], teacher['reg'],
+                                          mimic_mask),
+      t_reg_alive=alive_units(teacher['reg'], mimic_mask),
+      s_reg_alive=alive_units(student['reg'], mimic_mask))
+
+
 def make_loss_fn(model: nn.Module,
                  config: ml_collections.FrozenConfigDict) -> Callable:
   """Builds total_loss(params, frozen, batch, rng) -> (loss, aux), a
-  `training.step.LossFn`.
+  `training.step.LossFn`: the stages above, composed.
 
   Args:
     model: a `MimicDet` (or a fork with the same `__call__`/`t_head`).
@@ -158,151 +404,51 @@ def make_loss_fn(model: nn.Module,
     sample of the batch: a dead-ReLU monitor, docs/S_HEAD_GAP.md E12).
   """
   c = config
-  levels = tuple(c.model.s_levels)
-  mimic_paths = mimic_lib.mimic_paths(c.mimic.paths)
-
-  refine_targets = jax.vmap(functools.partial(
-      refine_lib.refine_targets, levels=levels,
-      anchor_scale=c.model.anchor_scale, pos_shrink=c.refine.pos_shrink,
-      stds=tuple(c.refine.stds)), in_axes=(None, None, 0, 0))
-  sample_positions = jax.vmap(functools.partial(
-      refine_lib.sample_positions, num_samples=c.refine.num_samples,
-      pos_fraction=c.refine.pos_fraction))
-  t_head_targets = jax.vmap(functools.partial(
-      roi_sampling.t_head_targets, fg_iou=c.t_head.fg_iou,
-      num_samples=c.t_head.num_samples, fg_fraction=c.t_head.fg_fraction,
-      append_gt=c.t_head.append_gt, stds=tuple(c.t_head.stds)))
-  num_proposals = c.proposals.num_proposals
-
-  def sample_one(key, positive, negative):
-    idx, _, ok = roi_sampling.balanced_sample(
-        key, positive, negative, c.s_head.ohem_samples, c.s_head.fg_fraction)
-    mask = jnp.zeros((num_proposals,), bool)
-    return mask.at[idx].max(ok)
-
-  sample_proposals = jax.vmap(sample_one)
-  s_head_targets = jax.vmap(functools.partial(
-      roi_sampling.s_head_targets, fg_iou=c.s_head.fg_iou,
-      stds=tuple(c.s_head.stds)))
+  # The S-head only where the losses read it, when it can
+  # (`mimicdet.s_head_sparse`).
+  sparse_s_head = mimicdet.s_head_sparse(c) and hasattr(model, 's_head_at')
 
   def total_loss(params, frozen, batch, rng):
     variables = {'params': params, 'frozen': frozen}
-    images = batch['image']
-    if images.dtype == jnp.uint8:  # data.device_normalize: pixels, not inputs
-      images = transforms.normalize_on_device(images, batch['image_size'],
-                                              c.data)
-    batch_size = images.shape[0]
+    images = model_inputs(batch, c.data)
     canvas = images.shape[1:3]
-    anchors = anchors_lib.dense_anchors(canvas, levels, c.model.anchor_scale)
-    gt_boxes = batch['boxes'].astype(jnp.float32)
-    gt_classes = batch['classes'].astype(jnp.int32)
-    gt_mask = gt_mask_of(batch)
+    anchors = anchors_lib.dense_anchors(canvas, tuple(c.model.s_levels),
+                                        c.model.anchor_scale)
+    gts = ground_truth(batch)
     refine_key, t_key = jax.random.split(rng)
 
-    # 1. Dense forward.
-    out = model.apply(variables, images, train=True)
+    outputs = dense_forward(model, variables, images,
+                            sparse_s_head=sparse_s_head)
+    refine, refine_targets = refinement_loss(outputs, anchors, gts,
+                                             refine_key, c)
+    proposal_set = proposals(outputs, anchors, batch['image_size'], canvas, c)
+    t_samples, teacher_out, t_head = t_head_loss(
+        model, variables, outputs, anchors['level'], proposal_set, gts,
+        refine_targets['gt_origin'], t_key, c)
+    s_targets, s_sampled = s_head_sampling(proposal_set, gts, rng, c)
+    s_at_proposals, s_at_samples = s_head_at_positions(
+        model, variables, outputs, proposal_set['origin'],
+        t_samples['origin'], sparse_s_head=sparse_s_head)
+    s_head = s_head_loss(s_at_proposals, proposal_set, s_targets, s_sampled,
+                         c)
+    # The mimic pairs the S-head read at each T-head sample's origin with
+    # the T-head on that sample.
+    student = dict(cls=s_at_samples['s_cls_logits'],
+                   reg=s_at_samples['s_reg_feature'])
+    teacher = dict(cls=teacher_out['cls_logits'],
+                   reg=teacher_out['reg_feature'])
+    mimic_loss, mimic_paths, mimic_mask = mimic(student, teacher, t_samples,
+                                                c)
+    loss = weighted_total(refine, t_head, s_head, mimic_loss, c)
 
-    # 2. Refinement.
-    rt = refine_targets(anchors['boxes'], anchors['level'], gt_boxes, gt_mask)
-    sampled = None
-    if c.refine.cls_loss == 'bce':
-      sampled = sample_positions(jax.random.split(refine_key, batch_size),
-                                 rt['positive'])
-    r_loss = detection.refine_loss(
-        out['refine_logits'], out['refine_deltas'], rt['positive'],
-        rt['delta_targets'], sampled, cls_loss=c.refine.cls_loss,
-        focal_alpha=c.refine.focal_alpha, focal_gamma=c.refine.focal_gamma)
-
-    # 3. Proposals (stop_gradient inside).
-    props = jax.vmap(functools.partial(
-        proposals_lib.generate_proposals,
-        sizes=proposals_lib.level_sizes(canvas, levels),
-        stds=tuple(c.refine.stds), scale_clip=c.box.scale_clip,
-        pre_nms_topk=c.proposals.pre_nms_topk,
-        nms_threshold=c.proposals.nms_threshold,
-        num_proposals=c.proposals.num_proposals,
-        inside_image=c.proposals.inside_image,
-        nms_tile_size=c.proposals.nms_tile_size), in_axes=(0, 0, None, 0))(
-            out['refine_logits'], out['refine_deltas'], anchors['boxes'],
-            batch['image_size'])
-
-    # 4. T-head on its samples.
-    ts = t_head_targets(jax.random.split(t_key, batch_size), props['boxes'],
-                        props['valid'], props['origin'], gt_boxes, gt_classes,
-                        gt_mask, rt['gt_origin'])
-    box_levels = mimicdet.t_head_box_levels(c, anchors['level'], ts['origin'])
-    t_cls_logits, t_reg_feature, t_deltas = model.apply(
-        variables, out['t_features'], ts['boxes'], box_levels,
-        method='t_head')
-    t_loss = detection.t_head_loss(t_cls_logits, t_deltas, ts['labels'],
-                                   ts['delta_targets'], ts['valid'])
-
-    # 5. S-head at every proposal's origin, hard-example mined.
-    ss = s_head_targets(props['boxes'], props['valid'], gt_boxes, gt_classes,
-                        gt_mask)
-    s_sampled = None
-    if c.s_head.sampling == 'balanced':
-      # The T-head's sampler instead of hard-example mining. Its own key
-      # (fold_in), so the other samplers draw as they do under ohem.
-      s_sampled = sample_proposals(
-          jax.random.split(jax.random.fold_in(rng, 2), batch_size),
-          ss['foreground'], props['valid'] & ~ss['foreground'])
-    s_loss = detection.s_head_loss(
-        mimicdet.gather_at(out['s_cls_logits'], props['origin']),
-        mimicdet.gather_at(out['s_deltas'], props['origin']), ss['labels'],
-        ss['delta_targets'], props['valid'], c.s_head.ohem_samples, s_sampled)
-
-    # 6. Mimic on the T-head's samples, S-head read at their origins.
-    student = dict(cls=mimicdet.gather_at(out['s_cls_logits'], ts['origin']),
-                   reg=mimicdet.gather_at(out['s_reg_feature'], ts['origin']))
-    teacher = dict(cls=t_cls_logits, reg=t_reg_feature)
-    mimic_mask = mimic_sample_mask(ts, samples=c.mimic.samples,
-                                   include_gt=c.mimic.include_gt)
-    aux = {}
-    if c.mimic.enabled:
-      mimic_loss, per_path = mimic_lib.mimic_loss(
-          student, teacher, mimic_mask, paths=c.mimic.paths,
-          cls_distance=c.mimic.cls_distance,
-          reg_distance=c.mimic.reg_distance, temperature=c.mimic.temperature,
-          teacher_grad=c.mimic.teacher_grad)
-      for path in mimic_paths:
-        aux[f'loss_mimic_{path}'] = per_path[path]
-    else:
-      mimic_loss = jnp.zeros((), jnp.float32)
-
-    w = c.loss_weights
-    loss = (w.refine * (r_loss['cls'] + r_loss['reg']) +
-            w.s_head * s_loss['total'] +
-            w.t_head * (t_loss['cls'] + t_loss['reg']))
-    if c.mimic.enabled:
-      loss = loss + c.mimic.weight * mimic_loss
-
-    num_fg = jnp.sum(ts['foreground'])
+    aux = {f'loss_mimic_{path}': v for path, v in mimic_paths.items()}
     aux.update(
-        loss_refine_cls=r_loss['cls'],
-        loss_refine_reg=r_loss['reg'],
-        loss_t_cls=t_loss['cls'],
-        loss_t_reg=t_loss['reg'],
-        loss_s_cls=s_loss['cls'],
-        loss_s_reg=s_loss['reg'],
-        loss_mimic=mimic_loss,
-        num_positives=_f32(r_loss['num_positives']) / batch_size,
-        proposal_recall=proposal_recall(props['boxes'], props['valid'],
-                                        gt_boxes, gt_mask),
-        num_proposals=_f32(jnp.sum(props['valid'])) / batch_size,
-        t_num_fg=_f32(num_fg) / batch_size,
-        s_num_fg=_f32(jnp.sum(ss['foreground'])) / batch_size,
-        s_fg_share=_f32(s_loss['num_kept_fg']) /
-        jnp.maximum(s_loss['num_kept'], 1).astype(jnp.float32),
-        mimic_num_samples=_f32(jnp.sum(mimic_mask)) / batch_size,
-        t_fg_iou=jnp.sum(jnp.where(ts['foreground'], ts['iou'], 0.0)) /
-        jnp.maximum(num_fg, 1).astype(jnp.float32),
-        mimic_cos_cls=mimic_lib.mean_cosine(student['cls'], teacher['cls'],
-                                            mimic_mask),
-        mimic_cos_reg=mimic_lib.mean_cosine(student['reg'], teacher['reg'],
-                                            mimic_mask),
-        t_reg_alive=alive_units(teacher['reg'], mimic_mask),
-        s_reg_alive=alive_units(student['reg'], mimic_mask))
+        loss_refine_cls=refine['cls'], loss_refine_reg=refine['reg'],
+        loss_t_cls=t_head['cls'], loss_t_reg=t_head['reg'],
+        loss_s_cls=s_head['cls'], loss_s_reg=s_head['reg'],
+        loss_mimic=mimic_loss)
+    aux.update(diagnostics(refine, proposal_set, gts, t_samples, s_targets,
+                           s_head, student, teacher, mimic_mask))
     return loss, {k: _f32(v) for k, v in aux.items()}
 
   return total_loss
