@@ -117,3 +117,25 @@ def test_grad_accum_must_divide_the_per_device_batch():
     config_lib.resolve(c, num_classes=2)
   with pytest.raises(ConfigError, match='train.grad_accum_steps'):
     _run.__wrapped__(th.toy_loss, True, 1, 3, steps=1)  # 8 images per device, k = 3
+
+
+def test_the_training_loop_passes_the_key(tmp_path):
+  """run_training with train.grad_accum_steps=2 (16 images on the 8 test
+  devices, one per micro-batch; the loss on the micro-batch, no dropout)
+  feeds the loss micro-batches, logs one row per global batch and ends where
+  k = 1 ends."""
+  import json  # pylint: disable=g-import-not-at-top
+  finals, seen = {}, {1: set(), 2: set()}
+  for k in (1, 2):
+    def loss_fn(params, frozen, batch, rng, k=k):
+      seen[k].add(batch['image'].shape[0])  # at trace time
+      return mean_loss_without_dropout(params, frozen, batch, rng)
+    config = th.toy_config(total_steps=2, grad_accum_steps=k, batch_size=16,
+                           loss_per_image=False)
+    finals[k], _ = th.run_toy(tmp_path / str(k), config, loss_fn=loss_fn)
+    with open(tmp_path / str(k) / 'metrics.jsonl') as f:
+      assert [json.loads(line)['step'] for line in f] == [1, 2]
+  assert seen == {1: {2}, 2: {1}}
+  for a, b in zip(jax.tree.leaves(finals[2].params),
+                  jax.tree.leaves(finals[1].params)):
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
