@@ -312,6 +312,8 @@ class BestCheckpoint:
       after the stored best's (a run resumed from before it re-evaluates
       what it already judged) never replaces it.
     """
+    if metrics is None and jax.process_count() == 1:
+      return False  # an evaluation that returned nothing to judge
     value = float(metrics[self.metric]) if metrics is not None else 0.0
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

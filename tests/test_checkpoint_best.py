@@ -72,6 +72,7 @@ def test_up_down_up_keeps_the_best_and_restores_it(tmp_path):
   assert best.update(7, {'AP': 0.70}, _state(7))
   # A resumed run re-evaluating a step before the best never replaces it.
   assert best.update(3, {'AP': 0.99}, _state(3)) is False
+  assert best.update(8, None, _state(8)) is False  # nothing to judge
   best.close()
   assert restore.checkpoint_steps(work, checkpoint.BEST_DIR) == [7]
 
