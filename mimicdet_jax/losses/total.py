@@ -373,6 +373,25 @@ def diagnostics(refine: dict, proposal_set: dict, gts: dict, t_samples: dict,
       s_reg_alive=alive_units(student['reg'], mimic_mask))
 
 
+class StagedLoss:
+  """The loss as `forward` (the network on a batch) then `losses` (targets,
+  samplers and loss terms on the network's outputs), so that the train
+  step can run the network on a device's whole batch at once and the rest
+  per image (training/step.py).
+
+  Called as total_loss(params, frozen, batch, rng), it is
+  losses(params, frozen, forward(params, frozen, batch), batch, rng).
+  """
+
+  def __init__(self, forward: Callable, losses: Callable):
+    self.forward = forward
+    self.losses = losses
+
+  def __call__(self, params, frozen, batch, rng):
+    return self.losses(params, frozen, self.forward(params, frozen, batch),
+                       batch, rng)
+
+
 def make_loss_fn(model: nn.Module,
                  config: ml_collections.FrozenConfigDict) -> Callable:
   """Builds total_loss(params, frozen, batch, rng) -> (loss, aux), a
@@ -408,17 +427,19 @@ def make_loss_fn(model: nn.Module,
   # (`mimicdet.s_head_sparse`).
   sparse_s_head = mimicdet.s_head_sparse(c) and hasattr(model, 's_head_at')
 
-  def total_loss(params, frozen, batch, rng):
+  def forward(params, frozen, batch):
     variables = {'params': params, 'frozen': frozen}
-    images = model_inputs(batch, c.data)
-    canvas = images.shape[1:3]
+    return dense_forward(model, variables, model_inputs(batch, c.data),
+                         sparse_s_head=sparse_s_head)
+
+  def losses(params, frozen, outputs, batch, rng):
+    variables = {'params': params, 'frozen': frozen}
+    canvas = batch['image'].shape[1:3]
     anchors = anchors_lib.dense_anchors(canvas, tuple(c.model.s_levels),
                                         c.model.anchor_scale)
     gts = ground_truth(batch)
     refine_key, t_key = jax.random.split(rng)
 
-    outputs = dense_forward(model, variables, images,
-                            sparse_s_head=sparse_s_head)
     refine, refine_targets = refinement_loss(outputs, anchors, gts,
                                              refine_key, c)
     proposal_set = proposals(outputs, anchors, batch['image_size'], canvas, c)
@@ -451,4 +472,4 @@ def make_loss_fn(model: nn.Module,
                            s_head, student, teacher, mimic_mask))
     return loss, {k: _f32(v) for k, v in aux.items()}
 
-  return total_loss
+  return StagedLoss(forward, losses)

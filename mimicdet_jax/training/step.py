@@ -189,4 +189,5 @@ def make_train_step_for(config, loss_fn: LossFn,
   return make_train_step(
       loss_fn, tx, frozen_mask, loss_per_image=config.train.loss_per_image,
       lr_schedule=optim.make_lr_schedule(config),
+      grad_accum_steps=config.train.grad_accum_steps,
       ema_decay=config.optim.ema_decay, ema_warmup=config.optim.ema_warmup)
