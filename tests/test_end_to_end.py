@@ -4,7 +4,8 @@ One chain of subprocesses on a tiny synthetic set (128 px canvas, narrow
 heads, image ids past 2**31): train.py (one step, a checkpoint) -> train.py
 again (resumes, second step) -> eval.py for heads s, t and both ->
 eval.py --detections (scoring only) -> predict.py on a
-folder with an unreadable file. Each stage is checked on what it writes.
+folder with an unreadable file -> train.py with data.augment=lsj. Each stage
+is checked on what it writes.
 
 Speed (this runs in `make test`): every process shares one persistent JAX
 compilation cache, so the resumed run and predict reuse what the first
@@ -200,3 +201,14 @@ def test_train_resume_eval_score_predict(tmp_path):
       x1, y1, x2, y2 = d['bbox']
       assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h
       assert d['class_name'] == result['class_names'][d['label'] - 1]
+
+  # 6. data.augment=lsj at the 128 px canvas stage 1 compiled: train.py runs
+  # on the one lsj canvas, loading the same compiled step from the cache.
+  lsj_work = str(tmp_path / 'lsj')
+  _run(env, *train[:3], '--workdir', lsj_work, *train[5:], *flags,
+       '--config.data.augment=lsj', '--config.data.lsj_size=128',
+       '--config.train.total_steps=2')
+  assert _json(os.path.join(lsj_work, 'config.json'))['data']['augment'] == 'lsj'
+  rows = _metrics_rows(lsj_work)
+  assert [r['step'] for r in rows] == [1, 2]
+  assert all(np.isfinite(r['loss']) for r in rows)
