@@ -68,6 +68,10 @@ def test_canvas_choice():
     plan_tpu.pick_canvas(config, '100x256')
   with pytest.raises(ConfigError, match='expected HxW'):
     plan_tpu.pick_canvas(config, 'big')
+  config.data.augment = 'lsj'
+  config.data.lsj_size = 512
+  assert plan_tpu.pick_canvas(config, 'largest') == (512, 512)
+  assert plan_tpu.pick_canvas(config, 'first') == (512, 512)
 
 
 def _run_planner(*args):

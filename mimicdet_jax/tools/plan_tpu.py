@@ -60,7 +60,8 @@ _BATCH = flags.DEFINE_integer(
     'batch', 0, 'Images per chip (0: train.batch_size over the chips).')
 _CANVAS = flags.DEFINE_string(
     'canvas', 'largest', "HxW, or 'largest' (the bucket that sets the "
-    "memory), or 'first' (the landscape COCO bucket).")
+    "memory), or 'first' (the landscape COCO bucket); under "
+    "data.augment=lsj both mean the one LSJ canvas.")
 _NUM_CLASSES = flags.DEFINE_integer(
     'num_classes', 80, 'Foreground classes when data.num_classes is -1.')
 _MAX_BATCH = flags.DEFINE_bool(
@@ -83,7 +84,10 @@ def generation(topology: str) -> str:
 
 
 def pick_canvas(config, spec: str) -> tuple[int, int]:
-  """The canvas to compile: 'largest', 'first' or 'HxW'."""
+  """The canvas to compile: 'largest', 'first' or 'HxW'. Under
+  data.augment=lsj training has one canvas, lsj_size x lsj_size."""
+  if config.data.augment == 'lsj' and spec in ('largest', 'first'):
+    return int(config.data.lsj_size), int(config.data.lsj_size)
   buckets = [tuple(int(v) for v in b) for b in config.data.canvas_buckets]
   if spec == 'largest':
     return max(buckets, key=lambda b: b[0] * b[1])
