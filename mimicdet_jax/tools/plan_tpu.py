@@ -51,26 +51,6 @@ CHIPS = {
     'v6e': Chip(918.0, 32.0, 1640.0, 'https://cloud.google.com/tpu/docs/v6e'),
 }
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Recipe config file (configs/*.py).', lock_config=True)
-_TOPOLOGY = flags.DEFINE_string(
-    'topology', 'v5p:2x2x1', "TPU topology, e.g. 'v4:2x2x1', 'v5e:4x4', "
-    "'v5p:2x2x1', 'v6e:2x2'.")
-_BATCH = flags.DEFINE_integer(
-    'batch', 0, 'Images per chip (0: train.batch_size over the chips).')
-_CANVAS = flags.DEFINE_string(
-    'canvas', 'largest', "HxW, or 'largest' (the bucket that sets the "
-    "memory), or 'first' (the landscape COCO bucket); under "
-    "data.augment=lsj both mean the one LSJ canvas.")
-_NUM_CLASSES = flags.DEFINE_integer(
-    'num_classes', 80, 'Foreground classes when data.num_classes is -1.')
-_MAX_BATCH = flags.DEFINE_bool(
-    'max_batch', True, 'Also compile at a second batch to find the largest '
-    'per-chip batch that fits (linear in the batch).')
-_DETECTOR = flags.DEFINE_bool(
-    'detector', True, 'Also compile the exported detector at eval.batch_size.')
-
-
 def generation(topology: str) -> str:
   """'v5e:4x4' -> 'v5e'; a ConfigError for one without published peaks."""
   gen = topology.split(':', 1)[0].lower()
@@ -228,11 +208,36 @@ def main(argv) -> Optional[int]:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  result = plan(_CONFIG.value, _TOPOLOGY.value, _BATCH.value, _CANVAS.value,
-                _NUM_CLASSES.value, _MAX_BATCH.value, _DETECTOR.value)
+  f = flags.FLAGS
+  result = plan(f.config, f.topology, f.batch, f.canvas, f.num_classes,
+                f.max_batch, f.detector)
   return 0 if result['step'].hbm_bytes <= result['capacity'] else 1
 
 
+def define_flags() -> None:
+  """The command line's flags; defined when run as a program only, so that
+  importing this module (tests, other entry points) defines no absl flag."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Recipe config file (configs/*.py).', lock_config=True)
+  flags.DEFINE_string(
+      'topology', 'v5p:2x2x1', "TPU topology, e.g. 'v4:2x2x1', 'v5e:4x4', "
+      "'v5p:2x2x1', 'v6e:2x2'.")
+  flags.DEFINE_integer(
+      'batch', 0, 'Images per chip (0: train.batch_size over the chips).')
+  flags.DEFINE_string(
+      'canvas', 'largest', "HxW, or 'largest' (the bucket that sets the "
+      "memory), or 'first' (the landscape COCO bucket); under "
+      "data.augment=lsj both mean the one LSJ canvas.")
+  flags.DEFINE_integer(
+      'num_classes', 80, 'Foreground classes when data.num_classes is -1.')
+  flags.DEFINE_bool(
+      'max_batch', True, 'Also compile at a second batch to find the largest '
+      'per-chip batch that fits (linear in the batch).')
+  flags.DEFINE_bool(
+      'detector', True, 'Also compile the exported detector at eval.batch_size.')
+
+
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['config'])
   config_lib.run_absl(main)
