@@ -58,6 +58,14 @@ def test_elementwise_losses():
   # bfloat16 inputs are computed in float32.
   assert jax.jit(detection.softmax_ce)(
       logits.astype(jnp.bfloat16), labels).dtype == jnp.float32
+  # Its gradient is the closed form softmax - one_hot (no scatter), also
+  # with logits far apart.
+  wide = logits * np.array([1.0, 1.0, 1.0, 300.0], np.float32)[:, None]
+  grad = jax.jit(jax.grad(lambda z: jnp.sum(detection.softmax_ce(z, labels))))(
+      wide)
+  p = np.exp(wide - wide.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(grad, p - np.eye(5)[labels], atol=1e-6)
 
 
 def test_refine_loss_bce_and_focal():

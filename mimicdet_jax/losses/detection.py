@@ -41,8 +41,13 @@ def softmax_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
   Returns:
     [...] the loss per logit vector.
   """
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels.astype(jnp.int32))
+  # A one-hot product, not optax's take_along_axis: the gradient of a
+  # gather is a scatter-add, which TPUs serialise and whose cost XLA:TPU's
+  # cost analysis does not model under the per-image vmap (the whole step
+  # then had no optimal_seconds; docs/BENCHMARKS.md, "TPU, compiled on CPU").
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  return -jnp.sum(one_hot * log_p, axis=-1)
 
 
 def l1(pred: jax.Array, target: jax.Array) -> jax.Array:
