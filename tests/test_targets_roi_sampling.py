@@ -4,6 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mimicdet_jax.targets import roi_sampling
 from tests import np_refs
@@ -151,3 +152,44 @@ def test_no_gt_all_background():
   s = fn(BOXES, VALID, GT, GT_CLASSES, np.zeros(3, bool))
   assert not np.asarray(s['foreground']).any()
   assert np.isfinite(np.asarray(s['delta_targets'])).all()
+
+
+@pytest.mark.parametrize('name', roi_sampling.S_HEAD_SAMPLINGS)
+def test_every_s_head_sampler_keeps_valid_capped_and_deterministic(name):
+  """Every entry of S_HEAD_SAMPLERS, jitted and vmapped as losses/total.py
+  calls it: a mask over valid proposals only, at most num_samples of them,
+  at most fg_fraction foreground, the same for the same key; or None (the
+  loss mines)."""
+  sampler = roi_sampling.S_HEAD_SAMPLERS[name]
+  rng = np.random.default_rng(0)
+  p, num_samples, fg_fraction = 200, 32, 0.25
+  valid = rng.uniform(size=(3, p)) < 0.8
+  foreground = valid & (rng.uniform(size=(3, p)) < 0.3)
+  background = valid & ~foreground
+  draw = jax.jit(jax.vmap(functools.partial(
+      sampler, num_samples=num_samples, fg_fraction=fg_fraction)))
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  mask = draw(keys, foreground, background)
+  if mask is None:
+    assert name == 'ohem'  # the paper's: mining happens in the loss
+    return
+  mask = np.asarray(mask)
+  assert mask.shape == (3, p) and mask.dtype == bool
+  assert not (mask & ~valid).any()
+  assert (mask.sum(1) <= num_samples).all() and (mask.sum(1) > 0).all()
+  assert ((mask & foreground).sum(1) <= int(num_samples * fg_fraction)).all()
+  np.testing.assert_array_equal(mask, draw(keys, foreground, background))
+  other = draw(jax.random.split(jax.random.PRNGKey(1), 3), foreground,
+               background)
+  assert (np.asarray(other) != mask).any()
+
+
+def test_balanced_s_head_sampler_fills_its_quota():
+  """With plenty of both kinds, exactly num_samples, fg_fraction of them
+  foreground (the T-head's detectron2 rule)."""
+  foreground = np.zeros(100, bool)
+  foreground[:40] = True
+  mask = np.asarray(roi_sampling.s_head_balanced(
+      jax.random.PRNGKey(3), foreground, ~foreground, num_samples=20,
+      fg_fraction=0.25))
+  assert mask.sum() == 20 and (mask & foreground).sum() == 5

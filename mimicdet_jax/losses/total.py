@@ -242,41 +242,31 @@ def t_head_loss(model: nn.Module, variables: dict, outputs: dict,
                        deltas=deltas), losses
 
 
-def _balanced_proposal_mask(key, positive, negative, *, num_samples,
-                            fg_fraction, num_proposals):
-  """One image's proposals drawn by the T-head's balanced sampler, [P] bool."""
-  idx, _, ok = roi_sampling.balanced_sample(key, positive, negative,
-                                            num_samples, fg_fraction)
-  return jnp.zeros((num_proposals,), bool).at[idx].max(ok)
-
-
 def s_head_sampling(proposal_set: dict, gts: dict, rng: jax.Array,
                     config) -> tuple[dict, Optional[jax.Array]]:
-  """Labels every proposal for the S-head and, under
-  `s_head.sampling=balanced`, draws the proposals its loss takes.
+  """Labels every proposal for the S-head and draws the proposals its loss
+  takes with the sampler `s_head.sampling` names
+  (`roi_sampling.S_HEAD_SAMPLERS`).
 
   Returns:
     (targets: `roi_sampling.s_head_targets`' dict [B, P, ...];
-     sampled: [B, P] bool under balanced, None under ohem, where
-       `detection.s_head_loss` mines the hardest instead).
+     sampled: [B, P] bool, or None from a sampler that leaves the choice to
+       the loss (ohem: `detection.s_head_loss` mines the hardest)).
   """
   c = config
   targets = jax.vmap(functools.partial(
       roi_sampling.s_head_targets, fg_iou=c.s_head.fg_iou,
       stds=tuple(c.s_head.stds)))(proposal_set['boxes'], proposal_set['valid'],
                                   gts['boxes'], gts['classes'], gts['mask'])
-  sampled = None
-  if c.s_head.sampling == 'balanced':
-    # The T-head's sampler instead of hard-example mining. Its own key
-    # (fold_in), so the other samplers draw as they do under ohem.
-    batch_size = gts['boxes'].shape[0]
-    sampled = jax.vmap(functools.partial(
-        _balanced_proposal_mask, num_samples=c.s_head.ohem_samples,
-        fg_fraction=c.s_head.fg_fraction,
-        num_proposals=c.proposals.num_proposals))(
-            jax.random.split(jax.random.fold_in(rng, 2), batch_size),
-            targets['foreground'],
-            proposal_set['valid'] & ~targets['foreground'])
+  # The sampler's own key (fold_in), so the other samplers draw the same
+  # whichever it is.
+  batch_size = gts['boxes'].shape[0]
+  sampled = jax.vmap(functools.partial(
+      roi_sampling.S_HEAD_SAMPLERS[c.s_head.sampling],
+      num_samples=c.s_head.ohem_samples, fg_fraction=c.s_head.fg_fraction))(
+          jax.random.split(jax.random.fold_in(rng, 2), batch_size),
+          targets['foreground'],
+          proposal_set['valid'] & ~targets['foreground'])
   return targets, sampled
 
 

@@ -9,15 +9,12 @@ background 0), and `t_head.num_samples` of them are drawn with at most
 `t_head.fg_fraction` foreground. S-head: every valid proposal is labelled the
 same way (`s_head.fg_iou`); hard-example mining happens in the loss.
 """
+from typing import Callable, Optional
+
 import jax
 import jax.numpy as jnp
 
 from mimicdet_jax.ops import boxes as box_ops
-
-# s_head.sampling: the proposals in the S-head loss are the ohem_samples
-# largest losses (the paper) | drawn by `balanced_sample` like the T-head's
-# (losses/total.py picks; losses/detection.py `s_head_loss` reduces).
-S_HEAD_SAMPLINGS = ('ohem', 'balanced')
 
 def balanced_sample(key: jax.Array, positive: jax.Array, negative: jax.Array,
                     num_samples: int, pos_fraction: float
@@ -178,3 +175,39 @@ def s_head_targets(proposal_boxes: jax.Array, proposal_valid: jax.Array,
                                    lab['foreground'], stds),
       foreground=lab['foreground'],
       iou=lab['iou'])
+
+
+# ---------------------------------------------------------- S-head samplers
+# s_head.sampling: which proposals of an image the S-head loss takes. A
+# sampler gets one image's labelled proposals and returns the [P] bool mask
+# of those the loss averages over, or None for "mine them in the loss" (the
+# paper's OHEM: the s_head.ohem_samples largest losses, losses/detection.py
+# `s_head_loss`). A new sampler is one function with this signature plus one
+# entry in S_HEAD_SAMPLERS: config_lib accepts its name, and
+# tests/test_roi_sampling.py checks every entry's mask (valid proposals
+# only, at most s_head.ohem_samples, at most s_head.fg_fraction foreground).
+SHeadSampler = Callable[..., Optional[jax.Array]]
+
+
+def s_head_ohem(key: jax.Array, foreground: jax.Array, background: jax.Array,
+                *, num_samples: int, fg_fraction: float) -> None:
+  """The paper: no draw; the loss keeps the `num_samples` hardest."""
+  del key, foreground, background, num_samples, fg_fraction
+  return None
+
+
+def s_head_balanced(key: jax.Array, foreground: jax.Array,
+                    background: jax.Array, *, num_samples: int,
+                    fg_fraction: float) -> jax.Array:
+  """The T-head's draw (`balanced_sample`): up to `num_samples` proposals,
+  at most `fg_fraction` of them foreground; [P] bool."""
+  idx, _, ok = balanced_sample(key, foreground, background, num_samples,
+                               fg_fraction)
+  return jnp.zeros(foreground.shape, bool).at[idx].max(ok)
+
+
+S_HEAD_SAMPLERS: dict[str, SHeadSampler] = {
+    'ohem': s_head_ohem,
+    'balanced': s_head_balanced,
+}
+S_HEAD_SAMPLINGS = tuple(S_HEAD_SAMPLERS)
