@@ -4,7 +4,12 @@ shapes. Compiler figures, not measured times (docs/BENCHMARKS.md, "TPU,
 compiled on CPU", "Part by part").
 
   python benchmarks/tpu_parts.py configs.mimicdet_r50_fpn_1x v5p:1x1x1 2 OUT \
-      [--parts backbone,fpn,...] [key=value ...]
+      [key=value ...] [--parts backbone,fpn,...]
+
+(config overrides before --parts). With LIBTPU_INIT_ARGS=--xla_msa_enable=false
+the same parts compile without memory-space assignment: no HBM<->VMEM
+copies, whose bytes the cost analysis counts on top of their consumers'
+(docs/BENCHMARKS.md, "What bytes accessed counts").
 
 The parts, each a jitted function of abstract arguments (nothing is
 materialised), with the per-chip batch of the step (`per_chip` images):

@@ -156,3 +156,60 @@ def test_a_config_that_does_not_fit_says_by_how_much_and_what_to_change(
   over = float(line.split('DOES NOT FIT: ')[1].split(' GB')[0])
   assert over == pytest.approx(step.hbm_bytes * 0.75 / 1e9, abs=0.01)
   assert 'model.dtype=bfloat16' in line and 'backbone.remat' in line
+
+
+def test_memory_space_copy_bytes_reads_the_copies_between_spaces():
+  """Only copy-starts whose destination and source memory spaces differ,
+  each once: 2 x 112 x 176 x 512 bf16 into VMEM, 2000 int32 out of it; an
+  HBM-to-HBM copy-start and a plain copy are not counted."""
+  from mimicdet_jax.tools import aot
+  hlo = '\n'.join([
+      '  %copy-start = (bf16[2,112,176,512]{3,2,1,0:T(8,128)(2,1)S(1)}, '
+      'bf16[2,112,176,512]{3,2,1,0:T(8,128)(2,1)}, u32[]{:S(2)}) '
+      'copy-start(%fusion.77)',
+      '  %copy-done = bf16[2,112,176,512]{3,2,1,0:T(8,128)(2,1)S(1)} '
+      'copy-done(%copy-start)',
+      '  %copy-start.1 = (s32[2000]{0:T(1024)}, s32[2000]{0:T(1024)S(1)}, '
+      'u32[]{:S(2)}) copy-start(%x)',
+      '  %copy-start.2 = (f32[8,128]{1,0:T(8,128)}, f32[8,128]{1,0:T(8,128)}, '
+      'u32[]{:S(2)}) copy-start(%y)',
+      '  %copy.3 = f32[8,128]{1,0:T(8,128)S(1)} copy(%z)',
+  ])
+  assert aot.memory_space_copy_bytes(hlo) == 2 * 112 * 176 * 512 * 2 + 2000 * 4
+
+
+_MSA_PROBE = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp
+from mimicdet_jax.tools import aot
+dev = aot.topology_devices('v5p:1x1x1')[0]
+s = jax.sharding.SingleDeviceSharding(dev)
+def f(x, w):
+  for _ in range(3):
+    x = jnp.tanh(x @ w)
+  return x.sum()
+a = jax.ShapeDtypeStruct((2048, 2048), jnp.bfloat16, sharding=s)
+c = aot.compile_program(aot.Program(jax.jit(jax.grad(f, argnums=1)), (a, a),
+                                    1, (1, 1)))
+print(json.dumps(dict(bytes=c.bytes_accessed, copies=c.memory_space_copy_bytes,
+                      without=c.bytes_without_copies)))
+'''
+
+
+@needs_libtpu
+def test_bytes_without_copies_is_the_count_with_memory_space_assignment_off():
+  """What `bytes_without_copies` subtracts is what the compiler counts for
+  the HBM<->VMEM copies: the same program compiled with memory-space
+  assignment off (no copies) reports that many bytes."""
+  import json
+  runs = {}
+  for name, flags in (('msa', ''), ('off', '--xla_msa_enable=false')):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', LIBTPU_INIT_ARGS=flags)
+    out = subprocess.run([sys.executable, '-c', _MSA_PROBE, ROOT], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+  assert runs['msa']['copies'] > 0 and runs['off']['copies'] == 0
+  assert runs['msa']['without'] == pytest.approx(runs['off']['bytes'],
+                                                 rel=0.01)

@@ -142,6 +142,16 @@ def plan(raw, topology: str, per_chip: int, canvas_spec: str,
   p(f'  per image: {per_image["flops"] / 1e12:.3f} TFLOP, '
     f'{_gb(per_image["bytes"])} accessed (arithmetic intensity '
     f'{step.flops / max(step.bytes_accessed, 1):.0f} flop/byte)')
+  # The cost analysis also counts the HBM <-> VMEM copies of memory-space
+  # assignment (aot.Compiled.bytes_without_copies).
+  hbm_seconds = roofline_seconds(step.flops, step.bytes_without_copies, chip)
+  result.update(bytes_without_copies=step.bytes_without_copies / per_chip,
+                images_per_second_without_copies=per_chip / hbm_seconds)
+  p(f'  of which HBM<->VMEM copies: '
+    f'{_gb(aot.COPY_COUNT * step.memory_space_copy_bytes / per_chip)} per '
+    f'image; without them {_gb(step.bytes_without_copies / per_chip)} (an '
+    f'upper bound on HBM traffic): roofline '
+    f'{per_chip / hbm_seconds * chip.devices_per_chip:.0f} images/s per chip')
   estimate = (f'{step.optimal_seconds * 1e3:.1f} ms' if step.optimal_seconds > 0
               else 'none given')
   p(f'  step: roofline {seconds * 1e3:.1f} ms ({bound}-bound); compiler '
