@@ -1,8 +1,11 @@
 """A user's expected mistakes end in one line on stderr and exit status 1.
 
-Every command-line entry point is run as the user runs it (a subprocess);
-the line must name the file, id or key at fault, and no traceback may be
-printed. Unexpected errors keep their traceback (last test).
+Every command-line entry point is run as the user runs it, in a child
+process; the line must name the file, id or key at fault, and no traceback
+may be printed. The children are forked from one warm interpreter that has
+imported jax and the other third-party libraries (tests/warm_cli.py: ~2.8 s
+of CPU a case less); one case also runs in a fresh process and must print
+the same. Unexpected errors keep their traceback (last test).
 """
 import json
 import os
@@ -13,15 +16,27 @@ import pytest
 
 from mimicdet_jax import errors
 from tests import subprocess_env
+from tests import warm_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _env():
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=subprocess_env.xla_flags(1))
+
+
 def _run(*argv):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=subprocess_env.xla_flags(1))
-  return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env,
+  """A fresh process, as the user starts it."""
+  return subprocess.run([sys.executable, *argv], cwd=ROOT, env=_env(),
                         capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def warm():
+  runner = warm_cli.WarmRunner(_env())
+  yield runner
+  runner.close()
 
 
 def _coco(categories=((1, 'a'), (2, 'b')), bbox=(1, 1, 5, 5), image_id=1):
@@ -157,10 +172,10 @@ CASES = [
 
 @pytest.mark.parametrize('name,argv,expected', CASES,
                          ids=[c[0] for c in CASES])
-def test_user_error_is_one_line_and_exit_status_1(files, name, argv,
+def test_user_error_is_one_line_and_exit_status_1(files, warm, name, argv,
                                                   expected):
   del name
-  proc = _run(*argv(files))
+  proc = warm.run(*argv(files))
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
@@ -168,6 +183,17 @@ def test_user_error_is_one_line_and_exit_status_1(files, name, argv,
   assert ': error: ' in lines[0]
   for text in expected(files):
     assert text in lines[0], (text, lines[0])
+
+
+def test_fresh_process_prints_what_the_warm_child_prints(files, warm):
+  """The warm interpreter's imports printed nothing (a fresh process would
+  show it to the user), and a case run both ways gives the same result."""
+  argv = dict((c[0], c[1]) for c in CASES)['train_val_categories_differ']
+  fresh, child = _run(*argv(files)), warm.run(*argv(files))
+  assert (fresh.returncode, fresh.stderr, fresh.stdout) == (
+      child.returncode, child.stderr, child.stdout)
+  assert fresh.returncode == 1
+  assert warm.server_stderr() == ''
 
 
 def test_unexpected_errors_keep_their_traceback(capsys):
