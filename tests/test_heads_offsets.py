@@ -91,11 +91,14 @@ def test_s_head_at_points_equals_the_dense_head_read_there(mode):
   head = heads.SHead(levels=levels, num_logits=3, channels=6, p3_kernel=3,
                      kernel=5, offset_hidden=(4,), cls_dim=7, reg_dim=5,
                      offset_mode=mode, anchor_scale=4.0, scale_clip=CLIP)
-  variables = head.init(jax.random.PRNGKey(0), feats, deltas)
+  # Jitted: one compile per program, not one per op (12.9 against 24.4 s
+  # of CPU for the three modes, eager, on the 2-core machine).
+  variables = jax.jit(head.init)(jax.random.PRNGKey(0), feats, deltas)
   variables = jax.tree.map(
       lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape), p.dtype),
       variables)
-  dense = head.apply(variables, feats, deltas)
+  apply = jax.jit(head.apply)
+  dense = apply(variables, feats, deltas)
   n = 9
   level_index = rng.integers(0, 3, size=(2, n))
   yx = np.array([[[rng.integers(0, sizes[levels[i]][0]),
@@ -103,8 +106,8 @@ def test_s_head_at_points_equals_the_dense_head_read_there(mode):
                  for row in level_index])
   deltas_at = np.stack([[deltas[levels[i]][b, y, x] for i, (y, x) in
                          zip(level_index[b], yx[b])] for b in range(2)])
-  at = head.apply(variables, feats, jnp.asarray(deltas_at),
-                  (jnp.asarray(level_index, jnp.int32), jnp.asarray(yx, jnp.int32)))
+  at = apply(variables, feats, jnp.asarray(deltas_at),
+              (jnp.asarray(level_index, jnp.int32), jnp.asarray(yx, jnp.int32)))
   for part in range(3):
     want = np.stack([[dense[levels[i]][part][b, y, x] for i, (y, x) in
                       zip(level_index[b], yx[b])] for b in range(2)])
