@@ -37,21 +37,26 @@ def pytest_runtest_makereport(item, call):
 
 
 # The files that take longest (seconds summed over their tests, `pytest
-# --durations=0`, 2026-12-05), run first. `make test` runs two xdist workers
-# that take one file at a time in collection order (`--dist loadfile`): a
-# long file collected late leaves one worker running it alone at the end;
-# longest first lets the short files fill in around the long ones.
+# --durations=0` on the loaded 2-core AMD machine, 2026-12-07, less what the
+# warm command-line runner and the jitted heads test saved that day), run
+# first. `make test` runs two xdist workers that take one file at a time in
+# collection order (`--dist loadfile`): a long file collected late leaves one
+# worker running it alone at the end; longest first lets the short files
+# fill in around the long ones.
 LONGEST_FIRST = (
-    'test_end_to_end.py',  # 51 s: every user command as a subprocess chain
-    'test_training.py',  # 23 s
-    'test_models.py',  # 23 s
-    'test_switches.py',  # 20 s
-    'test_serving.py',  # 19 s
-    'test_cli_errors.py',  # 17 s
-    'test_multihost.py',  # 16 s
-    'test_checkpoint.py',  # 15 s
-    'test_losses_total.py',  # 13 s
-    'test_backbones.py',  # 11 s
+    'test_end_to_end.py',  # ~105 s: every user command as a subprocess chain
+    'test_training.py',  # 46 s
+    'test_serving.py',  # ~40 s
+    'test_switches.py',  # 30 s
+    'test_multihost.py',  # 27 s
+    'test_heads_offsets.py',  # ~25 s
+    'test_losses_total.py',  # 24 s
+    'test_cli_errors.py',  # ~19 s
+    'test_checkpoint.py',  # 18 s
+    'test_models.py',  # 17 s
+    'test_ops_deform_conv.py',  # 12 s
+    'test_ema.py',  # 12 s
+    'test_eval_cli.py',  # ~10 s
 )
 
 
