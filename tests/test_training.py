@@ -328,8 +328,16 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_resume_in_process_equals_uninterrupted(tmp_path):
-  full = _run(tmp_path / 'full', th.toy_config(total_steps=6))
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """The toy run of 6 steps (pmap) that the resume tests must reproduce:
+  (final state, its workdir), computed once for them (read only)."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  return _run(workdir, th.toy_config(total_steps=6)), workdir
+
+
+def test_resume_in_process_equals_uninterrupted(tmp_path, uninterrupted):
+  full, full_dir = uninterrupted
   part = tmp_path / 'part'
   first = _run(part, th.toy_config(total_steps=3))
   assert int(first.step) == 3
@@ -338,7 +346,7 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   losses = lambda d: [(r['step'], r['loss']) for r in _metrics(d)]
-  assert losses(part) == losses(tmp_path / 'full')
+  assert losses(part) == losses(full_dir)
   assert [r['step'] for r in _metrics(part)] == [1, 2, 3, 4, 5, 6]
   # keep_checkpoints=3, checkpoint_every=2, plus the final step 3 of run 1.
   assert sorted(os.listdir(part / 'checkpoints'))[-3:] == ['3', '4', '6']
@@ -347,16 +355,17 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
 @pytest.mark.parametrize('first,second', [('pmap', 'shard_map'),
                                            ('shard_map', 'pmap')])
 def test_resume_across_parallelisms_equals_uninterrupted(tmp_path, first,
-                                                         second):
+                                                         second,
+                                                         uninterrupted):
   """Checkpoints hold host arrays: a run resumes under the other wrapper."""
-  full = _run(tmp_path / 'full', th.toy_config(total_steps=6))
+  full, full_dir = uninterrupted
   part = tmp_path / 'part'
   _run(part, th.toy_config(total_steps=3, parallelism=first))
   resumed = _run(part, th.toy_config(total_steps=6, parallelism=second))
   assert int(resumed.step) == 6
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(full)):
     assert _relative_gap(a, b) <= 1e-6
-  for got, want in zip(_metrics(part), _metrics(tmp_path / 'full')):
+  for got, want in zip(_metrics(part), _metrics(full_dir)):
     assert got['step'] == want['step']
     np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-6)
 
