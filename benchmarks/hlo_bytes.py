@@ -12,11 +12,14 @@ Bytes are attributed to the JAX name stack of the instruction's metadata
 """
 import argparse
 import collections
+import os
 import re
+import sys
 
-DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2,
-               'f16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8,
-               'f64': 8, 'c64': 8, 'token': 0, 's4': 0.5, 'u4': 0.5}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mimicdet_jax.tools import aot  # pylint: disable=g-import-not-at-top
+
 _SHAPE = re.compile(r'\b(pred|[su](?:4|8|16|32|64)|bf16|f16|f32|f64|c64)\[([0-9,]*)\]')
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
 _COMP = re.compile(r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\([^)]*\))?.*\{\s*$')
@@ -24,14 +27,8 @@ _COMP = re.compile(r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\([^)]*\))?.*\{\s*$')
 
 def shape_bytes(text: str) -> float:
   """Bytes of every array shape written in `text`."""
-  total = 0.0
-  for dtype, dims in _SHAPE.findall(text):
-    n = 1
-    for d in dims.split(','):
-      if d:
-        n *= int(d)
-    total += n * DTYPE_BYTES[dtype]
-  return total
+  return sum(aot.array_bytes(dtype, dims)
+             for dtype, dims in _SHAPE.findall(text))
 
 
 def parse(path: str):

@@ -184,7 +184,7 @@ def s_head_targets(proposal_boxes: jax.Array, proposal_valid: jax.Array,
 # paper's OHEM: the s_head.ohem_samples largest losses, losses/detection.py
 # `s_head_loss`). A new sampler is one function with this signature plus one
 # entry in S_HEAD_SAMPLERS: config_lib accepts its name, and
-# tests/test_roi_sampling.py checks every entry's mask (valid proposals
+# tests/test_targets_roi_sampling.py checks every entry's mask (valid proposals
 # only, at most s_head.ohem_samples, at most s_head.fg_fraction foreground).
 SHeadSampler = Callable[..., Optional[jax.Array]]
 

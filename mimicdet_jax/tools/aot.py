@@ -14,6 +14,7 @@ They are not measured step times.
 `compile_program` compiles one and reads its figures (`Compiled`).
 """
 import dataclasses
+import math
 import os
 import re
 import time
@@ -94,9 +95,17 @@ class Compiled:
 # forward + backward at 2 x 896x1408 on v5p: 6.84 GB = 4 x 1.70 GB).
 COPY_COUNT = 4
 _SHAPE = re.compile(r'(\w+)\[([0-9,]*)\](\{[^}]*\})?')
-_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2,
-                'f16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8,
-                'f64': 8}
+# Bytes per element of the HLO element types (benchmarks/hlo_bytes.py too).
+DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2,
+               'f16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8,
+               'f64': 8, 'c64': 8, 'token': 0, 's4': 0.5, 'u4': 0.5}
+
+
+def array_bytes(dtype: str, dims: str) -> float:
+  """Bytes of an HLO array written as dtype[dims], e.g. ('bf16', '2,8'); a
+  type not in DTYPE_BYTES counts 4 bytes an element."""
+  return (math.prod(int(d) for d in dims.split(',') if d) *
+          DTYPE_BYTES.get(dtype, 4))
 
 
 def _memory_space(layout: str) -> int:
@@ -120,11 +129,7 @@ def memory_space_copy_bytes(hlo_text: str) -> float:
     (dtype, dims, dst), (_, _, src) = shapes[:2]
     if _memory_space(dst) == _memory_space(src):
       continue
-    n = 1
-    for d in dims.split(','):
-      if d:
-        n *= int(d)
-    total += n * _DTYPE_BYTES.get(dtype, 4)
+    total += array_bytes(dtype, dims)
   return total
 
 
