@@ -30,7 +30,6 @@ Writes OUT.json: one row per part (compile seconds, per-chip memory, flops,
 bytes accessed, optimal_seconds) and OUT.<part>.opt.txt (optimized HLO).
 """
 import argparse
-import functools
 import importlib
 import json
 import os
