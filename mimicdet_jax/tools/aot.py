@@ -91,8 +91,8 @@ class Compiled:
 # How many times XLA:TPU's cost analysis counts an HBM <-> VMEM async copy's
 # size: bytes_accessed with and without memory-space assignment
 # (LIBTPU_INIT_ARGS=--xla_msa_enable=false) differ by 4x the copies' bytes
-# (a bf16 4096^2 matmul chain: 134.2 MB = 4 x 33.55 MB; the R50 backbone
-# forward + backward at 2 x 896x1408 on v5p: 6.84 GB = 4 x 1.70 GB).
+# (the R50 backbone forward + backward at 2 x 896x1408 on v5p: 6.84 GB =
+# 4 x 1.69 GB; tests/test_plan_tpu.py checks it on a toy).
 COPY_COUNT = 4
 _SHAPE = re.compile(r'(\w+)\[([0-9,]*)\](\{[^}]*\})?')
 # Bytes per element of the HLO element types (benchmarks/hlo_bytes.py too).
