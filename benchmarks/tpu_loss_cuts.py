@@ -1,6 +1,6 @@
 r"""Cuts of the per-image losses stage compiled for one TPU chip: which
-part has no cost model (docs/BENCHMARKS.md, "Why the whole step had no
-optimal_seconds"). Compiler figures, not measured times.
+part has no cost model (docs/BENCHMARKS.md, "TPU, compiled on CPU").
+Compiler figures, not measured times.
 
   python benchmarks/tpu_loss_cuts.py CUT fwd|grad [OUT.opt.txt]
   # CUT: refine | proposals | proposals_sg | t_head_cls | t_head_reg |
