@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.backbone.frozen_stages = 1  # stem + stage 1 frozen
   c.model.backbone.remat = False  # nn.remat per stage
   c.model.backbone.norm = 'frozen_bn'  # frozen_bn (pretrained affine) | group_norm (from scratch)
+  # ResNeXt's grouped 3x3 convs: auto (block-diagonal on TPU, XLA's grouped
+  # conv elsewhere) | xla | blockdiag (ops/grouped_conv.py; same weights)
+  c.model.backbone.grouped_conv = 'auto'
   c.model.fpn_channels = 256
   c.model.t_levels = (2, 3, 4, 5, 6)  # high-resolution set (staggered pyramid)
   c.model.s_levels = (3, 4, 5, 6, 7)  # low-resolution set; refinement + S-head

@@ -20,6 +20,7 @@ from mimicdet_jax.losses import total
 from mimicdet_jax.models import backbones
 from mimicdet_jax.models import heads
 from mimicdet_jax.models import mimicdet
+from mimicdet_jax.ops import grouped_conv
 from mimicdet_jax.ops.nms import NMS_KINDS
 from mimicdet_jax.targets import roi_sampling
 from mimicdet_jax.training import ema
@@ -36,6 +37,7 @@ CHOICES = {
     'model.dtype': mimicdet.DTYPES,
     'model.backbone.arch': tuple(backbones.ARCHS),
     'model.backbone.norm': backbones.NORMS,
+    'model.backbone.grouped_conv': grouped_conv.IMPLS,
     'refine.cls_loss': detection.REFINE_CLS_LOSSES,
     't_head.level_rule': mimicdet.T_HEAD_LEVEL_RULES,
     't_head.roi_align_impl': tuple(heads.ROI_ALIGN_IMPLS),

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimicdet_jax.models.layers import Conv1x1
+from mimicdet_jax.ops import grouped_conv
 
 BN_EPS = 1e-5  # torchvision BatchNorm2d default
 BACKBONE_NAME = 'backbone'  # name of the backbone submodule in MimicDet
@@ -116,8 +117,30 @@ def _norm(norm: str, channels: int, dtype: Any, name: str) -> nn.Module:
   raise ValueError(f'norm must be one of {NORMS}, got {norm!r}')
 
 
+class GroupedConv3x3(nn.Module):
+  """nn.Conv's 3x3 grouped conv (same 'kernel' parameter, padding 1) through
+  `ops.grouped_conv` (`impl`: its IMPLS; 'auto' is block-diagonal on TPU)."""
+  features: int
+  stride: int
+  groups: int
+  impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', _conv_init,
+                        (3, 3, x.shape[-1] // self.groups, self.features),
+                        jnp.float32)
+    return grouped_conv.grouped_conv3x3(
+        x.astype(self.dtype), kernel.astype(self.dtype), self.groups,
+        self.stride, self.impl)
+
+
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str,
-          groups: int = 1) -> nn.Module:
+          groups: int = 1, grouped_impl: str = 'auto') -> nn.Module:
+  if kernel == 3 and groups > 1:
+    return GroupedConv3x3(features, stride, groups, grouped_impl, dtype,
+                          name=name)
   if kernel == 1 and groups == 1:
     # Same 'kernel' parameter as nn.Conv (checkpoints load unchanged), as a
     # matmul: XLA:CPU's weight-gradient 1x1 conv is 2-3x slower than a dot.
@@ -212,6 +235,7 @@ class Bottleneck(nn.Module):
   width_per_group: int = 64
   norm: str = 'frozen_bn'
   dtype: Any = jnp.float32
+  grouped_conv: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -219,7 +243,8 @@ class Bottleneck(nn.Module):
     out_ch = self.planes * ArchSpec.expansion
     y = _conv(width, 1, 1, self.dtype, 'conv1')(x)
     y = nn.relu(_norm(self.norm, width, self.dtype, 'bn1')(y))
-    y = _conv(width, 3, self.stride, self.dtype, 'conv2', self.groups)(y)
+    y = _conv(width, 3, self.stride, self.dtype, 'conv2', self.groups,
+              self.grouped_conv)(y)
     y = nn.relu(_norm(self.norm, width, self.dtype, 'bn2')(y))
     y = _conv(out_ch, 1, 1, self.dtype, 'conv3')(y)
     y = _norm(self.norm, out_ch, self.dtype, 'bn3')(y)
@@ -238,13 +263,14 @@ class ResNetStage(nn.Module):
   width_per_group: int = 64
   norm: str = 'frozen_bn'
   dtype: Any = jnp.float32
+  grouped_conv: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for b in range(self.num_blocks):
       x = Bottleneck(self.planes, self.stride if b == 0 else 1, self.groups,
                      self.width_per_group, self.norm, self.dtype,
-                     name=f'block{b}')(x)
+                     self.grouped_conv, name=f'block{b}')(x)
     return x
 
 
@@ -262,12 +288,15 @@ class ResNet(nn.Module):
     norm: 'frozen_bn' (default; identity-initialised frozen BatchNorm, filled
       by pretrained weights) or 'group_norm' (trainable, for from-scratch
       training; not loadable from torchvision checkpoints).
+    grouped_conv: how ResNeXt's grouped 3x3 convs run, one of
+      `ops.grouped_conv.IMPLS` (same parameters and outputs for each).
   """
   arch: str
   frozen_stages: int = 1
   remat: bool = False
   dtype: Any = jnp.float32
   norm: str = 'frozen_bn'
+  grouped_conv: str = 'auto'
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False
@@ -300,7 +329,7 @@ class ResNet(nn.Module):
     for s, num_blocks in enumerate(spec.stage_sizes):
       x = stage_cls(num_blocks, spec.planes(s), 1 if s == 0 else 2,
                     spec.groups, spec.width_per_group, self.norm, self.dtype,
-                    name=f'layer{s + 1}')(x)
+                    self.grouped_conv, name=f'layer{s + 1}')(x)
       if s < self.frozen_stages:
         # The stem only feeds layer1, so this also cuts the stem's gradient.
         x = jax.lax.stop_gradient(x)

@@ -103,7 +103,8 @@ class MimicDet(nn.Module):
     self.backbone = ResNet(c.model.backbone.arch,
                            frozen_stages=c.model.backbone.frozen_stages,
                            remat=c.model.backbone.remat,
-                           norm=c.model.backbone.norm, dtype=dtype)
+                           norm=c.model.backbone.norm, dtype=dtype,
+                           grouped_conv=c.model.backbone.grouped_conv)
     self.fpn = FPN(c.model.fpn_channels,
                    levels=tuple(sorted(set(self.t_levels) | set(self.s_levels))),
                    dtype=dtype)
