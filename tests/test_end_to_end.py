@@ -1,8 +1,9 @@
 """The real model through every user command, as a user runs them.
 
 One chain of subprocesses on a tiny synthetic set (128 px canvas, narrow
-heads, image ids past 2**31): train.py (one step, a checkpoint) -> train.py
-again (resumes, second step) -> eval.py for heads t and both ->
+heads, image ids past 2**31): train.py (one step, a checkpoint, evaluated:
+the best checkpoint) -> train.py again (resumes, second step) -> eval.py for
+head t (latest checkpoint) and head both (--checkpoint best) ->
 eval.py --detections (scoring only) -> predict.py (head s) on a
 folder with an unreadable file -> train.py with data.augment=lsj. Each stage
 is checked on what it writes.
@@ -18,6 +19,8 @@ import subprocess
 import sys
 
 import numpy as np
+
+from mimicdet_jax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG = 2**40  # added to every image id: ids must not pass through int32
@@ -127,9 +130,13 @@ def test_train_resume_eval_score_predict(tmp_path):
            # train.py's own cache (train.compile_cache): the test's, not ~
            f'--config.train.compile_cache={tmp_path / "jax_cache"}']
 
-  # 1. Train one step: a checkpoint, the resolved config, the categories.
-  _run(env, *train, *flags, '--config.train.total_steps=1')
+  # 1. Train one step: a checkpoint, the resolved config, the categories;
+  # evaluated at its end, step 1 is the best checkpoint (train.keep_best).
+  _run(env, *train, *flags, '--config.train.total_steps=1',
+       '--config.train.eval_every=1')
   assert sorted(os.listdir(os.path.join(work, 'checkpoints'))) == ['1']
+  assert sorted(os.listdir(os.path.join(work, checkpoint.BEST_DIR))) == [
+      '1', 'best.json']
   config = _json(os.path.join(work, 'config.json'))
   assert config['model']['num_classes'] == len(categories)
   assert config['s_head']['num_logits'] == len(categories) + 1
@@ -149,16 +156,17 @@ def test_train_resume_eval_score_predict(tmp_path):
   assert rows[0] == first[0]  # step 1's row kept as written
   assert np.isfinite(rows[1]['loss'])
 
-  # 3. eval.py on the checkpoint (config from WORKDIR/config.json), heads t
-  # and both (the default head, s, runs in predict below; how each head
-  # combines the two heads' outputs: tests/test_switches.py
-  # test_eval_head_switch).
+  # 3. eval.py on a checkpoint (config from WORKDIR/config.json): head t on
+  # the latest (step 2), head both on --checkpoint best (step 1). The
+  # default head, s, runs in predict below; how each head combines the two
+  # heads' outputs: tests/test_switches.py test_eval_head_switch.
   gt = _json(os.path.join(data, 'annotations', 'val.json'))
   results = {}
-  for head in ('t', 'both'):
-    proc = _run(env, 'eval.py', '--workdir', work, '--head', head)
+  for head, which in (('t', 'latest'), ('both', 'best')):
+    proc = _run(env, 'eval.py', '--workdir', work, '--head', head,
+                '--checkpoint', which)
     assert 'Average Precision' in proc.stdout
-    results[head] = _check_eval(work, gt, step=2)
+    results[head] = _check_eval(work, gt, step={'latest': 2, 'best': 1}[which])
   assert len(os.listdir(os.path.join(work, 'eval', 'viz'))) == 2
   # Each head scores its own boxes: --head reached the model, the S-head's
   # outputs count in `both`.
