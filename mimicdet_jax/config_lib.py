@@ -269,7 +269,11 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     node = node[part]
   if not isinstance(node, ml_collections.ConfigDict) or last not in node:
     raise ConfigError(f'unknown config key {key!r} (see configs/common.py)')
-  node[last] = value
+  try:
+    node[last] = value
+  except TypeError as e:  # ml_collections refuses a value of another type
+    raise ConfigError(f'{key}={value!r}: expected a value like '
+                      f'{node[last]!r}') from e
 
 
 def get_key(config: ml_collections.ConfigDict, key: str) -> Any:

@@ -52,6 +52,24 @@ def test_named_adhoc_and_combined_variants():
     config_lib.resolve(config, 6)
   assert ablate.variant_dirname('optim.decay_steps=(1, 2)') == (
       'optim.decay_steps=_1__2_')
+  # A long entry gets a name a file system takes, distinct per entry.
+  long_a, long_b = ('+'.join(f'mimic.weight={w}' for w in range(40 + k))
+                    for k in (0, 1))
+  names = {ablate.variant_dirname(v) for v in (long_a, long_b)}
+  assert len(names) == 2 and all(len(n) <= ablate.MAX_DIRNAME for n in names)
+
+
+def test_grid_items_keep_the_commas_of_their_values():
+  assert ablate._split('both, optim.decay_steps=(10,20)+mimic.weight=2,cls') == [
+      'both', 'optim.decay_steps=(10,20)+mimic.weight=2', 'cls']
+  assert ablate._split('a=[1,2],b') == ['a=[1,2]', 'b']
+  base = configs.demo.get_config()
+  config, _ = ablate.run_config(base, 'optim.decay_steps=(10,20)', 0, None, {})
+  assert tuple(config.optim.decay_steps) == (10, 20)
+  # A value of the wrong type is a ConfigError naming the key (one line at
+  # the command line), not ml_collections' TypeError.
+  with pytest.raises(errors.ConfigError, match='optim.decay_steps'):
+    ablate.run_config(base, 'optim.decay_steps=soon', 0, None, {})
 
 
 def test_run_config_order_schedule_and_seed():

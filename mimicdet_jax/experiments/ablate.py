@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import re
@@ -131,9 +132,18 @@ def variant_overrides(spec: str, config: ml_collections.ConfigDict
   return overrides
 
 
+# File systems allow 255 bytes a name; longer grid entries are cut and
+# given a hash of the whole entry.
+MAX_DIRNAME = 120
+
+
 def variant_dirname(spec: str) -> str:
   """A folder name for a grid entry (keeps letters, digits, . _ - = +)."""
-  return re.sub(r'[^A-Za-z0-9._=+-]', '_', spec)
+  name = re.sub(r'[^A-Za-z0-9._=+-]', '_', spec)
+  if len(name) > MAX_DIRNAME:
+    digest = hashlib.sha1(spec.encode()).hexdigest()[:10]
+    name = f'{name[:MAX_DIRNAME - 11]}-{digest}'
+  return name
 
 
 def schedule_overrides(config: ml_collections.ConfigDict,
@@ -617,7 +627,15 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _split(text: str) -> list[str]:
-  return [t.strip() for t in text.split(',') if t.strip()]
+  """Comma-separated items; commas inside brackets belong to a value
+  (`optim.decay_steps=(1920,2240)` is one item)."""
+  items, depth, start = [], 0, 0
+  for i, ch in enumerate(text + ','):
+    depth += {'(': 1, '[': 1, ')': -1, ']': -1}.get(ch, 0)
+    if ch == ',' and depth <= 0:
+      items.append(text[start:i].strip())
+      start = i + 1
+  return [t for t in items if t]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
