@@ -4,13 +4,14 @@ Shared by the synthetic shapes (data/synthetic.py), the real-image proxy
 (data/photos.py) and the two further real-image sets (data/glyphs.py,
 data/crowds.py): each supplies `render(seed, split, index, min_size,
 max_size) -> {'image', 'boxes', 'category_ids', 'areas'}`, a module-level
-function so that 'spawn' workers can import it. Their command lines are
-`main` here, with each set's defaults.
+function so that 'spawn' workers can import it, and binds its
+`write_split` and command line (`main`) from one `GeneratedSet`.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import multiprocessing
@@ -114,45 +115,71 @@ def write_viz(out_dir: str, split: str, count: int) -> list[str]:
   return paths
 
 
-def main(argv: Sequence[str] | None, *, prog: str, description: str,
-         write_split: Callable[..., str], num_train: int, num_val: int,
-         min_size: int, max_size: int, smallest: int) -> None:
-  """The command line of a generated set: both splits, then K viz pictures.
+@dataclasses.dataclass(frozen=True)
+class GeneratedSet:
+  """One generated set: what its module's `write_split` and `main` need.
 
-  A size pair it cannot draw raises errors.ConfigError (one line and exit
-  status 1 under errors.cli, as the two modules run it).
-
-  `write_split(out, split, num, seed, min_size, max_size, format, workers)`
-  is the set's own writer; the numbers are its defaults and, `smallest`, the
-  least image side it can draw.
+  A set's module binds `write_split, main = SET.write_split, SET.main`.
   """
-  parser = argparse.ArgumentParser(prog=prog, description=description)
-  parser.add_argument('out', help='output folder')
-  parser.add_argument('--num-train', type=int, default=num_train)
-  parser.add_argument('--num-val', type=int, default=num_val)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--min-size', type=int, default=min_size,
-                      help='smallest image side (px)')
-  parser.add_argument('--max-size', type=int, default=max_size,
-                      help='largest image side (px)')
-  parser.add_argument('--format', choices=('jpg', 'png'), default='jpg')
-  parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
-                      help='processes drawing images (output does not depend on it)')
-  parser.add_argument('--viz', type=int, default=0, metavar='K',
-                      help='draw the first K training images with boxes to OUT/viz')
-  args = parser.parse_args(argv)
-  if not smallest <= args.min_size <= args.max_size:
-    raise errors.ConfigError(
-        f'--min-size {args.min_size} --max-size {args.max_size}: need '
-        f'{smallest} <= --min-size <= --max-size')
-  start = time.time()
-  for split, num in (('train', args.num_train), ('val', args.num_val)):
-    if num > 0:
-      path = write_split(args.out, split, num, args.seed, args.min_size,
-                         args.max_size, args.format, args.workers)
-      print(f'wrote {num} images and {path}')
-  if args.viz > 0:
-    paths = write_viz(args.out, 'train' if args.num_train else 'val', args.viz)
-    print(f'wrote {len(paths)} pictures with boxes to '
-          f'{os.path.join(args.out, "viz")}')
-  print(f'done in {time.time() - start:.1f} s')
+  module: str  # 'mimicdet_jax.data.photos': `python -m` runs it
+  doc: str  # the module's docstring: its first line heads --help
+  render: Render  # module-level, so that 'spawn' workers can import it
+  categories: Sequence[Mapping[str, Any]]
+  description: str  # the JSON's info.description
+  min_size: int  # the default image sides (px), drawn in [min_size, max_size]
+  max_size: int
+  smallest: int  # the least image side the renderer can draw
+  jpeg_options: Mapping[str, Any] = dataclasses.field(
+      default_factory=lambda: {'quality': 90})  # Pillow's JPEG save options
+  num_train: int = 1500  # the command line's default split sizes
+  num_val: int = 300
+
+  def write_split(self, out_dir: str, split: str, num_images: int, seed: int,
+                  min_size: int | None = None, max_size: int | None = None,
+                  image_format: str = 'jpg', workers: int = 1) -> str:
+    """`write_split` with this set's renderer, classes and JPEG options."""
+    return write_split(
+        out_dir, split, num_images, seed, render=self.render,
+        categories=self.categories, description=self.description,
+        min_size=self.min_size if min_size is None else min_size,
+        max_size=self.max_size if max_size is None else max_size,
+        image_format=image_format, jpeg_options=self.jpeg_options,
+        workers=workers)
+
+  def main(self, argv: Sequence[str] | None = None) -> None:
+    """The command line: both splits, then K viz pictures.
+
+    A size pair it cannot draw raises errors.ConfigError (one line and exit
+    status 1 under errors.cli, as the modules run it).
+    """
+    parser = argparse.ArgumentParser(prog=f'python -m {self.module}',
+                                     description=self.doc.split('\n')[0])
+    parser.add_argument('out', help='output folder')
+    parser.add_argument('--num-train', type=int, default=self.num_train)
+    parser.add_argument('--num-val', type=int, default=self.num_val)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--min-size', type=int, default=self.min_size,
+                        help='smallest image side (px)')
+    parser.add_argument('--max-size', type=int, default=self.max_size,
+                        help='largest image side (px)')
+    parser.add_argument('--format', choices=('jpg', 'png'), default='jpg')
+    parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
+                        help='processes drawing images (output does not depend on it)')
+    parser.add_argument('--viz', type=int, default=0, metavar='K',
+                        help='draw the first K training images with boxes to OUT/viz')
+    args = parser.parse_args(argv)
+    if not self.smallest <= args.min_size <= args.max_size:
+      raise errors.ConfigError(
+          f'--min-size {args.min_size} --max-size {args.max_size}: need '
+          f'{self.smallest} <= --min-size <= --max-size')
+    start = time.time()
+    for split, num in (('train', args.num_train), ('val', args.num_val)):
+      if num > 0:
+        path = self.write_split(args.out, split, num, args.seed, args.min_size,
+                                args.max_size, args.format, args.workers)
+        print(f'wrote {num} images and {path}')
+    if args.viz > 0:
+      paths = write_viz(args.out, 'train' if args.num_train else 'val', args.viz)
+      print(f'wrote {len(paths)} pictures with boxes to '
+            f'{os.path.join(args.out, "viz")}')
+    print(f'done in {time.time() - start:.1f} s')

@@ -170,7 +170,7 @@ def render_example(seed: int, split: str, index: int, min_size: int = 192,
   h, w = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
   img = photos.background(rng, h, w)
   bg_layer = img.copy() if return_layers else None
-  uncovered = np.ones((h, w), np.float32)
+  uncovered = np.ones((h, w), np.float32) if return_layers else None
   num_objects = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
   num_glyphs = int(rng.integers(MIN_GLYPH_DISTRACTORS, MAX_GLYPH_DISTRACTORS + 1))
   num_patches = int(rng.integers(0, MAX_PATCH_DISTRACTORS + 1))
@@ -207,45 +207,18 @@ def render_example(seed: int, split: str, index: int, min_size: int = 192,
     rgb, alpha, y0, x0 = made
     if photos.covers_too_much(y0, x0, *alpha.shape, pasted, MAX_COVER):
       continue
-    res = photos.paste(img, rgb, alpha, y0, x0, pasted)
-    if res is None:
-      continue
-    window, a = res
-    if return_layers:
-      uncovered[window[0]:window[2], window[1]:window[3]] *= 1 - a
-    if category_id is not None:
-      pasted.append(photos.Pasted(category_id, window, a, a.copy(),
-                                  float(alpha.sum())))
-  img += rng.standard_normal(img.shape, np.float32) * np.float32(
-      rng.uniform(0, 4))
-  out = {'image': np.clip(np.rint(img), 0, 255).astype(np.uint8),
-         **photos.labels(pasted, h, w, MIN_VISIBLE, MIN_BOX_SIDE, return_layers)}
-  if return_layers:
-    out['background'] = np.clip(np.rint(bg_layer), 0, 255).astype(np.uint8)
-    out['pasted'] = 1 - uncovered
-  return out
+    photos.paste_and_record(img, rgb, alpha, y0, x0, pasted, category_id,
+                            uncovered)
+  return photos.finish(rng, img, pasted, MIN_VISIBLE, MIN_BOX_SIDE, bg_layer,
+                       uncovered)
 
 
-_JPEG = {'quality': 90}
-
-
-def write_split(out_dir: str, split: str, num_images: int, seed: int,
-                min_size: int = 192, max_size: int = 384,
-                image_format: str = 'jpg', workers: int = 1) -> str:
-  """`generated.write_split` with this set's renderer, classes and JPEG options."""
-  return generated.write_split(
-      out_dir, split, num_images, seed, render=render_example,
-      categories=CATEGORIES,
-      description='mimicdet_jax glyphs (characters from packaged fonts on packaged photographs)',
-      min_size=min_size, max_size=max_size, image_format=image_format,
-      jpeg_options=_JPEG, workers=workers)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  generated.main(argv, prog='python -m mimicdet_jax.data.glyphs',
-                 description=__doc__.split('\n')[0], write_split=write_split,
-                 num_train=1500, num_val=300, min_size=192, max_size=384,
-                 smallest=2 * MAX_FONT_SIZE)
+SET = generated.GeneratedSet(
+    module='mimicdet_jax.data.glyphs', doc=__doc__, render=render_example,
+    categories=CATEGORIES,
+    description='mimicdet_jax glyphs (characters from packaged fonts on packaged photographs)',
+    min_size=192, max_size=384, smallest=2 * MAX_FONT_SIZE)
+write_split, main = SET.write_split, SET.main
 
 
 if __name__ == '__main__':

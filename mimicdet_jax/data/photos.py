@@ -319,6 +319,47 @@ def paste(img: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, y0: int,
   return (wy0, wx0, wy1, wx1), a
 
 
+def paste_and_record(img: np.ndarray, rgb: np.ndarray, alpha: np.ndarray,
+                     y0: int, x0: int, pasted: list[Pasted],
+                     category_id: int | None,
+                     uncovered: np.ndarray | None) -> None:
+  """`paste`, then an object (category_id not None) joins `pasted`.
+
+  `uncovered` (float32 [h, w], prod(1 - alpha) of every paste, distractors
+  included; None when the layers are not wanted) takes this paste's alpha.
+  """
+  res = paste(img, rgb, alpha, y0, x0, pasted)
+  if res is None:
+    return
+  window, a = res
+  if uncovered is not None:
+    uncovered[window[0]:window[2], window[1]:window[3]] *= 1 - a
+  if category_id is not None:
+    pasted.append(Pasted(category_id, window, a, a.copy(), float(alpha.sum())))
+
+
+def finish(rng: np.random.Generator, img: np.ndarray, pasted: Sequence[Pasted],
+           min_visible: float, min_box_side: int,
+           bg_layer: np.ndarray | None = None,
+           uncovered: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Adds the final sensor noise to img; returns render_example's dict.
+
+  With the layers (bg_layer, the image before any paste, and uncovered, see
+  paste_and_record; both None without) also 'background', 'masks',
+  'visible' and 'pasted'.
+  """
+  h, w = img.shape[:2]
+  return_layers = bg_layer is not None
+  img += rng.standard_normal(img.shape, np.float32) * np.float32(
+      rng.uniform(0, 4))
+  out = {'image': np.clip(np.rint(img), 0, 255).astype(np.uint8),
+         **labels(pasted, h, w, min_visible, min_box_side, return_layers)}
+  if return_layers:
+    out['background'] = np.clip(np.rint(bg_layer), 0, 255).astype(np.uint8)
+    out['pasted'] = 1 - uncovered
+  return out
+
+
 def covers_too_much(y0: int, x0: int, th: int, tw: int,
                     pasted: list[Pasted], max_cover: float = MAX_COVER) -> bool:
   new = (x0, y0, x0 + tw, y0 + th)
@@ -354,7 +395,7 @@ def render_example(seed: int, split: str, index: int, min_size: int = 192,
   all_photos = photos()
   img = background(rng, h, w)
   bg_layer = img.copy() if return_layers else None
-  uncovered = np.ones((h, w), np.float32)  # prod(1 - alpha) of every paste
+  uncovered = np.ones((h, w), np.float32) if return_layers else None
   num_objects = int(rng.integers(1, MAX_OBJECTS + 1))
   num_distractors = int(rng.integers(MIN_DISTRACTORS, MAX_DISTRACTORS + 1))
   kinds = rng.permutation([1] * num_objects + [0] * num_distractors)
@@ -396,23 +437,9 @@ def render_example(seed: int, split: str, index: int, min_size: int = 192,
       continue
     rgb, alpha = cut(rng, photo, crop, shape, th, tw,
                       0.25 if category else 0.3)
-    res = paste(img, rgb, alpha, y0, x0, pasted)
-    if res is None:
-      continue
-    window, a = res
-    if return_layers:
-      uncovered[window[0]:window[2], window[1]:window[3]] *= 1 - a
-    if category is not None:
-      pasted.append(Pasted(category['id'], window, a, a.copy(),
-                            float(alpha.sum())))
-  img += rng.standard_normal(img.shape, np.float32) * np.float32(
-      rng.uniform(0, 4))
-  out = {'image': np.clip(np.rint(img), 0, 255).astype(np.uint8),
-         **labels(pasted, h, w, MIN_VISIBLE, MIN_BOX_SIDE, return_layers)}
-  if return_layers:
-    out['background'] = np.clip(np.rint(bg_layer), 0, 255).astype(np.uint8)
-    out['pasted'] = 1 - uncovered
-  return out
+    paste_and_record(img, rgb, alpha, y0, x0, pasted,
+                     None if category is None else category['id'], uncovered)
+  return finish(rng, img, pasted, MIN_VISIBLE, MIN_BOX_SIDE, bg_layer, uncovered)
 
 
 def labels(pasted: Sequence[Pasted], h: int, w: int, min_visible: float,
@@ -457,26 +484,12 @@ def labels(pasted: Sequence[Pasted], h: int, w: int, min_visible: float,
   return out
 
 
-_JPEG = {'quality': 90}
-
-
-def write_split(out_dir: str, split: str, num_images: int, seed: int,
-                min_size: int = 192, max_size: int = 384,
-                image_format: str = 'jpg', workers: int = 1) -> str:
-  """`generated.write_split` with this set's renderer, classes and JPEG options."""
-  return generated.write_split(
-      out_dir, split, num_images, seed, render=render_example,
-      categories=CATEGORIES,
-      description='mimicdet_jax real-image proxy (objects cut from packaged photographs)',
-      min_size=min_size, max_size=max_size, image_format=image_format,
-      jpeg_options=_JPEG, workers=workers)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  generated.main(argv, prog='python -m mimicdet_jax.data.photos',
-                 description=__doc__.split('\n')[0], write_split=write_split,
-                 num_train=1500, num_val=300, min_size=192, max_size=384,
-                 smallest=64)
+SET = generated.GeneratedSet(
+    module='mimicdet_jax.data.photos', doc=__doc__, render=render_example,
+    categories=CATEGORIES,
+    description='mimicdet_jax real-image proxy (objects cut from packaged photographs)',
+    min_size=192, max_size=384, smallest=64)
+write_split, main = SET.write_split, SET.main
 
 
 if __name__ == '__main__':

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -227,27 +226,15 @@ def _cover(a: np.ndarray, b: np.ndarray) -> float:
   return float(iw * ih / small)
 
 
-# 4:4:4 chroma keeps colour edges (and so the boxes) sharp.
-_JPEG = {'quality': 92, 'subsampling': 0}
-
-
-def write_split(out_dir: str, split: str, num_images: int, seed: int,
-                min_size: int = 160, max_size: int = 320,
-                image_format: str = 'jpg', workers: int = 1) -> str:
-  """`generated.write_split` with this set's renderer, classes and JPEG options."""
-  return generated.write_split(
-      out_dir, split, num_images, seed, render=render_example,
-      categories=CATEGORIES,
-      description='mimicdet_jax synthetic shapes',
-      min_size=min_size, max_size=max_size, image_format=image_format,
-      jpeg_options=_JPEG, workers=workers)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  generated.main(argv, prog='python -m mimicdet_jax.data.synthetic',
-                 description=__doc__.split('\n')[0], write_split=write_split,
-                 num_train=2000, num_val=200, min_size=160, max_size=320,
-                 smallest=16)
+SET = generated.GeneratedSet(
+    module='mimicdet_jax.data.synthetic', doc=__doc__, render=render_example,
+    categories=CATEGORIES,
+    description='mimicdet_jax synthetic shapes',
+    min_size=160, max_size=320, smallest=16,
+    # 4:4:4 chroma keeps colour edges (and so the boxes) sharp.
+    jpeg_options={'quality': 92, 'subsampling': 0},
+    num_train=2000, num_val=200)
+write_split, main = SET.write_split, SET.main
 
 
 if __name__ == '__main__':
