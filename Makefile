@@ -79,23 +79,22 @@ demo-data: $(STAMP)
 	test -f $(DEMO_DATA)/annotations/val.json || \
 	  $(PY) -m mimicdet_jax.data.synthetic $(DEMO_DATA) --num-train 2000 --num-val 200 --seed 0 --viz 4
 
-# The real-image proxy (docs/DATA.md): objects cut from the photographs that
-# scikit-image, scikit-learn and matplotlib ship; train it with
-# configs/proxy_real.py (the demo's recipe).
-proxy-data: $(STAMP)
-	test -f $(PROXY_DATA)/annotations/val.json || \
-	  $(PY) -m mimicdet_jax.data.photos $(PROXY_DATA) --num-train 1500 --num-val 300 --seed 0 --viz 4
-
-# Two more real-image sets of other kinds (docs/DATA.md): characters from
-# matplotlib's fonts on the packaged photographs (24 classes, small), and
-# crowds of tiny faces, coins and textures (4 classes, 10-40 per image).
-glyphs-data: $(STAMP)
-	test -f $(GLYPHS_DATA)/annotations/val.json || \
-	  $(PY) -m mimicdet_jax.data.glyphs $(GLYPHS_DATA) --num-train 1500 --num-val 300 --seed 0 --viz 4
-
-crowds-data: $(STAMP)
-	test -f $(CROWDS_DATA)/annotations/val.json || \
-	  $(PY) -m mimicdet_jax.data.crowds $(CROWDS_DATA) --num-train 1500 --num-val 300 --seed 0 --viz 4
+# The real-image sets (docs/DATA.md), each written once by its module
+# (mimicdet_jax/data/DATA_MODULE.py) into DATA_DIR: the proxy, objects cut
+# from the photographs that scikit-image, scikit-learn and matplotlib ship
+# (train it with configs/proxy_real.py, the demo's recipe); and two of other
+# kinds, characters from matplotlib's fonts on the packaged photographs (24
+# classes, small), and crowds of tiny faces, coins and textures (4 classes,
+# 10-40 per image).
+proxy-data: DATA_MODULE = photos
+proxy-data: DATA_DIR = $(PROXY_DATA)
+glyphs-data: DATA_MODULE = glyphs
+glyphs-data: DATA_DIR = $(GLYPHS_DATA)
+crowds-data: DATA_MODULE = crowds
+crowds-data: DATA_DIR = $(CROWDS_DATA)
+proxy-data glyphs-data crowds-data: $(STAMP)
+	test -f $(DATA_DIR)/annotations/val.json || \
+	  $(PY) -m mimicdet_jax.data.$(DATA_MODULE) $(DATA_DIR) --num-train 1500 --num-val 300 --seed 0 --viz 4
 
 demo: demo-data
 	env $(ALLOC_ENV) $(PY) -m mimicdet_jax.demo --config configs/demo.py --workdir $(DEMO_DIR) --data $(DEMO_DATA)
