@@ -23,16 +23,12 @@ from ml_collections import config_flags
 from mimicdet_jax import config_lib
 from mimicdet_jax import errors
 from mimicdet_jax.evaluation import postprocess
+from mimicdet_jax.evaluation import restore
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Recipe config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training WORKDIR.')
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', 'latest', "'latest', 'best' (train.keep_best), a step "
-    'number or a checkpoint path.')
-_WEIGHTS = flags.DEFINE_string(
-    'weights', None, "'ema' (the EMA weights when the run kept them) or 'raw' "
-    '(default eval.weights of the config).')
+_CHECKPOINT, _WEIGHTS = restore.define_checkpoint_flags()
 _VIZ = flags.DEFINE_integer(
     'viz', None, 'Draw the first N validation images (default eval.viz).')
 _HEAD = flags.DEFINE_enum(
@@ -74,7 +70,6 @@ def main(argv):
                            'validation data)')
     # pylint: disable=g-import-not-at-top
     from mimicdet_jax.evaluation import exported
-    from mimicdet_jax.evaluation import restore
     # pylint: enable=g-import-not-at-top
     detector = exported.load_detector(_EXPORTED.value)
     config = restore.load_config(_WORKDIR.value, _CONFIG.value)
@@ -85,7 +80,6 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import jax
   from mimicdet_jax.evaluation import evaluate as evaluate_lib
-  from mimicdet_jax.evaluation import restore
   from mimicdet_jax.training import launch
   # pylint: enable=g-import-not-at-top
   launch.initialize_distributed()  # no-op for one process

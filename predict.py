@@ -18,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mimicdet_jax import config_lib
+from mimicdet_jax.evaluation import restore
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Recipe config (default: WORKDIR/config.json).',
@@ -29,12 +30,7 @@ _EXPORTED = flags.DEFINE_string(
 _IMAGES = flags.DEFINE_string('images', None, 'Folder of images.',
                               required=True)
 _OUT = flags.DEFINE_string('out', None, 'Output folder.', required=True)
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', 'latest', "'latest', 'best' (train.keep_best), a step "
-    'number or a checkpoint path.')
-_WEIGHTS = flags.DEFINE_string(
-    'weights', None, "'ema' (the EMA weights when the run kept them) or "
-    "'raw' (default eval.weights of the config).")
+_CHECKPOINT, _WEIGHTS = restore.define_checkpoint_flags()
 
 
 def main(argv):

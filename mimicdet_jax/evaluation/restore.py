@@ -8,6 +8,8 @@
 - `training_categories` / `check_categories`: the categories labels 1..K
   stand for (WORKDIR/categories.json, written by training) and the check
   that validation data has the same ones, by id and name.
+- `define_checkpoint_flags`: --checkpoint and --weights, the command-line
+  choice of what is restored (eval.py, predict.py, serving/export.py).
 
 A missing workdir file or checkpoint is an errors.MissingFileError: the
 command-line tools report it as one line.
@@ -17,6 +19,7 @@ import logging
 import os
 from typing import Any, Optional
 
+from absl import flags
 import jax
 import numpy as np
 
@@ -37,6 +40,26 @@ def checkpoint_steps(workdir: str, folder: str = 'checkpoints') -> list[int]:
   return sorted(int(name) for name in os.listdir(ckpt_dir)
                 if name.isdigit() and
                 os.path.isdir(os.path.join(ckpt_dir, name, 'state')))
+
+
+# The flags define_checkpoint_flags defines belong to its caller: listed by
+# the caller's --help, as if the caller had defined them.
+flags.disclaim_key_flags()
+
+
+def define_checkpoint_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:
+  """Defines --checkpoint and --weights (restore_checkpoint's two choices).
+
+  Returns their holders (checkpoint, weights); --weights None means the
+  config's eval.weights.
+  """
+  checkpoint = flags.DEFINE_string(
+      'checkpoint', 'latest', "'latest', 'best' (train.keep_best), a step "
+      'number or a checkpoint path.')
+  weights = flags.DEFINE_string(
+      'weights', None, "'ema' (the EMA weights when the run kept them) or "
+      "'raw' (default eval.weights of the config).")
+  return checkpoint, weights
 
 
 def restore_variables(workdir: str, checkpoint: str = 'latest',

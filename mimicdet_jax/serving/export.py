@@ -287,12 +287,7 @@ if __name__ == '__main__':
   _WORKDIR = flags.DEFINE_string('workdir', None, 'Training WORKDIR.',
                                  required=True)
   _OUT = flags.DEFINE_string('out', None, 'Output directory.', required=True)
-  _CHECKPOINT = flags.DEFINE_string(
-      'checkpoint', 'latest', "'latest', 'best' (train.keep_best), a step "
-      'number or a checkpoint path.')
-  _WEIGHTS = flags.DEFINE_string(
-      'weights', None, "'ema' (the EMA weights when the run kept them) or "
-      "'raw' (default eval.weights of the config).")
+  _CHECKPOINT, _WEIGHTS = restore.define_checkpoint_flags()
   _PLATFORMS = flags.DEFINE_string(
       'platforms', ','.join(DEFAULT_PLATFORMS),
       'Comma-separated jax.export platforms, all lowered into each artifact.')
