@@ -57,9 +57,6 @@ def generation(topology: str) -> str:
   if gen not in CHIPS:
     raise ConfigError(f'--topology {topology!r}: unknown TPU generation '
                       f'{gen!r}; expected one of {tuple(CHIPS)}')
-  if gen == 'v5litepod':
-    gen = 'v5e'
-
   return gen
 
 
