@@ -50,7 +50,7 @@ def get_config():
   c.optim.t_head_lr_mult = 0.3333
   c.optim.warmup_steps = 367  # 400 of 2400 keeps the teacher alive (E21-E22)
   c.optim.decay_steps = (1760, 2053)  # the 2400-step schedule's fractions (E23)
-  c.train.batch_size = 4  # more, smaller updates learn faster here (docs/RESULTS.md)
+  c.train.batch_size = 4  # more, smaller updates learn faster (docs/HISTORY.md, "Earlier recipes")
   c.train.total_steps = 2200  # fits issue 23's budget on the slower machine (E23)
   c.train.log_every = 50
   c.train.checkpoint_every = 1100

@@ -133,7 +133,7 @@ def main(argv):
   print(f'  weights scored: {weights} (' + (
       'the EMA of the weights, optim.ema_decay' if weights == 'ema' else
       'the trained weights: optim.ema_decay=0 or eval.weights=raw') + ')')
-  # Three digits: the recipe's seeds sit at 0.88-0.92 (docs/RESULTS.md), and
+  # Three digits: the recipe's seeds sit either side of 0.9 (docs/RESULTS.md), and
   # 0.896 printed as 0.90 would hide which side of 0.9 a run is on.
   print(f'  S-head AP / T-head AP = {metrics["AP"] / max(t_metrics["AP"], 1e-9):.3f}')
   met = metrics['AP50'] >= TARGET_AP50 and metrics['AP'] >= TARGET_AP

@@ -64,7 +64,7 @@ def test_readme_make_demo_figures_are_the_reference():
 
 def _current_recipe_section():
   text = _read('docs/RESULTS.md')
-  section = re.search(r'^### [^\n]*\(the current recipe[^\n]*\n(.*?)(?=^### )', text,
+  section = re.search(r'^### [^\n]*\(the current recipe[^\n]*\n(.*?)(?=^##)', text,
                       re.S | re.M)
   assert section, 'docs/RESULTS.md: no "### ... (the current recipe ..." section'
   return section.group(1)
