@@ -228,6 +228,13 @@ def base_config() -> ml_collections.ConfigDict:
   # k slices of batch_size / devices / k images are averaged into one update,
   # so a batch fits in 1/k of the activation memory. 1 = one pass (the paper).
   c.train.grad_accum_steps = 1
+  # S-head finishing phase: the last N of train.total_steps train the S-head
+  # alone (s_head_net; every other module a constant, no backward through
+  # them: a cheaper step) against the teacher as it stands, its lr x
+  # s_head_finish_lr_mult. 0 = joint training throughout (the paper).
+  # Issue 42; docs/TRAINING.md, "S-head finishing phase".
+  c.train.s_head_finish_steps = 0
+  c.train.s_head_finish_lr_mult = 1.0
   # How the per-device step spans the devices: pmap (jax.pmap over the local
   # devices) | shard_map (jax.jit(jax.shard_map) over a global 'data' mesh,
   # global input arrays; preferred on TPU pods, see docs/TRAINING.md). Same

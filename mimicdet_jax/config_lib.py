@@ -108,6 +108,14 @@ def resolve(config: ml_collections.ConfigDict,
   if not isinstance(k, int) or k < 1 or c.train.batch_size % k:
     raise ConfigError(f'train.grad_accum_steps={k!r}; expected an integer >= 1 '
                       f'dividing train.batch_size={c.train.batch_size}')
+  finish = c.train.s_head_finish_steps
+  if not isinstance(finish, int) or not 0 <= finish < c.train.total_steps:
+    raise ConfigError(f'train.s_head_finish_steps={finish!r}; expected an '
+                      'integer from 0 to train.total_steps '
+                      f'({c.train.total_steps}) - 1')
+  if not float(c.train.s_head_finish_lr_mult) > 0:
+    raise ConfigError('train.s_head_finish_lr_mult='
+                      f'{c.train.s_head_finish_lr_mult}; expected > 0')
   for h, w in c.data.canvas_buckets:
     if h % c.data.size_divisor or w % c.data.size_divisor:
       raise ConfigError(f'data.canvas_buckets entry {(h, w)} is not divisible by '

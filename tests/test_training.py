@@ -352,6 +352,68 @@ def test_resume_in_process_equals_uninterrupted(tmp_path, uninterrupted):
   assert sorted(os.listdir(part / 'checkpoints'))[-3:] == ['3', '4', '6']
 
 
+def _run_from_step4(workdir, uninterrupted_dir, config, **kwargs):
+  """One toy step from the uninterrupted run's checkpoint at step 4."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(os.path.join(uninterrupted_dir, 'checkpoints', '4'),
+                  os.path.join(workdir, 'checkpoints', '4'))
+  return th.run_toy(workdir, config, **kwargs)[0]
+
+
+def test_s_head_finishing_step_trains_that_module_alone(tmp_path,
+                                                        uninterrupted):
+  """train.s_head_finish_steps: the last step trains only the module the
+  caller names ('head' here), its lr x s_head_finish_lr_mult. Against the
+  joint step from the same checkpoint (SGD with momentum, elementwise): the
+  head's change is exactly twice the joint step's, the backbone's zero."""
+  _, full_dir = uninterrupted
+  joint = _run_from_step4(tmp_path / 'joint', full_dir,
+                          th.toy_config(total_steps=5))
+  finish = _run_from_step4(
+      tmp_path / 'finish', full_dir,
+      th.toy_config(total_steps=5, s_head_finish_steps=1,
+                    s_head_finish_lr_mult=2.0), finish_module='head')
+  before = th.flat_params(th.toy_variables()['params'])  # names only
+  at4 = _restore_params(full_dir, 4)
+  joint_p, finish_p = th.flat_params(joint.params), th.flat_params(finish.params)
+  for name in before:
+    if name.startswith('head/'):
+      np.testing.assert_allclose(finish_p[name] - at4[name],
+                                 2.0 * (joint_p[name] - at4[name]),
+                                 rtol=1e-5, atol=1e-7)
+      assert np.abs(joint_p[name] - at4[name]).max() > 0, name
+    else:
+      np.testing.assert_array_equal(finish_p[name], at4[name])
+      if not name.startswith('backbone/stem'):  # frozen
+        assert np.abs(joint_p[name] - at4[name]).max() > 0, name
+  assert _metrics(tmp_path / 'finish')[-1]['loss'] == pytest.approx(
+      _metrics(tmp_path / 'joint')[-1]['loss'], rel=1e-6)
+
+
+def _restore_params(workdir, step):
+  from mimicdet_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  config = th.toy_config(total_steps=6)
+  variables = th.toy_variables()
+  mask = th.toy_frozen_mask(variables['params'])
+  template, _ = state_lib.create_train_state(config, variables, mask,
+                                             jax.random.PRNGKey(0))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                     save_every=2, keep=3)
+  try:
+    return th.flat_params(ckpt.restore(step, template, None).params)
+  finally:
+    ckpt.close()
+
+
+def test_s_head_finish_steps_are_checked():
+  from mimicdet_jax import config_lib, errors  # pylint: disable=g-import-not-at-top
+  for bad in (6, -1):
+    with pytest.raises(errors.ConfigError, match='train.s_head_finish_steps'):
+      config_lib.resolve(th.toy_config(total_steps=6, s_head_finish_steps=bad), 2)
+  with pytest.raises(errors.ConfigError, match='s_head_finish_lr_mult'):
+    config_lib.resolve(th.toy_config(s_head_finish_lr_mult=0.0), 2)
+
+
 @pytest.mark.parametrize('first,second', [('pmap', 'shard_map'),
                                            ('shard_map', 'pmap')])
 def test_resume_across_parallelisms_equals_uninterrupted(tmp_path, first,

@@ -181,7 +181,7 @@ def run_demo(workdir: str, config: ml_collections.ConfigDict, *,
 
 def run_toy(workdir: str, config: ml_collections.ConfigDict, *,
             nan_from: int = -1, on_step_end=None, loss_fn=toy_loss,
-            monitors=()):
+            monitors=(), finish_module=None):
   """run_training on the toy model; returns (final state, example indices seen)."""
   variables = toy_variables()
   it = toy_iterator(config.train.batch_size,
@@ -192,7 +192,8 @@ def run_toy(workdir: str, config: ml_collections.ConfigDict, *,
   final = loop_lib.run_training(
       config, str(workdir), variables=variables,
       frozen_mask=toy_frozen_mask(variables['params']), loss_fn=loss_fn,
-      train_iter=recording, on_step_end=on_step_end, monitors=monitors)
+      train_iter=recording, on_step_end=on_step_end, monitors=monitors,
+      finish_module=finish_module)
   return final, recording.seen
 
 

@@ -19,6 +19,7 @@ from mimicdet_jax import checkpoint as checkpoint_lib
 from mimicdet_jax import config_lib
 from mimicdet_jax import cpu_alloc
 from mimicdet_jax.training import loop
+from mimicdet_jax.training import optim
 from mimicdet_jax.training import state as state_lib
 
 
@@ -223,7 +224,8 @@ def build_training(config: ml_collections.ConfigDict, workdir: str, *,
               loss_fn=total.make_loss_fn(model, config),
               train_iter=iter(loader),
               eval_fn=_eval_fn(config, workdir),
-              monitors=[total.DeadUnitMonitor()])
+              monitors=[total.DeadUnitMonitor()],
+              finish_module=optim.HEAD_MODULES['s_head'])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,

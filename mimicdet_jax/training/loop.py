@@ -72,7 +72,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
                  train_iter: Iterator[Mapping[str, np.ndarray]],
                  eval_fn: Optional[Callable[[PyTree, int], Any]] = None,
                  on_step_end: Optional[Callable[[int], None]] = None,
-                 monitors: Sequence[Monitor] = ()
+                 monitors: Sequence[Monitor] = (),
+                 finish_module: Optional[str] = None
                  ) -> state_lib.TrainState:
   """Trains until train.total_steps, resuming from WORKDIR/checkpoints.
 
@@ -92,6 +93,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
     on_step_end: called with the step number after each step's bookkeeping.
     monitors: `Monitor`s, run on every log window; each warning they return
       is logged and shown on the progress bar.
+    finish_module: the top-level params key that the last
+      train.s_head_finish_steps steps train alone (`step.make_train_step`'s
+      only_module; the caller's model names it).
 
   Returns:
     The final TrainState as host arrays (replica 0).
@@ -125,6 +129,14 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info('train.parallelism=%s', t.parallelism)
   p_step = parallel.wrap(step_lib.make_train_step_for(config, loss_fn, tx,
                                                      frozen_mask))
+  finish_from = t.total_steps - t.s_head_finish_steps
+  if t.s_head_finish_steps and finish_module is None:
+    raise errors.ConfigError(
+        f'train.s_head_finish_steps={t.s_head_finish_steps}: this model names '
+        'no module to finish alone')
+  p_finish = (parallel.wrap(step_lib.make_train_step_for(
+      config, loss_fn, tx, frozen_mask, only_module=finish_module))
+              if t.s_head_finish_steps else None)
   rstate = parallel.put_state(state)
   del state
 
@@ -143,7 +155,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     while step < t.total_steps:
       batch = next(train_iter)
-      rstate, last_metrics = p_step(rstate, parallel.put_batch(batch))
+      step_fn = p_step if step < finish_from else p_finish
+      rstate, last_metrics = step_fn(rstate, parallel.put_batch(batch))
       window.append(last_metrics)
       step += 1
       bar.update(1)

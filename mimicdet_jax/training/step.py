@@ -22,6 +22,15 @@ step applies the mean of their gradients, once. Per image, each image keeps
 its global index, so the keys and the loss equal one batch's; without
 `loss_per_image` micro-batch j gets the device key folded with j
 (docs/TRAINING.md, "Gradient accumulation").
+
+A finishing step (`only_module`, `train.s_head_finish_steps`): the gradient
+of the same loss with respect to one top-level module's parameters alone
+(the S-head's), every other module a constant, so no backward pass runs
+through them; the other modules' updates are zero and the module's own are
+scaled by `only_lr_mult`. The optimiser and its state are the joint step's
+(the other modules' AdamW moments decay with zero gradients, unused), so a
+run can switch to it from any checkpoint (docs/TRAINING.md, "S-head
+finishing phase").
 """
 from typing import Any, Callable, Mapping, Optional
 
@@ -63,7 +72,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     frozen_mask: PyTree, *, loss_per_image: bool = True,
                     lr_schedule: Optional[optax.Schedule] = None,
                     grad_accum_steps: int = 1,
-                    ema_decay: float = 0.0, ema_warmup: float = 0.0
+                    ema_decay: float = 0.0, ema_warmup: float = 0.0,
+                    only_module: Optional[str] = None,
+                    only_lr_mult: float = 1.0
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict]]:
   """One optimiser step on one device's batch, over axis 'data' (DataParallel).
@@ -79,6 +90,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       loss, the aux terms and the gradients are their means.
     ema_decay, ema_warmup: optim.ema_*; the EMA weights (state.ema_params,
       when not None) follow each applied update (training/ema.py).
+    only_module: a top-level key of params: the finishing step (module
+      docstring), which trains that module alone; None: every trainable leaf.
+    only_lr_mult: its learning rate's factor in the finishing step.
 
   Returns:
     train_step(state, batch) -> (state, metrics). Metrics are scalars equal
@@ -120,7 +134,21 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                   outputs, batch, keys)
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
 
-  grad_fn = jax.value_and_grad(device_loss, has_aux=True)
+  if only_module is None:
+    grad_fn = jax.value_and_grad(device_loss, has_aux=True)
+  else:
+    def module_loss(module_params, params, *args):
+      return device_loss({**params, only_module: module_params}, *args)
+
+    module_grad_fn = jax.value_and_grad(module_loss, has_aux=True)
+
+    def grad_fn(params, *args):
+      loss_aux, module_grads = module_grad_fn(params[only_module], params,
+                                              *args)
+      grads = {key: (module_grads if key == only_module
+                     else jax.tree.map(jnp.zeros_like, value))
+               for key, value in params.items()}
+      return loss_aux, type(params)(grads)
 
   def accumulated_grad(params, frozen, batch, step_rng):
     """((loss, aux), grads) of the device batch: the mean over k micro-batches."""
@@ -151,6 +179,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     grad_norm = _global_norm_of(grads, frozen_mask)
 
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    if only_module is not None:
+      updates = type(updates)({key: jax.tree.map(
+          (lambda u: u * only_lr_mult) if key == only_module
+          else jnp.zeros_like, value) for key, value in updates.items()})
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(
@@ -179,15 +211,19 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 
 
 def make_train_step_for(config, loss_fn: LossFn,
-                        tx: optax.GradientTransformation, frozen_mask: PyTree
+                        tx: optax.GradientTransformation, frozen_mask: PyTree,
+                        *, only_module: Optional[str] = None
                         ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                       tuple[TrainState, dict]]:
   """`make_train_step` with the options a config sets (train.loss_per_image,
-  train.grad_accum_steps, optim.ema_*, the lr schedule): the one mapping
-  from config keys to the step, used by the train loop and by the TPU
-  planner (tools/aot.py), so the planner compiles the step train.py runs."""
+  train.grad_accum_steps, optim.ema_*, the lr schedule, and for a finishing
+  step `only_module`, train.s_head_finish_lr_mult): the one mapping from
+  config keys to the step, used by the train loop and by the TPU planner
+  (tools/aot.py), so the planner compiles the step train.py runs."""
   return make_train_step(
       loss_fn, tx, frozen_mask, loss_per_image=config.train.loss_per_image,
       lr_schedule=optim.make_lr_schedule(config),
       grad_accum_steps=config.train.grad_accum_steps,
-      ema_decay=config.optim.ema_decay, ema_warmup=config.optim.ema_warmup)
+      ema_decay=config.optim.ema_decay, ema_warmup=config.optim.ema_warmup,
+      only_module=only_module,
+      only_lr_mult=config.train.s_head_finish_lr_mult)
