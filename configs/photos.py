@@ -3,8 +3,8 @@
 configs/demo.py's 2200 joint steps, bit for bit, then 1100 steps in which the
 S-head alone learns against the teacher as it stands (train.s_head_finish_steps,
 docs/TRAINING.md), its learning rate restarted at the demo's peak and decayed
-on its own (E27 in docs/S_HEAD_GAP.md). Measured on the shapes and on three
-real-image sets, none tuned for it: docs/RESULTS.md, "Recipe for own
+on its own (E27 in docs/S_HEAD_GAP.md; chosen on the glyphs, then measured
+on the shapes, the proxy and the crowds): docs/RESULTS.md, "Recipe for own
 photographs". The data paths default to the real-image proxy
 (data/photos, `make proxy-data`).
 
