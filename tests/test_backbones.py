@@ -402,3 +402,25 @@ def test_channel_matmul_gradients_match_the_closed_form(per_image):
                 argnums=(0, 1))(jnp.asarray(x, jnp.bfloat16),
                                 jnp.asarray(w, jnp.bfloat16))
   assert gb[0].dtype == jnp.bfloat16 and gb[1].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('hw', [(8, 8), (7, 5)])
+def test_max_pool_branch_of_other_platforms_matches_the_loop(hw):
+  """Off the CPU the max is one reduce_window and the first-maximum index
+  comes from comparing the taps with it: the same values and gradient as the
+  loop, ties included; a TPU lowering has the reduce_window, a CPU one not."""
+  rng = np.random.default_rng(3)
+  x = np.maximum(rng.integers(-3, 3, size=(2, *hw, 2)), 0).astype(np.float32)
+  x[0, 0, :3, 0] = 5.0  # a tie of positive values
+  g = rng.normal(size=(2, (hw[0] + 1) // 2, (hw[1] + 1) // 2, 2)).astype(
+      np.float32)
+  want_out, want_grad = _np_max_pool_first_argmax(x, g)
+  out, index = bb._max_pool_reduce_window_with_index(jnp.asarray(x))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(out, want_out)
+  (grad,) = bb._max_pool_bwd((index, hw), jnp.asarray(g))  # pylint: disable=protected-access
+  np.testing.assert_allclose(grad, want_grad, rtol=0, atol=1e-6)
+  traced = jax.jit(jax.grad(lambda v: jnp.sum(bb.max_pool_3x3_s2(v) * g))
+                   ).trace(jnp.asarray(x))
+  assert 'reduce_window' in traced.lower(lowering_platforms=('tpu',)).as_text()
+  assert 'reduce_window' not in traced.lower(
+      lowering_platforms=('cpu',)).as_text()

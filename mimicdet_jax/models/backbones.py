@@ -180,6 +180,30 @@ def _max_pool_with_index(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return out, index
 
 
+def _max_pool_reduce_window_with_index(x: jax.Array):
+  """The max as one `lax.reduce_window` (what TPUs and GPUs do natively),
+  the index of the first maximal tap by comparing the taps with it (dead
+  code, removed by XLA, unless the backward pass reads it)."""
+  out = jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max,
+                              (1, 3, 3, 1), (1, 2, 2, 1),
+                              ((0, 0), (1, 1), (1, 1), (0, 0)))
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  index = jnp.full(out.shape, 8, jnp.int8)
+  for i, j, tap in reversed(list(_pool_taps(xp, (h + 1) // 2, (w + 1) // 2))):
+    index = jnp.where(tap == out, jnp.int8(3 * i + j), index)
+  return out, index
+
+
+def _max_pool_and_index(x: jax.Array):
+  """(max, first-maximum index): the nine-tap chain on CPU, `reduce_window`
+  elsewhere. On a TPU the chain's nine strided slices of the stem's output
+  (each materialised) cost the R50 backbone ~1.5 GB per step of 2 images
+  (docs/BENCHMARKS.md, "The stem's max pool on TPU")."""
+  return jax.lax.platform_dependent(
+      x, cpu=_max_pool_with_index, default=_max_pool_reduce_window_with_index)
+
+
 @jax.custom_vjp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """torch MaxPool2d(3, stride=2, padding=1) on [B, H, W, C] (-inf padding).
@@ -192,13 +216,15 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   more on XLA:CPU: select-and-scatter 57 ms for [8, 128, 128, 16] fwd+bwd,
   the nine taps' select chain differentiated by JAX 3.2 ms for [4, 128,
   128, 16] alone but 11.7 ms inside the demo step, against 1.7 ms here
-  (docs/BENCHMARKS.md, "The stem's max pool").
+  (docs/BENCHMARKS.md, "The stem's max pool"). On other platforms the
+  max is one `lax.reduce_window` (`_max_pool_and_index`); the same values
+  and gradients.
   """
-  return _max_pool_with_index(x)[0]
+  return _max_pool_and_index(x)[0]
 
 
 def _max_pool_fwd(x):
-  out, index = _max_pool_with_index(x)
+  out, index = _max_pool_and_index(x)
   return out, (index, x.shape[1:3])
 
 
