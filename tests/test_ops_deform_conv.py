@@ -188,8 +188,10 @@ def test_gradients_finite_differences():
 
 def test_deform_conv_at_points_equals_the_dense_map_read_there():
   """deform_conv2d_at on two maps of different sizes (one shared kernel, 2
-  offset groups) against the dense deform_conv2d of each map read at the
-  same positions, with each position's offsets placed at it."""
+  offset groups) against the dense deform_conv2d of each map (torchvision's
+  values and gradients, above) read at the same positions, each position's
+  offsets placed at it: values, and the gradients w.r.t. the maps, the
+  offsets and the kernel."""
   rng = np.random.default_rng(3)
   b, cin, cout, k, g, n = 2, 8, 5, 3, 2, 7
   maps = [jnp.asarray(rng.normal(size=(b, 9, 11, cin)), jnp.float32),
@@ -197,21 +199,39 @@ def test_deform_conv_at_points_equals_the_dense_map_read_there():
   kernel = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
   map_index = rng.integers(0, 2, size=(b, n))
   sizes = [m.shape[1:3] for m in maps]
-  points = np.stack([[[rng.integers(0, sizes[m][0]), rng.integers(0, sizes[m][1])]
-                      for m in row] for row in map_index])
-  offset = rng.normal(scale=2.0, size=(b, n, 2 * g * k * k)).astype(np.float32)
-  out = ops.deform_conv.deform_conv2d_at(maps, jnp.asarray(offset), kernel,
-                                     jnp.asarray(map_index), jnp.asarray(points),
-                                     padding=k // 2)
-  assert out.shape == (b, n, cout)
-  dense_conv = jax.jit(lambda x, o: ops.deform_conv.deform_conv2d(
-      x, o, kernel, padding=k // 2))
+  points = np.zeros((b, n, 2), np.int64)  # distinct positions per map
   for i in range(b):
-    for j in range(n):
-      m = map_index[i, j]
-      y, x = points[i, j]
-      dense_offset = np.zeros(maps[m].shape[:3] + (2 * g * k * k,), np.float32)
-      dense_offset[i, y, x] = offset[i, j]
-      dense = dense_conv(maps[m], jnp.asarray(dense_offset))
-      np.testing.assert_allclose(out[i, j], dense[i, y, x], rtol=1e-5,
-                                 atol=1e-5)
+    for m in range(2):
+      js = np.flatnonzero(map_index[i] == m)
+      flat = rng.choice(sizes[m][0] * sizes[m][1], size=len(js), replace=False)
+      points[i, js] = np.stack(np.unravel_index(flat, sizes[m]), axis=-1)
+  offset = rng.normal(scale=2.0, size=(b, n, 2 * g * k * k)).astype(np.float32)
+  cot = rng.normal(size=(b, n, cout)).astype(np.float32)
+
+  def at(mp, o, kern):
+    return ops.deform_conv.deform_conv2d_at(
+        mp, o, kern, jnp.asarray(map_index), jnp.asarray(points),
+        padding=k // 2)
+
+  def dense(mp, o, kern):
+    """[B, N, Cout]: each map's dense conv, every position's offsets at it."""
+    out = jnp.zeros((b, n, cout))
+    for m in range(2):
+      ii, jj = np.nonzero(map_index == m)
+      yy, xx = points[ii, jj, 0], points[ii, jj, 1]
+      dense_offset = jnp.zeros(maps[m].shape[:3] + (2 * g * k * k,))
+      dense_offset = dense_offset.at[ii, yy, xx].set(o[ii, jj])
+      full = ops.deform_conv.deform_conv2d(mp[m], dense_offset, kern,
+                                           padding=k // 2)
+      out = out.at[ii, jj].set(full[ii, yy, xx])
+    return out
+
+  loss = lambda f: jax.jit(jax.value_and_grad(
+      lambda mp, o, kern: jnp.sum(f(mp, o, kern) * cot), argnums=(0, 1, 2)))
+  args = (maps, jnp.asarray(offset), kernel)
+  out = jax.jit(at)(*args)
+  assert out.shape == (b, n, cout)
+  np.testing.assert_allclose(out, jax.jit(dense)(*args), rtol=1e-5, atol=1e-5)
+  (_, got), (_, want) = loss(at)(*args), loss(dense)(*args)
+  for g_got, g_want in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-4)
