@@ -112,3 +112,30 @@ def test_s_head_at_points_equals_the_dense_head_read_there(mode):
     want = np.stack([[dense[levels[i]][part][b, y, x] for i, (y, x) in
                       zip(level_index[b], yx[b])] for b in range(2)])
     np.testing.assert_allclose(at[part], want, rtol=1e-5, atol=1e-5)
+  if mode != 'box_learned':  # the other modes' offsets are parts of this one's
+    return
+  # Gradients w.r.t. every parameter and the features, of a weighted sum of
+  # the three outputs at the positions: through the points path, and
+  # through the dense head read there.
+  cots = [rng.normal(size=a.shape).astype(np.float32) for a in at]
+  bi = np.arange(2)[:, None]
+
+  def read_dense(v, f):
+    out = head.apply(v, f, deltas)
+    total = 0.0
+    for part in range(3):
+      for i, level in enumerate(levels):
+        on = level_index == i
+        read = out[level][part][bi, yx[..., 0], yx[..., 1]]
+        total += jnp.sum(jnp.where(on[..., None], read * cots[part], 0.0))
+    return total
+
+  def read_at(v, f):
+    out = head.apply(v, f, jnp.asarray(deltas_at), (
+        jnp.asarray(level_index, jnp.int32), jnp.asarray(yx, jnp.int32)))
+    return sum(jnp.sum(o * c) for o, c in zip(out, cots))
+
+  got = jax.jit(jax.grad(read_at, argnums=(0, 1)))(variables, feats)
+  want = jax.jit(jax.grad(read_dense, argnums=(0, 1)))(variables, feats)
+  for g_got, g_want in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-4)

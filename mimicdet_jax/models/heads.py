@@ -18,6 +18,7 @@ from mimicdet_jax.models.layers import Conv1x1
 from mimicdet_jax.ops.boxes import decode_deltas
 from mimicdet_jax.ops.deform_conv import deform_conv2d
 from mimicdet_jax.ops.deform_conv import deform_conv2d_at
+from mimicdet_jax.ops.deform_conv import deform_conv2d_at_kernels
 from mimicdet_jax.ops.roi_align import multilevel_roi_align
 from mimicdet_jax.ops.roi_align import multilevel_roi_align_einsum
 
@@ -261,15 +262,17 @@ class GuidedConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, refine_deltas: jax.Array,
-               points: Optional[tuple[jax.Array, jax.Array]] = None
-               ) -> jax.Array:
+               points: Optional[tuple[jax.Array, jax.Array]] = None,
+               sample: bool = True):
     """x [B, H, W, Cin], refine_deltas [B, H, W, 4] -> [B, H, W, features].
 
     With `points` = (map_index int [B, N], yx int [B, N, 2]) the conv runs
     only at those output positions (`ops.deform_conv.deform_conv2d_at`):
     x is a list of maps sharing this conv, refine_deltas [B, N, 4] the
     deltas at the positions, and the result [B, N, features] equals the
-    dense output read there. Deformable only.
+    dense output read there. Deformable only. With `sample=False` it
+    returns (offsets [B, N, 2 k k], kernel, bias) instead, for a caller
+    that samples several GuidedConvs in one gather (`SHead`).
     """
     k = self.kernel_size
     cin = (x[0] if points is not None else x).shape[-1]
@@ -281,6 +284,8 @@ class GuidedConv(nn.Module):
       if not self.deformable:
         raise ValueError('GuidedConv at points needs deformable=True')
       offsets = self._offsets(refine_deltas[:, :, None, :])[:, :, 0]
+      if not sample:
+        return offsets, kernel, bias
       y = deform_conv2d_at([m.astype(self.dtype) for m in x], offsets, kernel,
                            points[0], points[1], padding=k // 2)
       return nn.relu(y.astype(self.dtype) + bias.astype(self.dtype))
@@ -393,17 +398,19 @@ class SHead(nn.Module):
 
     if points is not None:
       # Pointwise from here on (1x1 layers, no norm): each position on the
-      # finest level through its conv, the others through the shared one.
+      # finest level through its conv, the others through the shared one,
+      # in one gather of each position's own taps.
       level_index, yx = points
-      finest_index = list(self.levels).index(finest)
-      coarse = [features[l] for l in self.levels if l != finest]
-      fine = fine_conv([features[finest]], refine_deltas,
-                       (jnp.zeros_like(level_index), yx))
-      rest = coarse_conv(coarse, refine_deltas, (
-          level_index - (level_index > finest_index).astype(level_index.dtype),
-          yx))
-      on_finest = (level_index == finest_index)[..., None]
-      return head(jnp.where(on_finest, fine, rest))
+      on_finest = level_index == list(self.levels).index(finest)
+      maps = [features[l].astype(self.dtype) for l in self.levels]
+      convs = [conv([features[l] for l in self.levels], refine_deltas,
+                    points, sample=False) for conv in (fine_conv, coarse_conv)]
+      y = deform_conv2d_at_kernels(
+          maps, [c[0] for c in convs], [c[1] for c in convs],
+          (~on_finest).astype(jnp.int32), level_index, yx,
+          [self.p3_kernel // 2, self.kernel // 2])
+      bias = jnp.where(on_finest[..., None], convs[0][2], convs[1][2])
+      return head(nn.relu(y.astype(self.dtype) + bias.astype(self.dtype)))
     out = {}
     for level in self.levels:
       conv = fine_conv if level == finest else coarse_conv

@@ -170,36 +170,85 @@ def deform_conv2d_at(maps: Sequence[Array], offset: Array, kernel: Array,
   Returns:
     [B, N, Cout].
   """
-  padding, dilation = _pair(padding), _pair(dilation)
-  kh, kw, cin, cout = kernel.shape
-  k = kh * kw
-  b, n = offset.shape[:2]
-  g = offset.shape[2] // (2 * k)
-  if offset.shape[2] != 2 * g * k or any(m.shape[-1] != cin for m in maps):
-    raise ValueError(f'offset {offset.shape} or maps '
-                     f'{[m.shape for m in maps]} do not fit kernel '
-                     f'{kernel.shape}')
+  return deform_conv2d_at_kernels(
+      maps, [offset], [kernel], jnp.zeros_like(map_index), map_index, points,
+      [padding], dilation)
+
+
+def deform_conv2d_at_kernels(maps: Sequence[Array], offsets: Sequence[Array],
+                             kernels: Sequence[Array], kernel_index: Array,
+                             map_index: Array, points: Array,
+                             paddings: Sequence[IntPair],
+                             dilation: IntPair = 1) -> Array:
+  """`deform_conv2d_at` with several kernels, each position through one.
+
+  Output (b, n) equals `deform_conv2d_at(maps, offsets[v], kernels[v],
+  map_index, points, paddings[v], dilation)[b, n]` for v = kernel_index[b,
+  n]. Every position gathers the taps of its own kernel only (the larger
+  kernel's count, the smaller's extra slots weighing zero) from one table
+  of all the maps: the S-head's 3x3 conv on P3 and 5x5 conv on P4-P7 cost
+  25 taps per position, not 9 + 25 (docs/BENCHMARKS.md, "The S-head at its
+  positions, one kernel each").
+
+  Args:
+    maps: [B, H_m, W_m, Cin] each.
+    offsets: per kernel [B, N, 2 * G * kh_v * kw_v] (the same G for all).
+    kernels: per kernel [kh_v, kw_v, Cin, Cout].
+    kernel_index: int [B, N] which kernel each position goes through.
+    map_index, points: as `deform_conv2d_at`.
+    paddings: per kernel, int or (h, w).
+    dilation: int or (h, w), shared.
+  Returns:
+    [B, N, Cout].
+  """
+  dilation = _pair(dilation)
+  cin, cout = kernels[0].shape[2:]
+  ks = [kern.shape[0] * kern.shape[1] for kern in kernels]
+  k_max = max(ks)
+  b, n = offsets[0].shape[:2]
+  g = offsets[0].shape[2] // (2 * ks[0])
+  for off, kern, k in zip(offsets, kernels, ks):
+    if (off.shape[2] != 2 * g * k or kern.shape[2:] != (cin, cout) or
+        any(m.shape[-1] != cin for m in maps)):
+      raise ValueError(f'offset {off.shape}, kernel {kern.shape} or maps '
+                       f'{[m.shape for m in maps]} do not fit')
   tables = [_neighbourhoods(m, g) for m in maps]
   quads = jnp.concatenate(tables, axis=0) if len(tables) > 1 else tables[0]
   first_rows = [0]
   for t in tables[:-1]:
     first_rows.append(first_rows[-1] + t.shape[0])
-  ftype = jnp.promote_types(offset.dtype, jnp.float32)
+  ftype = jnp.promote_types(offsets[0].dtype, jnp.float32)
   heights = jnp.array([m.shape[1] for m in maps], jnp.int32)[map_index]
   widths = jnp.array([m.shape[2] for m in maps], jnp.int32)[map_index]
   first = jnp.array(first_rows, jnp.int32)[map_index]  # [B, N]
   per_image = (heights + 1) * (widths + 1) * g
   maps_row = (first + jnp.arange(b)[:, None] * per_image)[..., None, None] + (
       jnp.arange(g)[:, None] * ((heights + 1) * (widths + 1))[..., None, None])
-  off = offset.reshape(b, n, g, k, 2).astype(ftype)
-  tap_y, tap_x = _taps((kh, kw), dilation, ftype)
-  py = (points[..., 0] - padding[0]).astype(ftype)[..., None, None] + tap_y + off[..., 0]
-  px = (points[..., 1] - padding[1]).astype(ftype)[..., None, None] + tap_x + off[..., 1]
+  py = px = None
+  for v, (off, kern, k) in enumerate(zip(offsets, kernels, ks)):
+    padding = _pair(paddings[v])
+    off = off.reshape(b, n, g, k, 2).astype(ftype)
+    tap_y, tap_x = _taps(kern.shape[:2], dilation, ftype)
+    py_v = (points[..., 0] - padding[0]).astype(ftype)[..., None, None] + tap_y + off[..., 0]
+    px_v = (points[..., 1] - padding[1]).astype(ftype)[..., None, None] + tap_x + off[..., 1]
+    # A smaller kernel's extra slots sample two pixels above and left of the
+    # map: all four neighbours outside, weight zero.
+    pad = ((0, 0), (0, 0), (0, 0), (0, k_max - k))
+    py_v = jnp.pad(py_v, pad, constant_values=-2.0)
+    px_v = jnp.pad(px_v, pad, constant_values=-2.0)
+    on = (kernel_index == v)[..., None, None]
+    py = py_v if py is None else jnp.where(on, py_v, py)
+    px = px_v if px is None else jnp.where(on, px_v, px)
   h = heights[..., None, None]
   w = widths[..., None, None]
   cols = _bilinear_taps(quads, py, px, maps_row, h, w, None)  # [B,N,G,K,Cg]
-  cols = jnp.moveaxis(cols, 2, 3).reshape(b * n, k * cin)
-  out = jnp.dot(cols, kernel.reshape(k * cin, cout).astype(cols.dtype))
+  cols = jnp.moveaxis(cols, 2, 3).reshape(b * n, k_max, cin)
+  out = None
+  for v, (kern, k) in enumerate(zip(kernels, ks)):
+    out_v = jnp.dot(cols[:, :k].reshape(b * n, k * cin),
+                    kern.reshape(k * cin, cout).astype(cols.dtype))
+    on = (kernel_index.reshape(b * n) == v)[:, None]
+    out = out_v if out is None else jnp.where(on, out_v, out)
   return out.reshape(b, n, cout)
 
 
