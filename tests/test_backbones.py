@@ -338,17 +338,23 @@ def _np_max_pool_first_argmax(x, g):
   return out, grad
 
 
-@pytest.mark.parametrize('hw', [(8, 8), (7, 5)])
-def test_max_pool_gradient_goes_to_the_first_maximum_like_torch(hw):
-  """With ties (a ReLU's zeros, repeated values) the gradient of each window
-  goes to its first maximal element only, as in torch; checked against a
-  loop, also under vmap and jit as the model runs it."""
+def _tied_case(hw):
+  """(x, cotangent, the loop's max pool, its gradient) on data with ties: a
+  ReLU's zeros, repeated values, and a tie of positive values."""
   rng = np.random.default_rng(3)
   x = np.maximum(rng.integers(-3, 3, size=(2, *hw, 2)), 0).astype(np.float32)
   x[0, 0, :3, 0] = 5.0  # a tie of positive values
   g = rng.normal(size=(2, (hw[0] + 1) // 2, (hw[1] + 1) // 2, 2)).astype(
       np.float32)
-  want_out, want_grad = _np_max_pool_first_argmax(x, g)
+  return (x, g) + _np_max_pool_first_argmax(x, g)
+
+
+@pytest.mark.parametrize('hw', [(8, 8), (7, 5)])
+def test_max_pool_gradient_goes_to_the_first_maximum_like_torch(hw):
+  """With ties (a ReLU's zeros, repeated values) the gradient of each window
+  goes to its first maximal element only, as in torch; checked against a
+  loop, also under vmap and jit as the model runs it."""
+  x, g, want_out, want_grad = _tied_case(hw)
   f = lambda v: jnp.sum(bb.max_pool_3x3_s2(v) * g)
   np.testing.assert_array_equal(bb.max_pool_3x3_s2(jnp.asarray(x)), want_out)
   np.testing.assert_allclose(jax.grad(f)(jnp.asarray(x)), want_grad,
@@ -408,12 +414,7 @@ def test_max_pool_branch_of_other_platforms_matches_the_loop(hw=(7, 5)):
   """Off the CPU the max is one reduce_window and the first-maximum index
   comes from comparing the taps with it: the same values and gradient as the
   loop, ties included; a TPU lowering has the reduce_window, a CPU one not."""
-  rng = np.random.default_rng(3)
-  x = np.maximum(rng.integers(-3, 3, size=(2, *hw, 2)), 0).astype(np.float32)
-  x[0, 0, :3, 0] = 5.0  # a tie of positive values
-  g = rng.normal(size=(2, (hw[0] + 1) // 2, (hw[1] + 1) // 2, 2)).astype(
-      np.float32)
-  want_out, want_grad = _np_max_pool_first_argmax(x, g)
+  x, g, want_out, want_grad = _tied_case(hw)
   out, index = bb._max_pool_reduce_window_with_index(jnp.asarray(x))  # pylint: disable=protected-access
   np.testing.assert_array_equal(out, want_out)
   (grad,) = bb._max_pool_bwd((index, hw), jnp.asarray(g))  # pylint: disable=protected-access
