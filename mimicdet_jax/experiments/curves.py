@@ -79,14 +79,14 @@ def plot(curves: Mapping[str, Sequence[Mapping[int, Mapping[str, float]]]],
         name = 'S-head' if head == 's' else 'T-head'
         ax.plot(common, mean, style, color=color, linewidth=2, marker='o',
                 label=f'{label}: {name} (mean of {len(runs)})')
+    ratio = lambda run, s: run[s]['s_AP'] / max(run[s]['t_AP'], 1e-9)
     for run in runs:
       steps = sorted(run)
-      ratio_ax.plot(steps, [run[s]['s_AP'] / max(run[s]['t_AP'], 1e-9)
-                            for s in steps], color=color, alpha=0.25,
-                    linewidth=0.8)
+      ratio_ax.plot(steps, [ratio(run, s) for s in steps], color=color,
+                    alpha=0.25, linewidth=0.8)
     if common:
-      ratio_ax.plot(common, [np.mean([r[s]['s_AP'] / max(r[s]['t_AP'], 1e-9)
-                                      for r in runs]) for s in common],
+      ratio_ax.plot(common, [np.mean([ratio(r, s) for r in runs])
+                             for s in common],
                     color=color, linewidth=2, marker='o', label=label)
   for line, style in ((0.8, '--'), (0.9, ':')):
     ratio_ax.axhline(line, color='k', linewidth=0.8, linestyle=style)

@@ -403,8 +403,8 @@ class SHead(nn.Module):
       level_index, yx = points
       on_finest = level_index == list(self.levels).index(finest)
       maps = [features[l].astype(self.dtype) for l in self.levels]
-      convs = [conv([features[l] for l in self.levels], refine_deltas,
-                    points, sample=False) for conv in (fine_conv, coarse_conv)]
+      convs = [conv(maps, refine_deltas, points, sample=False)
+               for conv in (fine_conv, coarse_conv)]
       y = deform_conv2d_at_kernels(
           maps, [c[0] for c in convs], [c[1] for c in convs],
           (~on_finest).astype(jnp.int32), level_index, yx,
