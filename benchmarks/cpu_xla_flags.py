@@ -32,9 +32,16 @@ VARIANTS = {
         '--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce',
     'no_multi_thread_eigen': '--xla_cpu_multi_thread_eigen=false',
     'vector_width_256': '--xla_cpu_prefer_vector_width=256',
-    # The test suite's compile-time flags (tests/conftest.py).
+    # The test suite's compile-time flags before 2026-12-07's last session ...
     'fast_compile': ('--xla_backend_optimization_level=0 '
                      '--xla_llvm_disable_expensive_passes=true'),
+    # ... and now (tests/conftest.py): elementwise fusions by the older
+    # elemental IR emitters, which XLA:CPU compiles in less time.
+    'fast_compile_no_fusion_emitters': (
+        '--xla_backend_optimization_level=0 '
+        '--xla_llvm_disable_expensive_passes=true '
+        '--xla_cpu_use_fusion_emitters=false'),
+    'no_fusion_emitters': '--xla_cpu_use_fusion_emitters=false',
     'llvm_cheap': '--xla_llvm_disable_expensive_passes=true',
     'concurrency_scheduler':
         '--xla_cpu_enable_concurrency_optimized_scheduler=true',

@@ -258,7 +258,8 @@ def test_train_py_runs_lsj_with_grad_accum(tmp_path):
       os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=e2e.ROOT,
       XLA_FLAGS='--xla_force_host_platform_device_count=1 '
       '--xla_backend_optimization_level=0 '
-      '--xla_llvm_disable_expensive_passes=true')
+      '--xla_llvm_disable_expensive_passes=true '
+      '--xla_cpu_use_fusion_emitters=false')
   e2e._run(env, 'train.py', '--config', 'configs/demo.py', '--workdir', work,  # pylint: disable=protected-access
            '--config.train.compile_cache=', *e2e.TINY,
            f'--config.data.train_annotations={data}/annotations/train.json',

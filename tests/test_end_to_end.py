@@ -117,7 +117,8 @@ def test_train_resume_eval_score_predict(tmp_path):
       os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
       XLA_FLAGS='--xla_force_host_platform_device_count=1 '
       '--xla_backend_optimization_level=0 '
-      '--xla_llvm_disable_expensive_passes=true',
+      '--xla_llvm_disable_expensive_passes=true '
+      '--xla_cpu_use_fusion_emitters=false',
       JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
