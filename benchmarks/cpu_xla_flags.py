@@ -16,6 +16,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import side_by_side  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# The test suite's compile-time flags until 2026-12-07's sixth stop ...
+FAST_COMPILE = ('--xla_backend_optimization_level=0 '
+                '--xla_llvm_disable_expensive_passes=true')
+NO_FUSION_EMITTERS = '--xla_cpu_use_fusion_emitters=false'
+
 # Options of jaxlib 0.10's XLA:CPU (`strings libjax_common.so`); the fusion
 # lists default to empty, i.e. off.
 VARIANTS = {
@@ -32,16 +37,11 @@ VARIANTS = {
         '--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce',
     'no_multi_thread_eigen': '--xla_cpu_multi_thread_eigen=false',
     'vector_width_256': '--xla_cpu_prefer_vector_width=256',
-    # The test suite's compile-time flags before 2026-12-07's last session ...
-    'fast_compile': ('--xla_backend_optimization_level=0 '
-                     '--xla_llvm_disable_expensive_passes=true'),
-    # ... and now (tests/conftest.py): elementwise fusions by the older
-    # elemental IR emitters, which XLA:CPU compiles in less time.
-    'fast_compile_no_fusion_emitters': (
-        '--xla_backend_optimization_level=0 '
-        '--xla_llvm_disable_expensive_passes=true '
-        '--xla_cpu_use_fusion_emitters=false'),
-    'no_fusion_emitters': '--xla_cpu_use_fusion_emitters=false',
+    'fast_compile': FAST_COMPILE,
+    # ... and since (tests/conftest.py): loop fusions by the older elemental
+    # IR emitters, which XLA:CPU compiles in less time.
+    'fast_compile_no_fusion_emitters': f'{FAST_COMPILE} {NO_FUSION_EMITTERS}',
+    'no_fusion_emitters': NO_FUSION_EMITTERS,
     'llvm_cheap': '--xla_llvm_disable_expensive_passes=true',
     'concurrency_scheduler':
         '--xla_cpu_enable_concurrency_optimized_scheduler=true',

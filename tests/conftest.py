@@ -16,9 +16,8 @@ os.environ['XLA_FLAGS'] = ' '.join(
     # here, and its loop fusions compile in less than half the time by the
     # older elemental emitters (the tiny train step of test_end_to_end:
     # backend compile 19.5 -> 8.2 s; docs/BENCHMARKS.md, "Test suite").
-    # They change float results in
-    # the last bits (FMA contraction), so subprocesses that are compared
-    # bitwise with this process get the same flags (tests/subprocess_env.py);
+    # They change float results in the last bits (FMA contraction), so
+    # every subprocess gets the same flags (tests/subprocess_env.py);
     # MIMICDET_TEST_FULL_OPT=1 runs the suite as the programs run.
     ([] if os.environ.get('MIMICDET_TEST_FULL_OPT') == '1' else
      ['--xla_backend_optimization_level=0',

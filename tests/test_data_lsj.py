@@ -14,6 +14,7 @@ from mimicdet_jax.data import pipeline
 from mimicdet_jax.data import synthetic
 from mimicdet_jax.data import transforms
 from mimicdet_jax.errors import ConfigError
+from tests import subprocess_env
 
 SIZE = 128
 
@@ -256,10 +257,7 @@ def test_train_py_runs_lsj_with_grad_accum(tmp_path):
   e2e._synthetic(data)  # pylint: disable=protected-access
   env = dict(
       os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=e2e.ROOT,
-      XLA_FLAGS='--xla_force_host_platform_device_count=1 '
-      '--xla_backend_optimization_level=0 '
-      '--xla_llvm_disable_expensive_passes=true '
-      '--xla_cpu_use_fusion_emitters=false')
+      XLA_FLAGS=subprocess_env.xla_flags(1))
   e2e._run(env, 'train.py', '--config', 'configs/demo.py', '--workdir', work,  # pylint: disable=protected-access
            '--config.train.compile_cache=', *e2e.TINY,
            f'--config.data.train_annotations={data}/annotations/train.json',

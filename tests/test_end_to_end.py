@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 from mimicdet_jax import checkpoint
+from tests import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG = 2**40  # added to every image id: ids must not pass through int32
@@ -115,10 +116,7 @@ def test_train_resume_eval_score_predict(tmp_path):
   categories = _synthetic(data)
   env = dict(
       os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
-      XLA_FLAGS='--xla_force_host_platform_device_count=1 '
-      '--xla_backend_optimization_level=0 '
-      '--xla_llvm_disable_expensive_passes=true '
-      '--xla_cpu_use_fusion_emitters=false',
+      XLA_FLAGS=subprocess_env.xla_flags(1),  # the suite's fast-compile flags
       JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
