@@ -68,17 +68,19 @@ def _axis_samples(start: Array, extent: Array, size: Array, num_bins: int,
   return indices.reshape(shape), weights.reshape(shape)
 
 
-def _roi_align_flat(flat_features: Array, boxes: Array, scale: Array,
+def _roi_align_flat(table: Array, boxes: Array, scale: Array,
                     height: Array, width: Array, base: Array,
                     output_size: Tuple[int, int], sampling_ratio: int,
                     aligned: bool) -> Array:
-  """RoIAlign on flattened maps; every box carries its own map geometry.
+  """RoIAlign on maps flattened into the rows of one table; every box
+  carries its own map geometry.
 
   Args:
-    flat_features: [B, P, C], one or several maps flattened row-major.
+    table: [R, C], the pixels of one or several [H, W, C] maps, each map's
+      rows contiguous and row-major.
     boxes: [B, N, 4] image pixels.
     scale, height, width, base: [B, N]: spatial scale, map height and width
-      and the offset of the box's map in P.
+      and the row of `table` that holds pixel (0, 0) of the box's map.
   Returns:
     [B, N, oh, ow, C].
   """
@@ -100,18 +102,19 @@ def _roi_align_flat(flat_features: Array, boxes: Array, scale: Array,
   cols, wx = _axis_samples(x1, roi_w, width.astype(jnp.float32), ow,
                            sampling_ratio)  # [B, N, ow, 2sr]
   per_box = (..., None, None, None, None)
-  index = (base[per_box] + rows[..., :, :, None, None] * width[per_box] +
-           cols[..., None, None, :, :])  # [B, N, oh, 2sr, ow, 2sr]
-  weight = wy[..., :, :, None, None] * wx[..., None, None, :, :]
+  # [B, N, oh, ow, 2sr, 2sr]: each bin's 4 sr^2 neighbours contiguous, so
+  # the gathered rows reshape into the contraction with no transpose (nor
+  # one of their float32 cotangent in the backward).
+  index = (base[per_box] + rows[..., :, None, :, None] * width[per_box] +
+           cols[..., None, :, None, :])
+  weight = wy[..., :, None, :, None] * wx[..., None, :, None, :]
   b, n = boxes.shape[:2]
-  values = jax.vmap(lambda f, i: jnp.take(f, i, axis=0, mode='clip'))(
-      flat_features, index.reshape(b, -1))
-  values = values.reshape(index.shape + (flat_features.shape[-1],))
+  values = jnp.take(table, index.reshape(-1), axis=0, mode='clip')
+  values = values.reshape((b, n, oh, ow, -1, table.shape[-1]))
+  weight = weight.reshape(b, n, oh, ow, -1)
   # Blend the 4 sr^2 neighbours of each bin as a contraction (faster on CPU
   # than multiply + sum), accumulating in at least float32; 'highest' keeps
   # TF32 out of it on GPUs.
-  values = jnp.moveaxis(values, 3, 4).reshape(b, n, oh, ow, -1, values.shape[-1])
-  weight = jnp.moveaxis(weight, 3, 4).reshape(b, n, oh, ow, -1)
   out = jnp.einsum('...fc,...f->...c', values, weight.astype(values.dtype),
                    precision='highest',
                    preferred_element_type=jnp.promote_types(values.dtype,
@@ -139,9 +142,11 @@ def roi_align(features: Array, boxes: Array,
   b, h, w, c = features.shape
   n = boxes.shape[1]
   full = lambda v: jnp.full((b, n), v)
-  return _roi_align_flat(features.reshape(b, h * w, c), boxes,
+  base = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None] * (h * w),
+                          (b, n))
+  return _roi_align_flat(features.reshape(b * h * w, c), boxes,
                          full(jnp.float32(spatial_scale)), full(h), full(w),
-                         full(0), tuple(output_size), sampling_ratio, aligned)
+                         base, tuple(output_size), sampling_ratio, aligned)
 
 
 def fpn_levels(boxes: Array, min_level: int, max_level: int,
@@ -192,10 +197,16 @@ def multilevel_roi_align(
     box_levels: Optional[Array] = None) -> Array:
   """RoIAlign of each box on its FPN level (stride 2**level).
 
-  The maps of all levels are flattened and concatenated into one [B, P, C]
-  array and each box gathers from its own level's slice, so the cost is one
-  copy of the pyramid (about 4/3 of the finest level) plus one single-level
-  RoIAlign of N boxes, not one RoIAlign per level.
+  The maps of all levels are flattened and stacked into the rows of one
+  [R, C] table, level after level and within a level image after image,
+  and each box gathers from its own image's map of its own level: the cost
+  is one copy of the pyramid (about 4/3 of the finest level) plus one
+  single-level RoIAlign of N boxes, not one RoIAlign per level. (Stacked
+  level-major, each level's [B, H, W, C] map is a block of rows as it lies
+  in memory, so the stacking and the split of its gradient are plain
+  copies; a [B, P, C] table, all levels of an image after each other, cost
+  the T-head 1.34x the bytes on XLA:TPU: docs/BENCHMARKS.md "The T-head's
+  level table".)
 
   Args:
     features: dict level -> [B, H_l, W_l, C], or a sequence of maps in the
@@ -215,13 +226,15 @@ def multilevel_roi_align(
   b, c = maps[0].shape[0], maps[0].shape[-1]
   heights = np.array([m.shape[1] for m in maps], np.int32)
   widths = np.array([m.shape[2] for m in maps], np.int32)
-  bases = np.concatenate([[0], np.cumsum(heights * widths)[:-1]]).astype(
-      np.int32)
-  flat = jnp.concatenate([m.reshape(b, -1, c) for m in maps], axis=1)
+  sizes = heights * widths
+  bases = b * np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+  table = jnp.concatenate([m.reshape(-1, c) for m in maps], axis=0)
   scale = jnp.exp2(-(idx + levels[0]).astype(jnp.float32))
-  return _roi_align_flat(flat, boxes, scale, jnp.asarray(heights)[idx],
-                         jnp.asarray(widths)[idx], jnp.asarray(bases)[idx],
-                         tuple(output_size), sampling_ratio, aligned)
+  image = jnp.arange(b, dtype=jnp.int32)[:, None]
+  base = jnp.asarray(bases)[idx] + image * jnp.asarray(sizes)[idx]
+  return _roi_align_flat(table, boxes, scale, jnp.asarray(heights)[idx],
+                         jnp.asarray(widths)[idx], base, tuple(output_size),
+                         sampling_ratio, aligned)
 
 
 def _one_hot_weights(start: Array, extent: Array, size: int, num_bins: int,
