@@ -133,6 +133,10 @@ def memory_space_copy_bytes(hlo_text: str) -> float:
   return total
 
 
+# Generations whose chips have two TensorCores run as one device.
+MEGACORE = ('v4',)
+
+
 def topology_devices(name: str) -> list:
   """The abstract chips of a TPU topology such as 'v5p:2x2x1' or 'v5e:2x2'.
 
@@ -150,9 +154,15 @@ def topology_devices(name: str) -> list:
     raise ConfigError(
         'compiling for TPU needs libtpu: `make tpu-plan-deps` (or '
         '`.venv/bin/pip install -r requirements-tpu.txt`)') from None
+  # A v4 chip has two TensorCores; Cloud TPU VMs run them as one JAX device
+  # (megacore: 4 devices on a v4-8), which libtpu's compile-only topology
+  # gives only when asked. v5p is megacore already; v5e and v6e have one core.
+  options = ({'chip_config_name': 'megacore'}
+             if name.split(':', 1)[0].lower() in MEGACORE else {})
   try:
     try:
-      topo = topologies.get_topology_desc(platform='tpu', topology_name=name)
+      topo = topologies.get_topology_desc(platform='tpu', topology_name=name,
+                                          **options)
     except Exception as e:  # pylint: disable=broad-except
       # A slice smaller than one host (v5e:2x1, v5p:1x1x1) needs host
       # bounds of its own size; libtpu assumes 2x2x1 hosts.
@@ -162,7 +172,8 @@ def topology_devices(name: str) -> list:
       bounds = [min(d, b) for d, b in zip(dims + [1] * (3 - len(dims)),
                                           (2, 2, 1))]
       topo = topologies.get_topology_desc(
-          platform='tpu', topology_name=name, chips_per_host_bounds=bounds)
+          platform='tpu', topology_name=name, chips_per_host_bounds=bounds,
+          **options)
   except Exception as e:  # libtpu's error is a long XlaRuntimeError
     raise ConfigError(f'--topology {name!r}: unknown to libtpu '
                       f'({str(e).splitlines()[0][:160]}); examples: '

@@ -30,22 +30,20 @@ from mimicdet_jax.tools import aot
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Published peaks of one JAX device of a generation: bf16 dense TFLOP/s,
-  HBM GiB and HBM GB/s, and how many such devices make a chip."""
+  """Published peaks of one chip (one JAX device) of a generation: bf16
+  dense TFLOP/s, HBM GiB and HBM GB/s."""
   tflops: float
   hbm_gib: float
   hbm_gbps: float
   source: str
-  devices_per_chip: int = 1
 
 
 # Google Cloud's TPU system-architecture pages (retrieved 2026-12), per
 # chip: v4 275 TFLOP/s, 32 GiB, 1228 GB/s; v5e 197, 16, 819; v5p 459, 95,
-# 2765; v6e 918, 32, 1640. libtpu's compile-only v4 topology has one device
-# per TensorCore (two per chip, no megacore), so a v4 device is half a chip.
+# 2765; v6e 918, 32, 1640. A v4 chip's two TensorCores are one device
+# (megacore, as on Cloud TPU VMs: aot.topology_devices).
 CHIPS = {
-    'v4': Chip(137.5, 16.0, 614.0, 'https://cloud.google.com/tpu/docs/v4',
-               devices_per_chip=2),
+    'v4': Chip(275.0, 32.0, 1228.0, 'https://cloud.google.com/tpu/docs/v4'),
     'v5e': Chip(197.0, 16.0, 819.0, 'https://cloud.google.com/tpu/docs/v5e'),
     'v5p': Chip(459.0, 95.0, 2765.0, 'https://cloud.google.com/tpu/docs/v5p'),
     'v6e': Chip(918.0, 32.0, 1640.0, 'https://cloud.google.com/tpu/docs/v6e'),
@@ -117,10 +115,9 @@ def plan(raw, topology: str, per_chip: int, canvas_spec: str,
   canvas = pick_canvas(config, canvas_spec)
   capacity = chip.hbm_gib * 2**30
   p = lambda *a: print(*a, file=out, flush=True)
-  unit = 'TensorCore' if chip.devices_per_chip > 1 else 'chip'
-  p(f'{topology}: {n} devices, one per {unit}, each {chip.hbm_gib:g} GiB '
-    f'HBM, {chip.tflops:g} bf16 TFLOP/s, {chip.hbm_gbps:g} GB/s '
-    f'({chip.source}); figures below are per device')
+  p(f'{topology}: {n} chips, each {chip.hbm_gib:g} GiB HBM, {chip.tflops:g} '
+    f'bf16 TFLOP/s, {chip.hbm_gbps:g} GB/s ({chip.source}); figures below '
+    'are per chip')
   p(f'train step: {per_chip} images per chip ({per_chip * n} per step), '
     f'canvas {canvas[0]}x{canvas[1]}, {config.model.backbone.arch}, '
     f'{config.model.dtype}; compiling (compiler figures, not measured)...')
@@ -148,12 +145,12 @@ def plan(raw, topology: str, per_chip: int, canvas_spec: str,
     f'{_gb(aot.COPY_COUNT * step.memory_space_copy_bytes / per_chip)} per '
     f'image; without them {_gb(step.bytes_without_copies / per_chip)} (an '
     f'upper bound on HBM traffic): roofline '
-    f'{per_chip / hbm_seconds * chip.devices_per_chip:.0f} images/s per chip')
+    f'{per_chip / hbm_seconds:.0f} images/s per chip')
   estimate = (f'{step.optimal_seconds * 1e3:.1f} ms' if step.optimal_seconds > 0
               else 'none given')
   p(f'  step: roofline {seconds * 1e3:.1f} ms ({bound}-bound); compiler '
     f'estimate {estimate}')
-  p(f'  images/s: {images_per_s * chip.devices_per_chip:.0f} per chip, '
+  p(f'  images/s: {images_per_s:.0f} per chip, '
     f'{images_per_s * n:.0f} for the slice (roofline: an upper bound)')
   steps = config.train.total_steps * raw.train.batch_size / (per_chip * n)
   hours = steps * seconds / 3600
