@@ -1,6 +1,7 @@
 r"""Where the bytes of a compiled step go, read from its optimized HLO text.
 
   python benchmarks/hlo_bytes.py STEP.opt.txt [--depth 2] [--top 25]
+      [--instructions N] [--kinds copy,slice,pad]
 
 For every instruction outside fused computations (the entry computation, while
 bodies and conditions, called computations), the bytes it touches are its
@@ -9,6 +10,9 @@ reads of an operand, so this is an upper bound per instruction); an instruction 
 (the text has no trip counts), as the compiler's own cost analysis does.
 Bytes are attributed to the JAX name stack of the instruction's metadata
 (op_name), cut to `--depth` Flax module names, and to the op kind.
+`--instructions N` also lists the N instructions that touch the most bytes
+(of the op kinds in `--kinds`, all by default): kind, result shape, bytes and
+op_name, to tie a kind's total to the layers that make it.
 """
 import argparse
 import collections
@@ -79,6 +83,8 @@ def main():
   parser.add_argument('hlo')
   parser.add_argument('--depth', type=int, default=2)
   parser.add_argument('--top', type=int, default=25)
+  parser.add_argument('--instructions', type=int, default=0)
+  parser.add_argument('--kinds', default='')
   args = parser.parse_args()
   rows = list(parse(args.hlo))
   fused = set()
@@ -95,6 +101,8 @@ def main():
   by_kind = collections.Counter()
   in_loops = 0.0
   total = 0.0
+  listed = []
+  kinds = set(filter(None, args.kinds.split(',')))
   skip = ('parameter', 'tuple', 'get-tuple-element', 'constant', 'bitcast',
           'after-all', 'partition-id', 'replica-id')
   for comp, name, result, kind, operands, op_name, attrs in rows:
@@ -111,12 +119,20 @@ def main():
     label = kind + (f'/{fusion_kind.group(1)}' if fusion_kind else '')
     by_scope[attribute(op_name, args.depth)] += b
     by_kind[label] += b
+    if not kinds or kind in kinds or label in kinds:
+      listed.append((b, label, result, op_name))
   print(f'total {total / 1e9:.2f} GB over {len(rows)} instructions; '
         f'{in_loops / 1e9:.2f} GB in while bodies (counted once)')
   for title, counter in (('by name scope', by_scope), ('by op kind', by_kind)):
     print(f'\n{title}:')
     for key, b in counter.most_common(args.top):
       print(f'  {b / 1e9:8.3f} GB {100 * b / total:5.1f} %  {key}')
+  if args.instructions:
+    print(f'\nthe {args.instructions} instructions that touch the most bytes:')
+    for b, label, result, op_name in sorted(listed, key=lambda r: -r[0])[
+        :args.instructions]:
+      shape = re.sub(r'\{[^}]*\}', '', result)[:60]
+      print(f'  {b / 1e6:8.1f} MB  {label:<16} {shape:<60} {op_name[-90:]}')
 
 
 if __name__ == '__main__':

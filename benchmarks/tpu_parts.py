@@ -49,6 +49,7 @@ from mimicdet_jax.models import anchors as anchors_lib  # pylint: disable=g-impo
 from mimicdet_jax.models import backbones  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.models import mimicdet  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.tools import aot  # pylint: disable=g-import-not-at-top
+from mimicdet_jax.tools import plan_tpu  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.training import ema as ema_lib  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.training import optim  # pylint: disable=g-import-not-at-top
 
@@ -201,7 +202,7 @@ def main():
         value, config_lib.get_key(raw, key)))
   num_classes = 80 if raw.data.num_classes == -1 else raw.data.num_classes
   config = aot.resolve_for(raw, num_classes, args.per_chip)
-  canvas = tuple(config.data.canvas_buckets[0])
+  canvas = plan_tpu.pick_canvas(config, 'first')  # lsj: its one canvas
   parts = build_parts(config, devices[0], canvas, args.per_chip)
   rows = {}
   if os.path.exists(args.out + '.json'):

@@ -21,6 +21,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.tools import aot  # pylint: disable=g-import-not-at-top
+from mimicdet_jax.tools import plan_tpu  # pylint: disable=g-import-not-at-top
 
 
 def main(argv):
@@ -33,7 +34,7 @@ def main(argv):
                        config_lib.parse_value(value, config_lib.get_key(raw, key)))
   num_classes = 80 if raw.data.num_classes == -1 else raw.data.num_classes
   config = aot.resolve_for(raw, num_classes, per_chip * len(devices))
-  canvas = tuple(config.data.canvas_buckets[0])
+  canvas = plan_tpu.pick_canvas(config, 'first')  # lsj: its one canvas
   program = aot.train_step_program(config, devices, canvas)
   start = time.time()
   lowered = program.fn.lower(*program.args)
