@@ -1,31 +1,14 @@
-r"""A floor under the bytes of the train step: what any compiler that runs
-each contraction (convolution, matmul) as its own kernel must move, read
-off the step's jaxpr, with no compile and no TPU.
+r"""A floor under the bytes of the train step and of each of its parts, read
+off their jaxprs (no compile, no TPU).
 
   python benchmarks/tpu_floor.py configs.mimicdet_r50_fpn_1x 2 [key=value ...]
       [--parts step,backbone,fpn,...] [--json OUT.json]
 
-The model (docs/BENCHMARKS.md, "A floor under the bytes"):
-- every `conv_general_dilated` and `dot_general` reads each operand once and
-  writes its result once, at the dtypes of the jaxpr (bfloat16 activations
-  stay bfloat16);
-- every other op is free: elementwise work, normalisation, activations,
-  gathers, scatters, transposes, reductions and the losses are taken to fuse
-  into the contractions next to them, and arrays never round-trip HBM
-  between them;
-- the program's arguments are read once and its outputs written once (the
-  parameters, both AdamW moments, the batch), and a collective reads and
-  writes its operand once.
-A real program also reads what elementwise work needs beside the
-contraction's operand (a ReLU's mask in the backward, BatchNorm's saved
-statistics), materialises gathers, and moves arrays between memory spaces:
-so the compiler's count (`plan_tpu`, `tpu_parts.py`) can only be above this
-floor, and the ratio of the two says how much room a part has left.
-
-Loops: a `scan` body counts `length` times; a `while` body counts once (its
-trips depend on data: the NMS loops), as XLA's cost analysis counts it; the
-bytes inside while bodies are printed apart. `cond` counts its largest
-branch. Platform-independent: the same jaxpr is lowered for every backend.
+The model is mimicdet_jax/tools/floor.py's (docs/BENCHMARKS.md, "A floor
+under the bytes"): every convolution and matmul reads its operands and
+writes its result once; everything else is taken as fused for free; the
+program's arguments are read once and its outputs written once. The
+compiler's count (`plan_tpu`, `tpu_parts.py`) can only be above it.
 
 Parts (the step's per-chip batch, `per_chip` images on one device; as
 benchmarks/tpu_parts.py builds them): step (the shard_map train step over 4
@@ -34,10 +17,8 @@ s_head, losses, update. Prints one row per part: floor GB per step and per
 image, and the share of each primitive kind.
 """
 import argparse
-import collections
 import importlib
 import json
-import math
 import os
 import sys
 
@@ -45,87 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # pylint: disable=g-import-not-at-top
-from jax import extend as jex  # pylint: disable=g-import-not-at-top
 
 from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.tools import aot  # pylint: disable=g-import-not-at-top
+from mimicdet_jax.tools import floor  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.tools import plan_tpu  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpu_parts  # pylint: disable=g-import-not-at-top
-
-CONTRACTIONS = ('conv_general_dilated', 'dot_general')
-# Primitive names start so (psum, psum_invariant, psum_scatter, ...).
-COLLECTIVES = ('psum', 'all_gather', 'all_to_all', 'pmax', 'pmin',
-               'ppermute', 'reduce_scatter')
-
-
-def aval_bytes(aval) -> int:
-  shape = getattr(aval, 'shape', None)
-  dtype = getattr(aval, 'dtype', None)
-  if shape is None or dtype is None:
-    return 0
-  return math.prod(shape) * dtype.itemsize
-
-
-def _sub_jaxprs(eqn):
-  """(jaxpr, multiplier, kind) for each sub-jaxpr of `eqn` that runs: a
-  scan body `length` times, a while body once ('while'), a cond's largest
-  branch (chosen by the caller), anything else once."""
-  name = eqn.primitive.name
-  params = eqn.params
-  if name == 'scan':
-    return [(params['jaxpr'], params['length'], None)]
-  if name == 'while':
-    return [(params['body_jaxpr'], 1, 'while'),
-            (params['cond_jaxpr'], 1, 'while')]
-  if name == 'cond':
-    return [('cond', params['branches'], None)]
-  found = []
-  for value in params.values():
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    for v in values:
-      if isinstance(v, (jex.core.Jaxpr, jex.core.ClosedJaxpr)):
-        found.append((v, 1, None))
-  return found
-
-
-def floor_bytes(jaxpr, counts=None, in_while=False, mult=1):
-  """Adds the floor bytes of `jaxpr`'s contractions and collectives to
-  `counts` ({primitive: bytes}; '(while)' gets those inside while bodies).
-  Returns `counts`."""
-  counts = collections.Counter() if counts is None else counts
-  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name in CONTRACTIONS or name.startswith(COLLECTIVES):
-      moved = (sum(aval_bytes(v.aval) for v in eqn.invars) +
-               sum(aval_bytes(v.aval) for v in eqn.outvars)) * mult
-      counts[name] += moved
-      if in_while:
-        counts['(while)'] += moved
-      continue
-    for sub, times, kind in _sub_jaxprs(eqn):
-      if sub == 'cond':
-        options = [floor_bytes(branch, None, in_while, mult)
-                   for branch in times]
-        counts.update(max(options, key=lambda c: sum(
-            v for k, v in c.items() if k != '(while)')))
-        continue
-      floor_bytes(sub, counts, in_while or kind == 'while', mult * times)
-  return counts
-
-
-def program_floor(fn, args) -> dict:
-  """Floor of one jitted program at abstract `args`: its contractions and
-  collectives, plus its arguments read once and its outputs written once."""
-  traced = fn.trace(*args)
-  closed = traced.jaxpr
-  counts = floor_bytes(closed)
-  counts['arguments'] = sum(aval_bytes(v.aval) for v in closed.jaxpr.invars)
-  counts['outputs'] = sum(aval_bytes(v.aval) for v in closed.jaxpr.outvars)
-  total = sum(v for k, v in counts.items() if k != '(while)')
-  return dict(total=total, **counts)
 
 
 def main():
@@ -168,7 +76,7 @@ def main():
     if name not in programs:
       print(f'{name}: not in this config ({sorted(programs)})')
       continue
-    row = program_floor(*programs[name])
+    row = floor.program_floor(*programs[name])
     rows[name] = row
     kinds = ', '.join(f'{k} {v / gb:.2f}' for k, v in sorted(
         row.items(), key=lambda kv: -kv[1]) if k != 'total' and v)

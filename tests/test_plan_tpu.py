@@ -146,6 +146,15 @@ def test_demo_step_compiles_for_v5e_and_its_figures_are_the_executables(
 
 
 @needs_libtpu
+def test_the_floor_is_under_the_compilers_count(demo_plan):
+  """tools/floor.py's floor is a lower bound: the TPU compiler's count of
+  the same step, copies taken out, is above it."""
+  result, text = demo_plan
+  assert 0 < result['floor_bytes'] < result['bytes_without_copies']
+  assert 'floor: ' in text
+
+
+@needs_libtpu
 def test_demo_detector_compiles_for_v5e(demo_plan):
   result, text = demo_plan
   det = result['detector']

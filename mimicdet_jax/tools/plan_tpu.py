@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from mimicdet_jax import config_lib
 from mimicdet_jax.errors import ConfigError
 from mimicdet_jax.tools import aot
+from mimicdet_jax.tools import floor as floor_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +122,8 @@ def plan(raw, topology: str, per_chip: int, canvas_spec: str,
   p(f'train step: {per_chip} images per chip ({per_chip * n} per step), '
     f'canvas {canvas[0]}x{canvas[1]}, {config.model.backbone.arch}, '
     f'{config.model.dtype}; compiling (compiler figures, not measured)...')
-  step = aot.compile_program(aot.train_step_program(config, devices, canvas))
+  program = aot.train_step_program(config, devices, canvas)
+  step = aot.compile_program(program)
   result = dict(topology=topology, chips=n, images_per_chip=per_chip,
                 canvas=canvas, step=step, capacity=capacity)
   _print_memory(p, step, capacity)
@@ -146,6 +148,13 @@ def plan(raw, topology: str, per_chip: int, canvas_spec: str,
     f'image; without them {_gb(step.bytes_without_copies / per_chip)} (an '
     f'upper bound on HBM traffic): roofline '
     f'{per_chip / hbm_seconds:.0f} images/s per chip')
+  # What any compiler must move, one kernel per conv or matmul (tools/floor.py).
+  floor_bytes = floor_lib.program_floor(program.fn, program.args)['total']
+  result['floor_bytes'] = floor_bytes / per_chip
+  p(f'  floor: {_gb(floor_bytes / per_chip)} per image (each conv and matmul '
+    f'reading its operands and writing its result once, all else fused); '
+    f'the count is {step.bytes_accessed / floor_bytes:.1f}x it, '
+    f'{step.bytes_without_copies / floor_bytes:.1f}x without the copies')
   estimate = (f'{step.optimal_seconds * 1e3:.1f} ms' if step.optimal_seconds > 0
               else 'none given')
   p(f'  step: roofline {seconds * 1e3:.1f} ms ({bound}-bound); compiler '

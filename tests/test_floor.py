@@ -1,4 +1,4 @@
-"""benchmarks/tpu_floor.py: the floor under a program's bytes, against sizes
+"""tools/floor.py: the floor under a program's bytes, against sizes
 worked out by hand (closed forms), for each rule of its model."""
 import os
 import sys
@@ -10,13 +10,13 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks import tpu_floor  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mimicdet_jax.tools import floor as floor_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 F32, BF16 = 4, 2
 
 
 def floor(fn, *args):
-  return tpu_floor.program_floor(jax.jit(fn), args)
+  return floor_lib.program_floor(jax.jit(fn), args)
 
 
 def test_matmul_reads_operands_writes_result_and_elementwise_is_free():
@@ -70,7 +70,7 @@ def test_scan_counts_every_trip_while_counts_one_cond_its_largest_branch():
   assert row['dot_general'] == 2 * one
 
 
-def test_collective_reads_and_writes_its_operand():
+def test_collective_reads_and_writes_its_operand_arguments_per_shard():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('d',))
   spec = jax.sharding.PartitionSpec
 
@@ -78,6 +78,9 @@ def test_collective_reads_and_writes_its_operand():
     return jax.shard_map(lambda x: jax.lax.psum(x, 'd'), mesh=mesh,
                          in_specs=spec('d'), out_specs=spec())(x)
 
-  row = floor(summed, jax.ShapeDtypeStruct((2, 128), jnp.float32))
+  split = jax.sharding.NamedSharding(mesh, spec('d'))
+  row = floor(summed, jax.ShapeDtypeStruct((2, 128), jnp.float32,
+                                           sharding=split))
   psum = sum(v for k, v in row.items() if k.startswith('psum'))
   assert psum == 2 * 128 * F32  # the per-device [1, 128], in and out
+  assert row['arguments'] == 128 * F32  # one device's shard
