@@ -93,6 +93,30 @@ def test_roi_align_matches_loop(sr, aligned, out_hw):
   assert np.all(got[1, 1] == 0)  # fully outside
 
 
+def test_bfloat16_features_blend_within_two_roundings_of_the_loop():
+  """bfloat16 maps (the recipes' model.dtype) give bfloat16 bins within a
+  rounding of the weights and one of the result (2 x 2^-8 relative) of
+  the float64 loop on the same rounded maps: the blend accumulates in
+  float32, not bfloat16."""
+  rng = np.random.default_rng(1)
+  feat = jnp.asarray(rng.normal(size=(2, 9, 11, 16)), jnp.bfloat16)
+  boxes = _test_boxes()
+  got = jax.jit(ops.roi_align, static_argnums=(2, 3, 4, 5))(
+      feat, boxes, (3, 4), 0.25, 2, True)
+  assert got.dtype == jnp.bfloat16
+  exact = np.asarray(feat, np.float64)
+  ref = np.array([[_roi_align_ref(exact[b], boxes[b, n], (3, 4), 0.25, 2,
+                                  True) for n in range(6)] for b in range(2)])
+  # The weights are >= 0: each bin's sum of |weight x value| is the loop on
+  # |maps|; a rounding of every weight and one of the result stay within
+  # 2^-8 of it each.
+  size = np.array([[_roi_align_ref(np.abs(exact[b]), boxes[b, n], (3, 4), 0.25,
+                                   2, True) for n in range(6)]
+                   for b in range(2)])
+  err = np.abs(np.asarray(got, np.float64) - ref)
+  assert np.all(err <= 2 * 2.0**-8 * size + 1e-6), err.max()
+
+
 def test_roi_align_matches_torchvision_values_and_gradients():
   refs = np.load(_REFS)
   feat = jnp.asarray(refs['roi_feat'], jnp.float32)

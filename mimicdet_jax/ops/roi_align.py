@@ -113,13 +113,14 @@ def _roi_align_flat(table: Array, boxes: Array, scale: Array,
   values = values.reshape((b, n, oh, ow, -1, table.shape[-1]))
   weight = weight.reshape(b, n, oh, ow, -1)
   # Blend the 4 sr^2 neighbours of each bin as a contraction (faster on CPU
-  # than multiply + sum), accumulating in at least float32; 'highest' keeps
-  # TF32 out of it on GPUs.
-  out = jnp.einsum('...fc,...f->...c', values, weight.astype(values.dtype),
-                   precision='highest',
-                   preferred_element_type=jnp.promote_types(values.dtype,
-                                                            jnp.float32))
-  return out.astype(values.dtype)
+  # than multiply + sum), in the table's dtype: the contraction accumulates
+  # in float32 on every backend and rounds once, as a float32 result cast
+  # back would; asking for a float32 result made XLA:TPU write the gathered
+  # bfloat16 values out again as float32 (the T-head part of the R50 step
+  # 3.66 -> 3.24 GB, docs/BENCHMARKS.md "The T-head's blend"). 'highest'
+  # keeps TF32 out of it on GPUs.
+  return jnp.einsum('...fc,...f->...c', values, weight.astype(values.dtype),
+                    precision='highest')
 
 
 def roi_align(features: Array, boxes: Array,
