@@ -113,14 +113,15 @@ def _roi_align_flat(table: Array, boxes: Array, scale: Array,
   values = values.reshape((b, n, oh, ow, -1, table.shape[-1]))
   weight = weight.reshape(b, n, oh, ow, -1)
   # Blend the 4 sr^2 neighbours of each bin as a contraction (faster on CPU
-  # than multiply + sum), in the table's dtype: the contraction accumulates
-  # in float32 on every backend and rounds once, as a float32 result cast
-  # back would; asking for a float32 result made XLA:TPU write the gathered
-  # bfloat16 values out again as float32 (the T-head part of the R50 step
-  # 3.66 -> 3.24 GB, docs/BENCHMARKS.md "The T-head's blend"). 'highest'
-  # keeps TF32 out of it on GPUs.
-  return jnp.einsum('...fc,...f->...c', values, weight.astype(values.dtype),
-                    precision='highest')
+  # than multiply + sum), accumulating in at least float32; 'highest' keeps
+  # TF32 out of it on GPUs. (A bfloat16 result, the same values on CPU,
+  # spares XLA:TPU a float32 copy of the gathered rows but raised the R50
+  # step's HBM per chip: docs/BENCHMARKS.md, "The T-head's blend".)
+  out = jnp.einsum('...fc,...f->...c', values, weight.astype(values.dtype),
+                   precision='highest',
+                   preferred_element_type=jnp.promote_types(values.dtype,
+                                                            jnp.float32))
+  return out.astype(values.dtype)
 
 
 def roi_align(features: Array, boxes: Array,
