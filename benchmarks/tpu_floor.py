@@ -17,7 +17,6 @@ s_head, losses, update. Prints one row per part: floor GB per step and per
 image, and the share of each primitive kind.
 """
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -27,7 +26,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # pylint: disable=g-import-not-at-top
 
-from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.tools import aot  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.tools import floor  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.tools import plan_tpu  # pylint: disable=g-import-not-at-top
@@ -49,12 +47,7 @@ def main():
   if 'device_count' not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                ' --xla_force_host_platform_device_count=4')
-  raw = importlib.import_module(args.config_module).get_config()
-  for override in args.overrides:
-    key, value = override.split('=', 1)
-    config_lib.set_key(raw, key, config_lib.parse_value(
-        value, config_lib.get_key(raw, key)))
-  num_classes = 80 if raw.data.num_classes == -1 else raw.data.num_classes
+  raw, num_classes = tpu_parts.load_config(args.config_module, args.overrides)
   devices = jax.devices('cpu')[:4]
   config = aot.resolve_for(raw, num_classes, args.per_chip)
   canvas = plan_tpu.pick_canvas(config, 'first')  # lsj: its one canvas

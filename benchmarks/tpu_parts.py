@@ -185,6 +185,17 @@ def build_parts(config, device, canvas, per_chip):
   return parts
 
 
+def load_config(module: str, overrides):
+  """(config, number of classes) of config module `module` (dotted) with
+  `key=value` overrides; a data set's own class count is taken as COCO's 80."""
+  raw = importlib.import_module(module).get_config()
+  for override in overrides:
+    key, value = override.split('=', 1)
+    config_lib.set_key(raw, key, config_lib.parse_value(
+        value, config_lib.get_key(raw, key)))
+  return raw, 80 if raw.data.num_classes == -1 else raw.data.num_classes
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('config_module')
@@ -195,12 +206,7 @@ def main():
   parser.add_argument('overrides', nargs='*')
   args = parser.parse_args()
   devices = aot.topology_devices(args.topology)
-  raw = importlib.import_module(args.config_module).get_config()
-  for override in args.overrides:
-    key, value = override.split('=', 1)
-    config_lib.set_key(raw, key, config_lib.parse_value(
-        value, config_lib.get_key(raw, key)))
-  num_classes = 80 if raw.data.num_classes == -1 else raw.data.num_classes
+  raw, num_classes = load_config(args.config_module, args.overrides)
   config = aot.resolve_for(raw, num_classes, args.per_chip)
   canvas = plan_tpu.pick_canvas(config, 'first')  # lsj: its one canvas
   parts = build_parts(config, devices[0], canvas, args.per_chip)
