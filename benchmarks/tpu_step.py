@@ -10,7 +10,6 @@ cost_analysis), OUT.pre.txt (lowered StableHLO) and OUT.opt.txt (optimized
 TPU HLO). The before/after and ablation rows of docs/BENCHMARKS.md, "TPU,
 compiled on CPU", were made with it (needs libtpu: make tpu-plan-deps).
 """
-import importlib
 import json
 import os
 import sys
@@ -19,20 +18,17 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-from mimicdet_jax import config_lib  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.tools import aot  # pylint: disable=g-import-not-at-top
 from mimicdet_jax.tools import plan_tpu  # pylint: disable=g-import-not-at-top
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tpu_parts  # pylint: disable=g-import-not-at-top
 
 
 def main(argv):
   config_module, topology, per_chip, out = argv[1], argv[2], int(argv[3]), argv[4]
   devices = aot.topology_devices(topology)
-  raw = importlib.import_module(config_module).get_config()
-  for override in argv[5:]:
-    key, value = override.split('=', 1)
-    config_lib.set_key(raw, key,
-                       config_lib.parse_value(value, config_lib.get_key(raw, key)))
-  num_classes = 80 if raw.data.num_classes == -1 else raw.data.num_classes
+  raw, num_classes = tpu_parts.load_config(config_module, argv[5:])
   config = aot.resolve_for(raw, num_classes, per_chip * len(devices))
   canvas = plan_tpu.pick_canvas(config, 'first')  # lsj: its one canvas
   program = aot.train_step_program(config, devices, canvas)
